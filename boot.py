@@ -1,0 +1,222 @@
+"""Provision this camera with AWS IoT on its first boot; report every boot.
+
+Run by a systemd oneshot unit at every boot:
+
+    python boot.py [--config PATH] [--force] [--timeout SECONDS] [-v]
+
+If CERT_DIR holds no certificate with its private key (or with --force), it
+connects with the fleet claim certificate, calls CreateKeysAndCertificate and
+RegisterThing (AWS IoT fleet provisioning by claim), and installs the new
+certificate and key.  Then, on every boot, update_boot_status() publishes the
+boot message and records PROVISION_STATUS "True".
+
+Exit codes: 0 done; 75 transient (network, broker, throttling, time limit:
+systemd retries later); 78 configuration (config missing or invalid, claim
+files or TEMPLATE_NAME missing when provisioning is needed); 65 the service
+refused for good or answered with something malformed; 73 credentials or the
+config cannot be written; 70 a bug (logged with its traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import ento
+from update_boot_status import update_boot_status
+
+log = logging.getLogger("entomologist.boot")
+
+CREATE_TOPIC = "$aws/certificates/create/json"
+REGISTER_TOPIC = "$aws/provisioning-templates/{}/provision/json"
+# Rejections worth another try; any other 4xx is final.
+RETRYABLE_ERROR_CODES = {"Throttling", "ThrottlingException", "TooManyRequests",
+                         "ServiceUnavailable", "InternalError", "InternalFailure"}
+
+
+@dataclass(frozen=True)
+class NewCredentials:
+    certificate_id: str
+    certificate_pem: bytes
+    thing_name: str
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ento.DEFAULT_CONFIG)
+    parser.add_argument("--force", action="store_true",
+                        help="provision again although provisioned; the old credentials "
+                             "stay until the new ones are registered")
+    parser.add_argument("--timeout", type=float, default=ento.RUN_TIMEOUT,
+                        help="limit for the whole run, in seconds (default %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    ento.setup_logging(args.verbose)
+
+    def body() -> None:
+        deadline = ento.Deadline(args.timeout)
+        with ento.RunLock(args.config) as lock:
+            lock.acquire(deadline)
+            config = ento.load_config(args.config)
+            if args.force or needs_provisioning(config):
+                settings = ento.provisioning_settings(config)
+                provision(config, settings, deadline)
+                config = ento.load_config(args.config)
+            update_boot_status(config, deadline)
+
+    return ento.run_main(body)
+
+
+def needs_provisioning(config: ento.Config) -> bool:
+    """Installed credentials, not PROVISION_STATUS, decide: only registered ones are installed."""
+    problem = ento.installed_credentials_problem(config)
+    if problem is None:
+        # A --force run killed before it installed leaves a staged key; the
+        # credentials in use are the installed ones.
+        ento.remove_durably(config.staging_key_path)
+        return False
+    if config.provisioned:
+        log.warning("PROVISION_STATUS is True but %s: provisioning again", problem)
+    else:
+        log.info("not provisioned yet (%s)", problem)
+    return True
+
+
+def provision(config: ento.Config, settings: ento.ProvisioningSettings,
+              deadline: ento.Deadline, connect: ento.Connector = ento.connect_mqtt,
+              sleep: Callable[[float], None] = time.sleep) -> NewCredentials:
+    """Fleet provisioning by claim, retried from scratch on transient failures."""
+    ento.ensure_private_dir(config.cert_dir)
+    ento.remove_stray_temp_files(config.cert_dir)
+    ento.remove_stray_temp_files(config.path.parent)
+    if not os.access(config.root_ca, os.R_OK):
+        raise ento.ConfigError(f"ROOT_CA {config.root_ca} is missing or unreadable",
+                               hint="ROOT_CA in the config")
+
+    def attempt() -> NewCredentials:
+        log.info("connecting to %s:%s with the claim certificate as %s",
+                 config.host, config.port, config.serial_id)
+        session = connect(ento.endpoint_of(config), settings.claim_cert, settings.claim_key,
+                          config.serial_id, deadline.step("connect with the claim certificate"))
+        try:
+            return request_credentials(session, config, settings, deadline)
+        finally:
+            session.close()
+
+    started = time.monotonic()
+    creds = ento.with_retries(attempt, deadline, "provisioning", sleep=sleep)
+    install_credentials(config, creds)
+    log.info("provisioned as thing %s in %.1f s; credentials in %s",
+             creds.thing_name, time.monotonic() - started, config.cert_dir)
+    return creds
+
+
+def request_credentials(session: ento.MqttSession, config: ento.Config,
+                        settings: ento.ProvisioningSettings,
+                        deadline: ento.Deadline) -> NewCredentials:
+    """CreateKeysAndCertificate then RegisterThing on one claim connection.
+
+    All four response topics are subscribed in one batch before the first
+    request: on a 600 ms link every extra round trip shows.  The new key is
+    staged durably before RegisterThing, so a key whose certificate may be
+    registered is never lost.
+    """
+    register_topic = REGISTER_TOPIC.format(settings.template_name)
+    session.subscribe([f"{t}/{r}" for t in (CREATE_TOPIC, register_topic)
+                       for r in ("accepted", "rejected")], deadline.step("subscribe"))
+
+    session.publish(CREATE_TOPIC, b"{}", deadline.step("CreateKeysAndCertificate"))
+    created = await_answer(session, CREATE_TOPIC, "CreateKeysAndCertificate", deadline)
+    cert_id, cert_pem, key_pem, token = (
+        _required_string(created, field, "CreateKeysAndCertificate")
+        for field in ("certificateId", "certificatePem", "privateKey",
+                      "certificateOwnershipToken"))
+    problem = ento.pair_problem(cert_pem.encode(), key_pem.encode())
+    if problem:
+        raise ento.ServiceError(f"CreateKeysAndCertificate answer is unusable: {problem}",
+                                hint="the provisioning service")
+    log.info("CreateKeysAndCertificate accepted: certificate %s", cert_id)
+    ento.write_file_atomic(config.staging_key_path, key_pem.encode(), 0o600)
+
+    request = {"certificateOwnershipToken": token,
+               "parameters": settings.template_parameters}
+    session.publish(register_topic, json.dumps(request).encode(), deadline.step("RegisterThing"))
+    registered = await_answer(session, register_topic, "RegisterThing", deadline)
+    thing_name = _required_string(registered, "thingName", "RegisterThing")
+    if not ento.THING_NAME_RE.fullmatch(thing_name):
+        raise ento.ServiceError(f"RegisterThing answered an invalid thingName {thing_name!r}",
+                                hint="the provisioning template")
+    log.info("RegisterThing accepted: thing %s", thing_name)
+    return NewCredentials(cert_id, cert_pem.encode(), thing_name)
+
+
+def await_answer(session: ento.MqttSession, request_topic: str, what: str,
+                 deadline: ento.Deadline) -> dict:
+    """The accepted answer to ``request_topic``; a rejection raises."""
+    end = time.monotonic() + deadline.step(what)
+    while True:
+        try:
+            topic, payload = session.receive(end - time.monotonic())
+        except ento.TransientError as exc:
+            raise ento.TransientError(f"{what}: {exc}", hint=exc.hint) from None
+        if topic == f"{request_topic}/accepted":
+            return ento.decode_json_object(topic, payload)
+        if topic == f"{request_topic}/rejected":
+            raise rejection(what, ento.decode_json_object(topic, payload))
+        log.debug("ignoring a message on %s", topic)
+
+
+def rejection(what: str, answer: dict) -> ento.EntoError:
+    status, code, message = (answer.get(k) for k in ("statusCode", "errorCode", "errorMessage"))
+    text = f"{what} rejected: statusCode={status} errorCode={code} errorMessage={message!r}"
+    retryable = (isinstance(status, int) and (status == 429 or status >= 500)) \
+        or code in RETRYABLE_ERROR_CODES
+    if retryable:
+        return ento.TransientError(text, hint="nothing: the service is busy; retrying")
+    hint = ("the claim certificate, its policy and that it is active"
+            if what == "CreateKeysAndCertificate" else
+            "TEMPLATE_NAME, TEMPLATE_PARAMETERS and the template's pre-provisioning hook")
+    return ento.ServiceError(text, hint=hint)
+
+
+def _required_string(answer: dict, field: str, what: str) -> str:
+    value = answer.get(field)
+    if not isinstance(value, str) or not value:
+        raise ento.ServiceError(f"{what} answer lacks {field}", hint="the provisioning service")
+    return value
+
+
+def install_credentials(config: ento.Config, creds: NewCredentials) -> None:
+    """Install so that a certificate in CERT_DIR always has its key beside it.
+
+    Order: the config first (it must never claim a boot the new credentials
+    did not make), then the old certificate away, the CA and the key, and the
+    certificate last: its presence is what marks the pair complete.
+    """
+    ento.update_device_config(config.path, {"THING_NAME": creds.thing_name,
+                                            "CERTIFICATE_ID": creds.certificate_id,
+                                            "PROVISION_STATUS": "False"})
+    ento.remove_durably(config.cert_path)
+    try:
+        ca_pem = config.root_ca.read_bytes()
+    except OSError as exc:
+        raise ento.ConfigError(f"cannot read ROOT_CA {config.root_ca}: {exc.strerror}",
+                               hint="ROOT_CA in the config") from None
+    ento.write_file_atomic(config.ca_copy_path, ca_pem, 0o644)
+    try:
+        os.replace(config.staging_key_path, config.key_path)
+        ento.fsync_dir(config.cert_dir)
+    except OSError as exc:
+        raise ento.StorageError(f"cannot install {config.key_path}: {exc.strerror}",
+                                hint=f"that {config.cert_dir} is writable") from None
+    ento.write_file_atomic(config.cert_path, creds.certificate_pem, 0o644)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
