@@ -59,18 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ento.setup_logging(args.verbose)
 
-    def body() -> None:
-        deadline = ento.Deadline(args.timeout)
-        with ento.RunLock(args.config) as lock:
-            lock.acquire(deadline)
-            config = ento.load_config(args.config)
-            if args.force or needs_provisioning(config):
-                settings = ento.provisioning_settings(config)
-                provision(config, settings, deadline)
-                config = ento.load_config(args.config)
-            update_boot_status(config, deadline)
+    return ento.run_main(lambda: boot(args.config, ento.Deadline(args.timeout), args.force))
 
-    return ento.run_main(body)
+
+def boot(config_path: Path, deadline: ento.Deadline, force: bool = False,
+         connect: ento.Connector | None = None,
+         sleep: Callable[[float], None] = time.sleep) -> None:
+    """The whole boot-time job, under the run lock."""
+    with ento.RunLock(config_path) as lock:
+        lock.acquire(deadline)
+        config = ento.load_config(config_path)
+        if force or needs_provisioning(config):
+            settings = ento.provisioning_settings(config)
+            provision(config, settings, deadline, connect, sleep)
+            config = ento.load_config(config_path)
+        update_boot_status(config, deadline, connect, sleep)
 
 
 def needs_provisioning(config: ento.Config) -> bool:
@@ -89,9 +92,10 @@ def needs_provisioning(config: ento.Config) -> bool:
 
 
 def provision(config: ento.Config, settings: ento.ProvisioningSettings,
-              deadline: ento.Deadline, connect: ento.Connector = ento.connect_mqtt,
+              deadline: ento.Deadline, connect: ento.Connector | None = None,
               sleep: Callable[[float], None] = time.sleep) -> NewCredentials:
     """Fleet provisioning by claim, retried from scratch on transient failures."""
+    connect = connect or ento.connect_mqtt
     ento.ensure_private_dir(config.cert_dir)
     ento.remove_stray_temp_files(config.cert_dir)
     ento.remove_stray_temp_files(config.path.parent)

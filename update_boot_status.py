@@ -36,9 +36,10 @@ def boot_message(serial_id: str) -> bytes:
 
 
 def update_boot_status(config: ento.Config, deadline: ento.Deadline,
-                       connect: ento.Connector = ento.connect_mqtt,
+                       connect: ento.Connector | None = None,
                        sleep: Callable[[float], None] = time.sleep) -> None:
     """Publish the boot message with the installed credentials, then set the status."""
+    connect = connect or ento.connect_mqtt
     problem = ento.installed_credentials_problem(config)
     if problem:
         raise ento.ConfigError(f"no device credentials: {problem}",

@@ -1,0 +1,198 @@
+"""Reading and checking ento.conf."""
+import json
+import os
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import ento
+
+GOOD = {"SERIAL_ID": "CAM-1", "ENDPOINT_URL": "abc123-ats.iot.eu-west-1.amazonaws.com"}
+
+
+def load(tmp_path, device=None, raw=None):
+    path = tmp_path / "ento.conf"
+    if raw is None:
+        raw = json.dumps({"device": device}).encode()
+    path.write_bytes(raw)
+    return ento.load_config(path)
+
+
+def test_defaults(tmp_path):
+    config = load(tmp_path, GOOD)
+    assert (config.host, config.port, config.provisioned) == (
+        "abc123-ats.iot.eu-west-1.amazonaws.com", 8883, False)
+    assert config.cert_dir == ento.DEFAULT_CERT_DIR
+    assert config.root_ca == ento.SHIPPED_ROOT_CA and config.root_ca.exists()
+    assert config.thing_name is None
+
+
+@pytest.mark.parametrize("url,host,port", [
+    ("abc-ats.iot.eu-west-1.amazonaws.com", "abc-ats.iot.eu-west-1.amazonaws.com", 8883),
+    ("mqtts://abc-ats.iot.eu-west-1.amazonaws.com", "abc-ats.iot.eu-west-1.amazonaws.com", 8883),
+    ("https://abc-ats.iot.eu-west-1.amazonaws.com/", "abc-ats.iot.eu-west-1.amazonaws.com", 8883),
+    ("abc-ats.iot.eu-west-1.amazonaws.com:443", "abc-ats.iot.eu-west-1.amazonaws.com", 443),
+    ("mqtts://localhost:1234/", "localhost", 1234),
+    ("  Host.Example.COM  ", "host.example.com", 8883),
+])
+def test_endpoint_tolerates_scheme_port_and_slash(tmp_path, url, host, port):
+    config = load(tmp_path, {**GOOD, "ENDPOINT_URL": url})
+    assert (config.host, config.port) == (host, port)
+
+
+@pytest.mark.parametrize("value,port", [(443, 443), ("8884", 8884), (1, 1), (65535, 65535)])
+def test_port_key_wins_over_the_port_in_the_url(tmp_path, value, port):
+    config = load(tmp_path, {**GOOD, "ENDPOINT_URL": "h.example.com:9999", "PORT": value})
+    assert config.port == port
+
+
+@pytest.mark.parametrize("value,expected", [("True", True), ("true", True), ("TRUE", True),
+                                            ("False", False), ("false", False), (True, True),
+                                            (False, False)])
+def test_provision_status_accepts_strings_any_case_and_booleans(tmp_path, value, expected):
+    assert load(tmp_path, {**GOOD, "PROVISION_STATUS": value}).provisioned is expected
+
+
+def test_relative_paths_are_taken_from_the_config_folder(tmp_path):
+    config = load(tmp_path, {**GOOD, "CERT_DIR": "cert", "ROOT_CA": "ca/root.pem"})
+    assert config.cert_dir == tmp_path / "cert"
+    assert config.root_ca == tmp_path / "ca" / "root.pem"
+
+
+BAD_DEVICES = [
+    ({"ENDPOINT_URL": "h.example.com"}, "SERIAL_ID"),
+    ({**GOOD, "SERIAL_ID": ""}, "SERIAL_ID"),
+    ({**GOOD, "SERIAL_ID": "a/b"}, "SERIAL_ID"),
+    ({**GOOD, "SERIAL_ID": "a#"}, "SERIAL_ID"),
+    ({**GOOD, "SERIAL_ID": "a+b"}, "SERIAL_ID"),
+    ({**GOOD, "SERIAL_ID": "a b"}, "SERIAL_ID"),
+    ({**GOOD, "SERIAL_ID": "a\u0000b"}, "SERIAL_ID"),
+    ({**GOOD, "SERIAL_ID": "x" * 129}, "SERIAL_ID"),
+    ({**GOOD, "SERIAL_ID": 1234}, "SERIAL_ID"),
+    ({**GOOD, "SERIAL_ID": "caméra"}, "SERIAL_ID"),
+    ({"SERIAL_ID": "CAM-1"}, "ENDPOINT_URL"),
+    ({**GOOD, "ENDPOINT_URL": ""}, "ENDPOINT_URL"),
+    ({**GOOD, "ENDPOINT_URL": None}, "ENDPOINT_URL"),
+    ({**GOOD, "ENDPOINT_URL": "http://h.example.com"}, "ENDPOINT_URL"),
+    ({**GOOD, "ENDPOINT_URL": "h.example.com/path"}, "ENDPOINT_URL"),
+    ({**GOOD, "ENDPOINT_URL": "h.example.com:99999"}, "ENDPOINT_URL"),
+    ({**GOOD, "ENDPOINT_URL": "h.example.com:0"}, "ENDPOINT_URL"),
+    ({**GOOD, "ENDPOINT_URL": "bad host"}, "ENDPOINT_URL"),
+    ({**GOOD, "ENDPOINT_URL": "arn:aws:iot:eu-west-1:123:thing/x"}, "ENDPOINT_URL"),
+    ({**GOOD, "PORT": 0}, "PORT"),
+    ({**GOOD, "PORT": 65536}, "PORT"),
+    ({**GOOD, "PORT": "88a"}, "PORT"),
+    ({**GOOD, "PORT": True}, "PORT"),
+    ({**GOOD, "PORT": 8883.5}, "PORT"),
+    ({**GOOD, "PORT": "-1"}, "PORT"),
+    ({**GOOD, "PROVISION_STATUS": "yes"}, "PROVISION_STATUS"),
+    ({**GOOD, "PROVISION_STATUS": 1}, "PROVISION_STATUS"),
+    ({**GOOD, "CERT_DIR": ""}, "CERT_DIR"),
+    ({**GOOD, "CERT_DIR": 5}, "CERT_DIR"),
+    ({**GOOD, "ROOT_CA": ["a"]}, "ROOT_CA"),
+    ({**GOOD, "THING_NAME": "a/b"}, "THING_NAME"),
+]
+
+
+@pytest.mark.parametrize("device,key", BAD_DEVICES)
+def test_invalid_values_are_config_errors_naming_the_key(tmp_path, device, key):
+    with pytest.raises(ento.ConfigError, match=key):
+        load(tmp_path, device)
+
+
+@pytest.mark.parametrize("raw,why", [
+    (b"", "not valid JSON"),
+    (b"{", "not valid JSON"),
+    (b"[]", "JSON object"),
+    (b'"text"', "JSON object"),
+    (b"{}", "'device'"),
+    (b'{"device": []}', "'device'"),
+    (b'{"device": {"SERIAL_ID": "a", "SERIAL_ID": "b"}}', "duplicate key 'SERIAL_ID'"),
+    (b'{"device": {"PORT": NaN}}', "NaN"),
+    (b"\xef\xbb\xbf" + json.dumps({"device": GOOD}).encode(), "byte-order mark"),
+    (b'{"device": {"SERIAL_ID": "\xff"}}', "not UTF-8"),
+    (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+])
+def test_unreadable_documents_are_config_errors(tmp_path, raw, why):
+    with pytest.raises(ento.ConfigError, match=why):
+        load(tmp_path, raw=raw)
+
+
+def test_missing_file_directory_symlink_loop_and_huge_file(tmp_path):
+    with pytest.raises(ento.ConfigError, match="does not exist"):
+        ento.load_config(tmp_path / "absent.conf")
+    (tmp_path / "dir.conf").mkdir()
+    with pytest.raises(ento.ConfigError, match="not a regular file"):
+        ento.load_config(tmp_path / "dir.conf")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    with pytest.raises(ento.ConfigError, match="cannot be opened"):
+        ento.load_config(tmp_path / "loop")
+    huge = tmp_path / "huge.conf"
+    with open(huge, "wb") as f:
+        f.truncate(50 * 1024 * 1024)
+    with pytest.raises(ento.ConfigError, match="too large"):
+        ento.load_config(huge)
+
+
+def test_unreadable_file(tmp_path, monkeypatch):
+    path = tmp_path / "ento.conf"
+    path.write_text(json.dumps({"device": GOOD}))
+    real_open = os.open
+
+    def denied(p, *args, **kwargs):
+        if str(p) == str(path):
+            raise PermissionError(13, "Permission denied")
+        return real_open(p, *args, **kwargs)
+
+    # Root reads any file, so the denial is injected.
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(ento.ConfigError, match="cannot be opened: Permission denied"):
+        ento.load_config(path)
+
+
+def provisioning(tmp_path, **device):
+    return ento.provisioning_settings(load(tmp_path, {**GOOD, **device}))
+
+
+@pytest.mark.parametrize("device,key", [
+    ({}, "TEMPLATE_NAME"),
+    ({"TEMPLATE_NAME": ""}, "TEMPLATE_NAME"),
+    ({"TEMPLATE_NAME": "a/b"}, "TEMPLATE_NAME"),
+    ({"TEMPLATE_NAME": "T", "TEMPLATE_PARAMETERS": []}, "TEMPLATE_PARAMETERS"),
+    ({"TEMPLATE_NAME": "T", "TEMPLATE_PARAMETERS": {"SerialNumber": 5}},
+     "TEMPLATE_PARAMETERS.SerialNumber"),
+    ({"TEMPLATE_NAME": "T", "TEMPLATE_PARAMETERS": {"A": "b", "On": True}},
+     "TEMPLATE_PARAMETERS.On"),
+    ({"TEMPLATE_NAME": "T", "TEMPLATE_PARAMETERS": {"A": None}}, "TEMPLATE_PARAMETERS.A"),
+    ({"TEMPLATE_NAME": "T", "CLAIM_CERT": "nope.crt"}, "claim certificate"),
+])
+def test_provisioning_settings_are_checked_when_provisioning(tmp_path, device, key):
+    with pytest.raises(ento.ConfigError, match=key):
+        provisioning(tmp_path, **device)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                    | st.text(), lambda children: st.lists(children, max_size=4)
+                    | st.dictionaries(st.text(max_size=12), children, max_size=5),
+                    max_leaves=20))
+def test_any_json_document_loads_or_is_a_config_error(tmp_path_factory, document):
+    path = tmp_path_factory.mktemp("cfg") / "ento.conf"
+    for doc in (document, {"device": document}, {"device": {**GOOD, "PORT": document}}):
+        path.write_text(json.dumps(doc))
+        try:
+            config = ento.load_config(path)
+        except ento.ConfigError as exc:
+            assert str(exc) and "\n" not in str(exc)
+        else:
+            assert ento.SERIAL_RE.fullmatch(config.serial_id)
+            assert 1 <= config.port <= 65535
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_load_or_are_a_config_error(tmp_path_factory, raw):
+    path = tmp_path_factory.mktemp("cfg") / "ento.conf"
+    path.write_bytes(raw)
+    with pytest.raises(ento.ConfigError):
+        ento.load_config(path)
