@@ -292,6 +292,10 @@ class StandIn:
         """Take the broker away, as a dead link would (the port then refuses)."""
         self.stop()
 
+    def issued_tokens(self) -> list[str]:
+        """Every ownership token handed out, so tests can look for leaks."""
+        return list(self._tokens)
+
     # -- the device's files
 
     def write_device_config(self, **overrides) -> Path:

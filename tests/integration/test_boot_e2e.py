@@ -1,0 +1,120 @@
+"""boot.py and update_boot_status.py end to end over mutual TLS against the stand-in."""
+import os
+import stat
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+import ento
+from conftest import device_doc, run_script
+from iot_standin import Rejection
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_first_boot_provisions_installs_and_reports(standin):
+    before = device_doc(standin)
+    result = run_script("boot.py", standin.config_path)
+    assert result.code == 0, result.stderr
+
+    cert_dir = standin.workdir / "cert"
+    assert mode(cert_dir) == 0o700
+    assert mode(cert_dir / "certificate.pem.crt") == 0o644
+    assert mode(cert_dir / "private.pem.key") == 0o600
+    assert mode(cert_dir / "AmazonRootCA1.pem") == 0o644
+    assert sorted(os.listdir(cert_dir)) == ["AmazonRootCA1.pem", "certificate.pem.crt",
+                                           "private.pem.key"]
+    cert = x509.load_pem_x509_certificate((cert_dir / "certificate.pem.crt").read_bytes())
+    key = load_pem_private_key((cert_dir / "private.pem.key").read_bytes(), None)
+    assert ento.public_keys_equal(cert.public_key(), key.public_key())
+    assert cert.issuer == standin.ca.cert.subject
+    assert (cert_dir / "AmazonRootCA1.pem").read_bytes() == standin.ca_path.read_bytes()
+
+    after = device_doc(standin)
+    assert after["camera"] == before["camera"]
+    assert after["device"]["PROVISION_STATUS"] == "True"
+    accepted = standin.events("register-accepted")[0]
+    assert after["device"]["THING_NAME"] == accepted["thingName"] == "ento-CAM-0001"
+    assert after["device"]["CERTIFICATE_ID"] == accepted["certificateId"]
+    assert {k: v for k, v in after["device"].items()
+            if k not in ("PROVISION_STATUS", "THING_NAME", "CERTIFICATE_ID")} == {
+        k: v for k, v in before["device"].items() if k != "PROVISION_STATUS"}
+    assert mode(standin.config_path) == 0o640
+
+    boots = standin.wait_for("boot")
+    assert [(b["topic"], b["payload"]) for b in boots] == [
+        ("cameraDevice/CAM-0001/booted", '{"serialID": "CAM-0001", "bootStatus": true}')]
+    register = standin.events("register-request")[0]
+    assert register["parameters"] == {"SerialNumber": "CAM-0001"}
+    assert register["token_valid"] is True
+
+
+def test_second_boot_reports_again_without_a_new_certificate(standin):
+    assert run_script("boot.py", standin.config_path).code == 0
+    cert_dir = standin.workdir / "cert"
+    files = {p.name: p.read_bytes() for p in cert_dir.iterdir()}
+    result = run_script("boot.py", standin.config_path)
+    assert result.code == 0, result.stderr
+    assert len(standin.wait_for("boot", 2)) == 2
+    assert len(standin.events("create-request")) == 1
+    assert len(standin.events("register-request")) == 1
+    assert {p.name: p.read_bytes() for p in cert_dir.iterdir()} == files
+
+
+def test_update_boot_status_alone_reports_with_the_installed_credentials(standin):
+    assert run_script("boot.py", standin.config_path).code == 0
+    result = run_script("update_boot_status.py", standin.config_path)
+    assert result.code == 0, result.stderr
+    assert len(standin.wait_for("boot", 2)) == 2
+
+
+def test_update_boot_status_without_credentials_exits_78(standin):
+    before = standin.config_path.read_bytes()
+    result = run_script("update_boot_status.py", standin.config_path)
+    assert result.code == 78
+    assert len(result.lines) == 1 and "no device credentials" in result.stderr
+    assert standin.config_path.read_bytes() == before
+
+
+def test_rejected_register_thing_exits_65_with_nothing_installed(standin):
+    standin.faults.reject_register = Rejection(400, "InvalidParameters", "bad serial")
+    result = run_script("boot.py", standin.config_path)
+    assert result.code == 65, result.stderr
+    assert "statusCode=400 errorCode=InvalidParameters errorMessage='bad serial'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert device_doc(standin)["device"]["PROVISION_STATUS"] == "False"
+    cert_dir = standin.workdir / "cert"
+    assert not (cert_dir / "certificate.pem.crt").exists()
+    assert not (cert_dir / "private.pem.key").exists()
+    assert standin.events("boot") == []
+
+
+def test_no_responder_exits_75_within_the_deadline(standin):
+    standin.faults.no_answer = True
+    result = run_script("boot.py", standin.config_path, "--timeout", "4")
+    assert result.code == 75, result.stderr
+    assert result.seconds < 4 + 2.5
+    assert "time limit" in result.lines[-1]
+    assert device_doc(standin)["device"]["PROVISION_STATUS"] == "False"
+    assert not (standin.workdir / "cert" / "certificate.pem.crt").exists()
+
+
+def test_throttled_requests_are_retried_until_the_service_relents(standin):
+    standin.faults.reject_create = Rejection(429, "Throttling", "slow down")
+    standin.faults.reject_times = 2
+    result = run_script("boot.py", standin.config_path, "--timeout", "30")
+    assert result.code == 0, result.stderr
+    assert len(standin.events("create-request")) == 3
+    assert "retrying" in result.stderr
+
+
+def test_no_secret_reaches_the_output(standin):
+    result = run_script("boot.py", standin.config_path, "-v")
+    assert result.code == 0
+    assert "PRIVATE KEY" not in result.stderr and "BEGIN" not in result.stderr
+    tokens = standin.issued_tokens()
+    assert tokens
+    for token in tokens:
+        assert token not in result.stderr
