@@ -7,9 +7,17 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 
-.PHONY: setup mosquitto demo test clean
+# Installation on a device (`make install`) or into an image's staging tree
+# (`make install DESTDIR=/path/to/rootfs`, which calls no systemctl).
+PREFIX ?= /opt/entomologist
+UNITDIR ?= /etc/systemd/system
+UNIT := entomologist-provision.service
+INSTALL_PYTHON ?= /usr/bin/python3
+APP_FILES := boot.py update_boot_status.py ento.py AmazonRootCA1.pem requirements.txt README.md
 
-setup: $(VENV)/.installed mosquitto
+.PHONY: setup mosquitto systemd-analyze demo test clean install uninstall
+
+setup: $(VENV)/.installed mosquitto systemd-analyze
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) python3-venv; }
@@ -20,6 +28,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 mosquitto:
 	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || { $(SUDO) apt-get update -qq && $(APT_INSTALL) mosquitto; }
 
+# The unit's tests need systemd-analyze (Debian's systemd package); containers may lack it.
+systemd-analyze:
+	@command -v systemd-analyze >/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) systemd; }
+
 demo: setup
 	$(PY) iot_standin.py demo
 
@@ -28,3 +40,32 @@ test: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+install:
+	@case "$(PREFIX)" in /?*) ;; *) echo "PREFIX must be an absolute path" >&2; exit 2;; esac
+	install -d -m 0755 $(DESTDIR)$(PREFIX) $(DESTDIR)/etc/entomologist
+	install -m 0644 $(APP_FILES) $(DESTDIR)$(PREFIX)/
+	$(INSTALL_PYTHON) -m venv $(DESTDIR)$(PREFIX)/venv
+	$(DESTDIR)$(PREFIX)/venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)
+	sed 's#/opt/entomologist#$(PREFIX)#g' systemd/$(UNIT) > $(DESTDIR)$(UNITDIR)/$(UNIT)
+	chmod 0644 $(DESTDIR)$(UNITDIR)/$(UNIT)
+ifeq ($(DESTDIR),)
+	systemctl daemon-reload
+	systemctl enable $(UNIT)
+else
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)/multi-user.target.wants
+	ln -sfn $(UNITDIR)/$(UNIT) $(DESTDIR)$(UNITDIR)/multi-user.target.wants/$(UNIT)
+endif
+
+# Never touches /etc/entomologist: the config and the device's credentials stay.
+uninstall:
+	@case "$(PREFIX)" in /?*) ;; *) echo "PREFIX must be an absolute path" >&2; exit 2;; esac
+ifeq ($(DESTDIR),)
+	-systemctl disable $(UNIT)
+endif
+	rm -f $(DESTDIR)$(UNITDIR)/multi-user.target.wants/$(UNIT) $(DESTDIR)$(UNITDIR)/$(UNIT)
+	rm -rf $(DESTDIR)$(PREFIX)
+ifeq ($(DESTDIR),)
+	-systemctl daemon-reload
+endif

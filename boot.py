@@ -64,16 +64,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def boot(config_path: Path, deadline: ento.Deadline, force: bool = False,
          connect: ento.Connector | None = None,
-         sleep: Callable[[float], None] = time.sleep) -> None:
+         sleep: Callable[[float], None] = time.sleep,
+         clock: Callable[[], float] = time.time) -> None:
     """The whole boot-time job, under the run lock."""
     with ento.RunLock(config_path) as lock:
         lock.acquire(deadline)
         config = ento.load_config(config_path)
         if force or needs_provisioning(config):
             settings = ento.provisioning_settings(config)
-            provision(config, settings, deadline, connect, sleep)
+            provision(config, settings, deadline, connect, sleep, clock)
             config = ento.load_config(config_path)
-        update_boot_status(config, deadline, connect, sleep)
+        update_boot_status(config, deadline, connect, sleep, clock)
 
 
 def needs_provisioning(config: ento.Config) -> bool:
@@ -93,7 +94,8 @@ def needs_provisioning(config: ento.Config) -> bool:
 
 def provision(config: ento.Config, settings: ento.ProvisioningSettings,
               deadline: ento.Deadline, connect: ento.Connector | None = None,
-              sleep: Callable[[float], None] = time.sleep) -> NewCredentials:
+              sleep: Callable[[float], None] = time.sleep,
+              clock: Callable[[], float] = time.time) -> NewCredentials:
     """Fleet provisioning by claim, retried from scratch on transient failures."""
     connect = connect or ento.connect_mqtt
     ento.ensure_private_dir(config.cert_dir)
@@ -102,6 +104,7 @@ def provision(config: ento.Config, settings: ento.ProvisioningSettings,
     if not os.access(config.root_ca, os.R_OK):
         raise ento.ConfigError(f"ROOT_CA {config.root_ca} is missing or unreadable",
                                hint="ROOT_CA in the config")
+    ento.check_clock(config.path, [settings.claim_cert, config.root_ca], clock)
 
     def attempt() -> NewCredentials:
         log.info("connecting to %s:%s with the claim certificate as %s",

@@ -123,9 +123,9 @@ class _JournalFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         prio = self.PRIORITIES.get(record.levelno, 6)
-        text = super().format(record)
-        # One event, one journal entry: a traceback stays inside it.
-        return f"<{prio}>" + text.replace("\n", "\n ")
+        # The journal splits its stream at newlines: every line of a
+        # traceback gets the priority of the event it belongs to.
+        return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
 
 
 def stderr_is_journal(stream=None, env: Mapping[str, str] | None = None) -> bool:
@@ -634,6 +634,44 @@ def installed_credentials_problem(config: Config) -> str | None:
     except OSError as exc:
         return f"cannot read {config.key_path}: {exc.strerror}"
     return pair_problem(cert_pem, key_pem)
+
+
+# ----------------------------------------------------------------- clock
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def check_clock(config_path: Path, certificate_files: Sequence[Path],
+                now: Callable[[], float] = time.time) -> None:
+    """Refuse to connect with a clock that is provably behind.
+
+    A board without a real-time clock can boot years in the past; TLS would
+    then fail only after a long delay, with an opaque error.  The clock cannot
+    be earlier than a certificate's notBefore, nor than the config file's
+    modification time (systemd-timesyncd reasons the same way).
+    """
+    floor, source = 0.0, ""
+    try:
+        floor, source = os.stat(config_path).st_mtime, f"the last change of {config_path}"
+    except OSError:
+        pass
+    from cryptography import x509
+    for path in certificate_files:
+        try:
+            certs = x509.load_pem_x509_certificates(path.read_bytes())
+        except (OSError, ValueError):
+            continue  # unreadable files are reported where they are used
+        for cert in certs:
+            start = cert.not_valid_before_utc.timestamp()
+            if start > floor:
+                floor, source = start, f"the start of validity of {path}"
+    current = now()
+    if current < floor:
+        raise TransientError(
+            f"the system clock is not set: it reads {_utc(current)}, before {source} "
+            f"({_utc(floor)}); the run will be retried",
+            hint="time synchronisation (systemd-timesyncd, network time)")
 
 
 # --------------------------------------------------------------- MQTT seam

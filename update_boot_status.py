@@ -37,7 +37,8 @@ def boot_message(serial_id: str) -> bytes:
 
 def update_boot_status(config: ento.Config, deadline: ento.Deadline,
                        connect: ento.Connector | None = None,
-                       sleep: Callable[[float], None] = time.sleep) -> None:
+                       sleep: Callable[[float], None] = time.sleep,
+                       clock: Callable[[], float] = time.time) -> None:
     """Publish the boot message with the installed credentials, then set the status."""
     connect = connect or ento.connect_mqtt
     problem = ento.installed_credentials_problem(config)
@@ -45,6 +46,7 @@ def update_boot_status(config: ento.Config, deadline: ento.Deadline,
         raise ento.ConfigError(f"no device credentials: {problem}",
                                hint="that boot.py has provisioned this device")
     ca = config.ca_copy_path if config.ca_copy_path.exists() else config.root_ca
+    ento.check_clock(config.path, [config.cert_path, ca], clock)
     endpoint = ento.Endpoint(config.host, config.port, ca)
     client_id = config.thing_name or config.serial_id
     topic = boot_topic(config.serial_id)

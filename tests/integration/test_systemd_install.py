@@ -1,0 +1,203 @@
+"""The systemd unit, installation into a staging tree, and the scripts as a service runs them."""
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import ROOT, device_doc, run_script
+
+UNIT = ROOT / "systemd" / "entomologist-provision.service"
+
+
+def unit_lines():
+    return UNIT.read_text().splitlines()
+
+
+def directives():
+    found = {}
+    for line in unit_lines():
+        if "=" in line and not line.startswith(("#", ";")):
+            key, value = line.split("=", 1)
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+def local_unit(tmp_path):
+    """The unit with ExecStart pointed at this machine's interpreter and checkout."""
+    text = UNIT.read_text().replace("/opt/entomologist/venv/bin/python", sys.executable)
+    text = text.replace("/opt/entomologist/boot.py", str(ROOT / "boot.py"))
+    path = tmp_path / UNIT.name
+    path.write_text(text)
+    return path
+
+
+def test_systemd_analyze_verify_prints_nothing(tmp_path):
+    proc = subprocess.run(["systemd-analyze", "verify", str(local_unit(tmp_path))],
+                          capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
+
+
+def test_security_exposure_is_at_most_2_5(tmp_path):
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=25",
+                           "--no-pager", str(local_unit(tmp_path))],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    score = re.search(r"Overall exposure level for \S+: (\d+\.\d)", proc.stdout)
+    assert score and float(score.group(1)) <= 2.5
+
+
+def test_unit_runs_once_per_boot_retries_transient_failures_and_stops_on_config_errors():
+    d = directives()
+    assert d["Type"] == ["oneshot"] and d["RemainAfterExit"] == ["yes"]
+    assert d["Wants"] == ["network-online.target"]
+    assert set(d["After"][0].split()) == {"network-online.target", "time-sync.target"}
+    assert d["ConditionPathExists"] == ["/etc/entomologist/ento.conf"]
+    assert d["Restart"] == ["on-failure"] and int(d["RestartSec"][0]) > 0
+    assert "78" in d["RestartPreventExitStatus"][0].split()
+    assert "75" not in d["RestartPreventExitStatus"][0].split()
+    timeout = int(d["TimeoutStartSec"][0])
+    run_limit = int(re.search(r"--timeout (\d+)", d["ExecStart"][0]).group(1))
+    assert run_limit < timeout < 600
+    assert d["UMask"] == ["0077"] and d["SyslogIdentifier"]
+
+
+def test_unit_sandbox_leaves_only_the_config_folder_writable():
+    d = directives()
+    assert d["ProtectSystem"] == ["strict"]
+    assert d["ReadWritePaths"] == ["/etc/entomologist"]
+    for key in ("ProtectHome", "PrivateTmp", "PrivateDevices", "NoNewPrivileges"):
+        assert d[key] == ["yes"], key
+    assert d["CapabilityBoundingSet"] == [""]
+    assert d["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
+    assert "@system-service" in d["SystemCallFilter"]
+
+
+def test_unit_has_no_trailing_comments():
+    for line in unit_lines():
+        if line and not line.startswith(("#", ";")):
+            assert "#" not in line.split("=", 1)[-1] or line.startswith("ExecStart"), line
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rootfs")
+    proc = subprocess.run(["make", "-C", str(ROOT), "install", f"DESTDIR={root}",
+                           f"INSTALL_PYTHON={sys.executable}"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root
+
+
+def test_install_into_a_staging_tree_lays_out_scripts_venv_unit_and_enablement(staged):
+    app = staged / "opt" / "entomologist"
+    for name in ("boot.py", "update_boot_status.py", "ento.py", "AmazonRootCA1.pem"):
+        assert (app / name).is_file(), name
+    assert (app / "venv" / "bin" / "python").exists()
+    unit = staged / "etc" / "systemd" / "system" / UNIT.name
+    assert unit.read_text() == UNIT.read_text()
+    link = staged / "etc" / "systemd" / "system" / "multi-user.target.wants" / UNIT.name
+    assert os.readlink(link) == f"/etc/systemd/system/{UNIT.name}"
+    assert (staged / "etc" / "entomologist").is_dir()
+
+
+def test_boot_runs_from_the_installed_venv_against_the_stand_in(staged, standin):
+    app = staged / "opt" / "entomologist"
+    proc = subprocess.run([str(app / "venv" / "bin" / "python"), str(app / "boot.py"),
+                           "--config", str(standin.config_path)],
+                          capture_output=True, text=True, timeout=60, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert device_doc(standin)["device"]["PROVISION_STATUS"] == "True"
+    assert len(standin.wait_for("boot")) == 1
+
+
+def test_uninstall_removes_what_install_added_and_keeps_the_device_config(staged, tmp_path):
+    copy = tmp_path / "rootfs"
+    shutil.copytree(staged, copy, symlinks=True)
+    (copy / "etc" / "entomologist" / "ento.conf").write_text("{}")
+    proc = subprocess.run(["make", "-C", str(ROOT), "uninstall", f"DESTDIR={copy}"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert not (copy / "opt" / "entomologist").exists()
+    assert not (copy / "etc" / "systemd" / "system" / UNIT.name).exists()
+    assert not (copy / "etc" / "systemd" / "system" / "multi-user.target.wants" /
+                UNIT.name).is_symlink()
+    assert (copy / "etc" / "entomologist" / "ento.conf").read_text() == "{}"
+
+
+def test_on_the_journal_every_line_carries_its_priority(standin, tmp_path):
+    err = tmp_path / "stderr"
+    with open(err, "w") as stream:
+        st = os.fstat(stream.fileno())
+        proc = subprocess.run([sys.executable, str(ROOT / "boot.py"), "--config",
+                               str(standin.config_path)], stderr=stream,
+                              env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+                              timeout=60)
+    assert proc.returncode == 0
+    lines = err.read_text().splitlines()
+    assert lines and all(re.match(r"<[3-7]>\S", line) for line in lines), lines
+    assert not any(re.search(r"\d\d:\d\d:\d\d", line) for line in lines)
+
+
+def test_the_flow_runs_with_write_execute_memory_denied(standin):
+    """MemoryDenyWriteExecute=yes in the unit: the kernel's PR_SET_MDWE is the same rule."""
+    wrapper = (
+        "import ctypes, runpy, sys\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "if libc.prctl(65, 1, 0, 0, 0) != 0:\n"
+        "    sys.exit(99)\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", wrapper, str(ROOT / "boot.py"), "--config",
+                           str(standin.config_path)], capture_output=True, text=True, timeout=60)
+    if proc.returncode == 99:
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3 and later)")
+    assert proc.returncode == 0, proc.stderr
+    assert len(standin.wait_for("boot")) == 1
+
+
+@pytest.fixture
+def alpn_listener(standin):
+    """A TLS listener on 127.0.0.1:443 that records the ALPN the client offered."""
+    if os.geteuid() != 0:
+        pytest.skip("binding port 443 needs root")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(standin.dir / "server.pem.crt", standin.dir / "server.private.pem.key")
+    ctx.set_alpn_protocols(["x-amzn-mqtt-ca", "mqtt"])
+    # The client insists on mutual TLS, as AWS IoT requires.
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(standin.ca_path)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", 443))
+    except OSError as exc:
+        pytest.skip(f"port 443 is taken here: {exc}")
+    sock.listen()
+    offered = []
+
+    def serve():
+        try:
+            conn, _ = sock.accept()
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                offered.append(tls.selected_alpn_protocol())
+        except OSError as exc:
+            offered.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield offered
+    sock.close()
+
+
+def test_port_443_offers_the_aws_iot_alpn(standin, alpn_listener):
+    standin.write_device_config(PORT=443)
+    result = run_script("boot.py", standin.config_path, "--timeout", "3")
+    assert result.code == 75, result.stderr
+    assert alpn_listener == ["x-amzn-mqtt-ca"], result.stderr
