@@ -70,6 +70,7 @@ def boot(config_path: Path, deadline: ento.Deadline, force: bool = False,
     with ento.RunLock(config_path) as lock:
         lock.acquire(deadline)
         config = ento.load_config(config_path)
+        ento.remove_stray_temp_files(config)
         if force or needs_provisioning(config):
             settings = ento.provisioning_settings(config)
             provision(config, settings, deadline, connect, sleep, clock)
@@ -99,8 +100,6 @@ def provision(config: ento.Config, settings: ento.ProvisioningSettings,
     """Fleet provisioning by claim, retried from scratch on transient failures."""
     connect = connect or ento.connect_mqtt
     ento.ensure_private_dir(config.cert_dir)
-    ento.remove_stray_temp_files(config.cert_dir)
-    ento.remove_stray_temp_files(config.path.parent)
     if not os.access(config.root_ca, os.R_OK):
         raise ento.ConfigError(f"ROOT_CA {config.root_ca} is missing or unreadable",
                                hint="ROOT_CA in the config")
@@ -117,8 +116,14 @@ def provision(config: ento.Config, settings: ento.ProvisioningSettings,
             session.close()
 
     started = time.monotonic()
-    creds = ento.with_retries(attempt, deadline, "provisioning", sleep=sleep)
-    install_credentials(config, creds)
+    try:
+        creds = ento.with_retries(attempt, deadline, "provisioning", sleep=sleep)
+        install_credentials(config, creds)
+    finally:
+        # A run that ends without installing leaves no staged key behind: its
+        # registration is unknown or refused, and the next run starts afresh.
+        # (Only a killed run leaves one, and the next run replaces it.)
+        ento.remove_durably(config.staging_key_path)
     log.info("provisioned as thing %s in %.1f s; credentials in %s",
              creds.thing_name, time.monotonic() - started, config.cert_dir)
     return creds

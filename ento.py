@@ -518,19 +518,20 @@ def remove_durably(path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def remove_stray_temp_files(directory: Path) -> None:
-    """Delete temporary files that a killed run left behind."""
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        if name.startswith(".") and name.endswith(".tmp"):
-            try:
-                os.unlink(directory / name)
-                log.debug("removed leftover %s", directory / name)
-            except OSError:
-                pass
+def remove_stray_temp_files(config: Config) -> None:
+    """Delete the temporary files that a killed run left beside the config and credentials."""
+    for directory in (config.path.parent, config.cert_dir):
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                try:
+                    os.unlink(directory / name)
+                    log.debug("removed leftover %s", directory / name)
+                except OSError:
+                    pass
 
 
 def ensure_private_dir(directory: Path) -> None:
@@ -539,8 +540,10 @@ def ensure_private_dir(directory: Path) -> None:
         if stat.S_IMODE(directory.stat().st_mode) != 0o700:
             os.chmod(directory, 0o700)
     except OSError as exc:
-        raise StorageError(f"cannot create {directory}: {exc.strerror}",
-                           hint=f"that {directory.parent} is writable") from None
+        raise StorageError(f"cannot make {directory} a private folder: {exc.strerror}",
+                           hint=f"that {directory} is ours and writable") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise StorageError(f"{directory} is not writable", hint="its owner and mode")
 
 
 # ----------------------------------------------------------------- lock

@@ -12,6 +12,9 @@ files for one simulated device into <dir>.
                               [--reject-create STATUS:CODE[:MESSAGE]]
                               [--reject-register STATUS:CODE[:MESSAGE]]
                               [--reject-times K] [--no-answer] [--delay SECONDS]
+                              [--malformed-create not-json|missing-cert|bad-pem|wrong-key]
+                              [--malformed-register not-json|empty-thing]
+                              [--drop-after create|register] [--refuse-connections]
     python iot_standin.py demo
 
 `run` serves until interrupted; `demo` provisions a simulated device in a
@@ -84,7 +87,17 @@ class Faults:
     # CreateKeysAndCertificate; "not-json", "empty-thing" for RegisterThing.
     malformed_create: str | None = None
     malformed_register: str | None = None
+    # Drop the requesting device's connection right after a "create" or
+    # "register" request (instead of answering it), drop_times times.
+    drop_after: str | None = None
+    drop_times: int = 1
     counts: dict = field(default_factory=dict)
+
+    def should_drop(self, kind: str) -> bool:
+        if self.drop_after != kind or self.drop_times <= 0:
+            return False
+        self.drop_times -= 1
+        return True
 
     def take(self, kind: str, rejection: Rejection | None) -> Rejection | None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -105,7 +118,7 @@ def _pem_key(key) -> bytes:
                              serialization.NoEncryption())
 
 
-class TestCA:
+class StandInCA:
     def __init__(self, common_name: str = "Entomologist stand-in CA"):
         self.key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -210,7 +223,7 @@ class StandIn:
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "claim").mkdir(exist_ok=True)
-        self.ca = TestCA()
+        self.ca = StandInCA()
         self.ca_path = self.dir / "ca.pem"
         _write(self.ca_path, self.ca.pem, 0o644)
         server_cert, server_key = self.ca.write_pair(self.dir, "server", "localhost", server=True)
@@ -353,13 +366,42 @@ class StandIn:
             return
         if topic == CREATE:
             self.record("create-request")
-            self._answer(CREATE, *self._create(None))
+            if not self._dropped("create"):
+                self._answer(CREATE, *self._create(None))
         elif topic == CREATE_CSR:
             self.record("csr-request")
-            self._answer(CREATE_CSR, *self._create(payload))
+            if not self._dropped("create"):
+                self._answer(CREATE_CSR, *self._create(payload))
         elif topic.startswith(REGISTER_PREFIX) and topic.endswith(REGISTER_SUFFIX):
             template = topic[len(REGISTER_PREFIX):-len(REGISTER_SUFFIX)]
-            self._answer(topic, *self._register(template, payload))
+            if self._dropped("register"):
+                self.record("register-request", template=template, dropped=True)
+            else:
+                self._answer(topic, *self._register(template, payload))
+
+    def _dropped(self, kind: str) -> bool:
+        if not self.faults.should_drop(kind):
+            return False
+        self._kick(self.serial)
+        return True
+
+    def _kick(self, client_id: str) -> None:
+        """Drop a device's connection: MQTT lets a new client take over its client ID."""
+        def takeover() -> None:
+            from awsiot import mqtt_connection_builder
+            cert, key = self._responder_files
+            conn = mqtt_connection_builder.mtls_from_path(
+                endpoint="localhost", port=self.port, cert_filepath=str(cert),
+                pri_key_filepath=str(key), ca_filepath=str(self.ca_path), client_id=client_id,
+                clean_session=True, keep_alive_secs=30, enable_metrics_collection=False)
+            try:
+                conn.connect().result(5)
+                self.record("dropped", client_id=client_id)
+                conn.disconnect().result(5)
+            except Exception:
+                log.exception("could not drop %s", client_id)
+
+        threading.Thread(target=takeover, daemon=True).start()
 
     def _answer(self, request_topic: str, accepted: bool, body) -> None:
         if self.faults.no_answer:
@@ -472,13 +514,18 @@ def _serve(args) -> int:
     faults = Faults(
         reject_create=Rejection.parse(args.reject_create) if args.reject_create else None,
         reject_register=Rejection.parse(args.reject_register) if args.reject_register else None,
-        reject_times=args.reject_times, no_answer=args.no_answer, delay=args.delay)
+        reject_times=args.reject_times, no_answer=args.no_answer, delay=args.delay,
+        malformed_create=args.malformed_create, malformed_register=args.malformed_register,
+        drop_after=args.drop_after)
     standin = StandIn(Path(args.dir), serial=args.serial, template=args.template, faults=faults)
     try:
         standin.start()
     except RuntimeError as exc:
         log.error("%s", exc)
         return os.EX_UNAVAILABLE
+    if args.refuse_connections:
+        standin.stop_broker()
+        log.info("broker stopped: connections to localhost:%s are refused", standin.port)
     log.info("stand-in ready on localhost:%s; device config %s; events %s",
              standin.port, standin.config_path, standin.events_path)
     try:
@@ -544,6 +591,13 @@ def main(argv: list[str] | None = None) -> int:
                      help="reject only the first K requests of each kind")
     run.add_argument("--no-answer", action="store_true", help="record requests, answer none")
     run.add_argument("--delay", type=float, default=0.0, help="delay every answer (seconds)")
+    run.add_argument("--malformed-create", choices=["not-json", "missing-cert", "bad-pem",
+                                                    "wrong-key"])
+    run.add_argument("--malformed-register", choices=["not-json", "empty-thing"])
+    run.add_argument("--drop-after", choices=["create", "register"],
+                     help="drop the device's connection after this request, once")
+    run.add_argument("--refuse-connections", action="store_true",
+                     help="write the device's files, then close the broker's port")
     sub.add_parser("demo", help="provision a simulated device and show the result")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         deadline = ento.Deadline(args.timeout)
         with ento.RunLock(args.config) as lock:
             lock.acquire(deadline)
-            update_boot_status(ento.load_config(args.config), deadline)
+            config = ento.load_config(args.config)
+            ento.remove_stray_temp_files(config)
+            update_boot_status(config, deadline)
 
     return ento.run_main(body)
 

@@ -1,0 +1,85 @@
+"""Storage that refuses writes, and two runs at once."""
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, DeviceState, privilege_drop, run_script
+
+
+def run_boot_as_service(standin, preexec_fn=None, *args):
+    """boot.py as the unit runs it: for root, no capabilities, so file modes bind."""
+    state = DeviceState(standin)
+    proc = subprocess.run([*privilege_drop(), sys.executable, str(ROOT / "boot.py"), "--config",
+                           str(standin.config_path), "--timeout", "20", *args],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+                          preexec_fn=preexec_fn)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")]
+    return state, proc, errors
+
+
+@pytest.fixture
+def foreign_owner():
+    """A folder owned by someone else is not writable for a service without capabilities."""
+    if os.geteuid() != 0:
+        pytest.skip("handing a folder to another owner needs root")
+    return 4321
+
+
+def test_cert_dir_not_writable_exits_73_with_nothing_installed(standin, foreign_owner):
+    cert_dir = standin.workdir / "cert"
+    cert_dir.mkdir(mode=0o700)
+    os.chown(cert_dir, foreign_owner, foreign_owner)
+    state, proc, errors = run_boot_as_service(standin)
+    assert proc.returncode == 73, proc.stderr
+    assert len(errors) == 1 and str(cert_dir) in errors[0]
+    assert state.check([proc.stderr], completed=True) == {"installed": False, "status": False}
+    assert standin.events("create-request") == []
+
+
+def test_config_folder_not_writable_exits_73_with_nothing_installed(standin, foreign_owner):
+    (standin.workdir / "cert").mkdir(mode=0o700)
+    (standin.workdir / "ento.conf.lock").touch(mode=0o600)
+    os.chown(standin.workdir, foreign_owner, foreign_owner)
+    state, proc, errors = run_boot_as_service(standin)
+    os.chown(standin.workdir, 0, 0)
+    assert proc.returncode == 73, proc.stderr
+    assert len(errors) == 1 and "ento.conf" in errors[0]
+    assert state.check([proc.stderr], completed=True) == {"installed": False, "status": False}
+
+
+def test_a_write_that_fails_part_way_exits_73_with_the_invariants_intact(standin):
+    def small_files():
+        # Big enough for the config, too small for an RSA private key.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+
+    state, proc, errors = run_boot_as_service(standin, small_files)
+    assert proc.returncode == 73, proc.stderr
+    assert len(errors) == 1 and "File too large" in errors[0]
+    assert state.check([proc.stderr], completed=True) == {"installed": False, "status": False}
+
+
+def test_after_storage_is_fixed_the_next_run_completes(standin):
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+
+    state, proc, _ = run_boot_as_service(standin, small_files)
+    assert proc.returncode == 73
+    result = run_script("boot.py", standin.config_path)
+    assert result.code == 0, result.stderr
+    assert state.check([result.stderr], completed=True) == {"installed": True, "status": True}
+
+
+def test_two_runs_started_together_provision_once_and_both_succeed(standin):
+    state = DeviceState(standin)
+    cmd = [sys.executable, str(ROOT / "boot.py"), "--config", str(standin.config_path)]
+    procs = [subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert len(standin.events("create-request")) == 1
+    assert len(standin.events("register-request")) == 1
+    assert len(standin.wait_for("boot", 2)) == 2
+    assert state.check(outputs, completed=True) == {"installed": True, "status": True}

@@ -1,0 +1,58 @@
+"""The stand-in as users run it: a process with fault options on its command line."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_script
+
+
+def start(tmp_path, *options):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "iot_standin.py"), "run", "--dir",
+                             str(tmp_path), *options], stdin=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 20
+    for line in proc.stderr:
+        if "stand-in ready" in line:
+            return proc
+        assert time.monotonic() < end
+    raise AssertionError(f"the stand-in did not start (exit {proc.wait()})")
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("options,code,expected", [
+    ([], 0, "boot message acknowledged"),
+    (["--reject-register", "400:InvalidParameters:bad serial"], 65,
+     "errorCode=InvalidParameters errorMessage='bad serial'"),
+    (["--reject-create", "429:Throttling", "--reject-times", "1"], 0, "retrying in"),
+    (["--malformed-create", "wrong-key"], 65, "does not belong"),
+    (["--malformed-register", "empty-thing"], 65, "lacks thingName"),
+    (["--drop-after", "register"], 0, "retrying in"),
+    (["--no-answer"], 75, "time limit"),
+    (["--refuse-connections"], 75, "CONNECTION_REFUSED"),
+])
+def test_fault_options_from_the_command_line(tmp_path, options, code, expected):
+    proc = start(tmp_path, *options)
+    try:
+        # Short where the run must give up; room for retries where it must succeed.
+        timeout = "20" if code == 0 else "4"
+        result = run_script("boot.py", tmp_path / "ento.conf", "--timeout", timeout)
+    finally:
+        stop(proc)
+    assert result.code == code, result.stderr
+    assert expected in result.stderr
+
+
+def test_demo_shows_files_and_boot_messages():
+    proc = subprocess.run([sys.executable, str(ROOT / "iot_standin.py"), "demo"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "600    " in proc.stdout and "cert/private.pem.key" in proc.stdout
+    assert proc.stdout.count('cameraDevice/CAM-0001/booted  {"serialID": "CAM-0001", '
+                             '"bootStatus": true}') == 2
