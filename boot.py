@@ -34,6 +34,7 @@ from update_boot_status import update_boot_status
 log = logging.getLogger("entomologist.boot")
 
 CREATE_TOPIC = "$aws/certificates/create/json"
+CREATE_CSR_TOPIC = "$aws/certificates/create-from-csr/json"
 REGISTER_TOPIC = "$aws/provisioning-templates/{}/provision/json"
 # Rejections worth another try; any other 4xx is final.
 RETRYABLE_ERROR_CODES = {"Throttling", "ThrottlingException", "TooManyRequests",
@@ -84,13 +85,18 @@ def needs_provisioning(config: ento.Config) -> bool:
     if problem is None:
         # A --force run killed before it installed leaves a staged key; the
         # credentials in use are the installed ones.
-        ento.remove_durably(config.staging_key_path)
+        remove_staged_keys(config)
         return False
     if config.provisioned:
         log.warning("PROVISION_STATUS is True but %s: provisioning again", problem)
     else:
         log.info("not provisioned yet (%s)", problem)
     return True
+
+
+def remove_staged_keys(config: ento.Config) -> None:
+    ento.remove_durably(config.staging_key_path)
+    ento.remove_durably(config.own_key_path)
 
 
 def provision(config: ento.Config, settings: ento.ProvisioningSettings,
@@ -105,56 +111,69 @@ def provision(config: ento.Config, settings: ento.ProvisioningSettings,
                                hint="ROOT_CA in the config")
     ento.check_clock(config.path, [settings.claim_cert, config.root_ca], clock)
 
+    csr, staged = None, config.staging_key_path
+    if settings.csr_mode:
+        staged = config.own_key_path
+        csr = make_csr(staged_or_new_key(staged, settings.key_algorithm), config.serial_id)
+
     def attempt() -> NewCredentials:
         log.info("connecting to %s:%s with the claim certificate as %s",
                  config.host, config.port, config.serial_id)
         session = connect(ento.endpoint_of(config), settings.claim_cert, settings.claim_key,
                           config.serial_id, deadline.step("connect with the claim certificate"))
         try:
-            return request_credentials(session, config, settings, deadline)
+            return request_credentials(session, settings, deadline, staged, csr)
         finally:
             session.close()
 
     started = time.monotonic()
     try:
         creds = ento.with_retries(attempt, deadline, "provisioning", sleep=sleep)
-        install_credentials(config, creds)
+        install_credentials(config, creds, staged)
     finally:
         # A run that ends without installing leaves no staged key behind: its
         # registration is unknown or refused, and the next run starts afresh.
-        # (Only a killed run leaves one, and the next run replaces it.)
-        ento.remove_durably(config.staging_key_path)
+        # (Only a killed run leaves one: the next run replaces it, or in CSR
+        # mode reuses it.)
+        remove_staged_keys(config)
     log.info("provisioned as thing %s in %.1f s; credentials in %s",
              creds.thing_name, time.monotonic() - started, config.cert_dir)
     return creds
 
 
-def request_credentials(session: ento.MqttSession, config: ento.Config,
-                        settings: ento.ProvisioningSettings,
-                        deadline: ento.Deadline) -> NewCredentials:
-    """CreateKeysAndCertificate then RegisterThing on one claim connection.
+def request_credentials(session: ento.MqttSession, settings: ento.ProvisioningSettings,
+                        deadline: ento.Deadline, staged: Path,
+                        csr: bytes | None = None) -> NewCredentials:
+    """CreateKeysAndCertificate (or CreateCertificateFromCsr with ``csr``), then
+    RegisterThing, on one claim connection.
 
     All four response topics are subscribed in one batch before the first
-    request: on a 600 ms link every extra round trip shows.  The new key is
-    staged durably before RegisterThing, so a key whose certificate may be
-    registered is never lost.
+    request: on a 600 ms link every extra round trip shows.  The key is on
+    disk in the staging file before RegisterThing is sent (in CSR mode, before
+    anything is sent), so a key whose certificate may be registered is never lost.
     """
+    what, create_topic = (("CreateCertificateFromCsr", CREATE_CSR_TOPIC) if csr else
+                          ("CreateKeysAndCertificate", CREATE_TOPIC))
     register_topic = REGISTER_TOPIC.format(settings.template_name)
-    session.subscribe([f"{t}/{r}" for t in (CREATE_TOPIC, register_topic)
+    session.subscribe([f"{t}/{r}" for t in (create_topic, register_topic)
                        for r in ("accepted", "rejected")], deadline.step("subscribe"))
 
-    session.publish(CREATE_TOPIC, b"{}", deadline.step("CreateKeysAndCertificate"))
-    created = await_answer(session, CREATE_TOPIC, "CreateKeysAndCertificate", deadline)
-    cert_id, cert_pem, key_pem, token = (
-        _required_string(created, field, "CreateKeysAndCertificate")
-        for field in ("certificateId", "certificatePem", "privateKey",
-                      "certificateOwnershipToken"))
-    problem = ento.pair_problem(cert_pem.encode(), key_pem.encode())
+    request = {"certificateSigningRequest": csr.decode()} if csr else {}
+    session.publish(create_topic, json.dumps(request).encode(), deadline.step(what))
+    created = await_answer(session, create_topic, what, deadline)
+    cert_id, cert_pem, token = (_required_string(created, field, what) for field in (
+        "certificateId", "certificatePem", "certificateOwnershipToken"))
+    if csr:
+        key_pem = staged.read_bytes()
+    else:
+        key_pem = _required_string(created, "privateKey", what).encode()
+    problem = ento.pair_problem(cert_pem.encode(), key_pem)
     if problem:
-        raise ento.ServiceError(f"CreateKeysAndCertificate answer is unusable: {problem}",
+        raise ento.ServiceError(f"{what} answer is unusable: {problem}",
                                 hint="the provisioning service")
-    log.info("CreateKeysAndCertificate accepted: certificate %s", cert_id)
-    ento.write_file_atomic(config.staging_key_path, key_pem.encode(), 0o600)
+    log.info("%s accepted: certificate %s", what, cert_id)
+    if not csr:
+        ento.write_file_atomic(staged, key_pem, 0o600)
 
     request = {"certificateOwnershipToken": token,
                "parameters": settings.template_parameters}
@@ -166,6 +185,47 @@ def request_credentials(session: ento.MqttSession, config: ento.Config,
                                 hint="the provisioning template")
     log.info("RegisterThing accepted: thing %s", thing_name)
     return NewCredentials(cert_id, cert_pem.encode(), thing_name)
+
+
+def staged_or_new_key(staged: Path, algorithm: str):
+    """The key staged by an interrupted run, if it is of ``algorithm``; else a new
+    one, durably staged (0600) before anything is sent."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    try:
+        key = serialization.load_pem_private_key(staged.read_bytes(), None)
+    except (OSError, ValueError, TypeError):
+        key = None
+    if key is not None and _algorithm_of(key) == algorithm:
+        log.info("reusing the %s key staged by an interrupted run", algorithm)
+        return key
+    if algorithm == "RSA-2048":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    ento.write_file_atomic(staged, pem, 0o600)
+    return key
+
+
+def _algorithm_of(key) -> str | None:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1":
+        return "EC-P256"
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size == 2048:
+        return "RSA-2048"
+    return None
+
+
+def make_csr(key, serial_id: str) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, serial_id)]))
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM)
 
 
 def await_answer(session: ento.MqttSession, request_topic: str, what: str,
@@ -204,7 +264,7 @@ def _required_string(answer: dict, field: str, what: str) -> str:
     return value
 
 
-def install_credentials(config: ento.Config, creds: NewCredentials) -> None:
+def install_credentials(config: ento.Config, creds: NewCredentials, staged: Path) -> None:
     """Install so that a certificate in CERT_DIR always has its key beside it.
 
     Order: the config first (it must never claim a boot the new credentials
@@ -222,7 +282,7 @@ def install_credentials(config: ento.Config, creds: NewCredentials) -> None:
                                hint="ROOT_CA in the config") from None
     ento.write_file_atomic(config.ca_copy_path, ca_pem, 0o644)
     try:
-        os.replace(config.staging_key_path, config.key_path)
+        os.replace(staged, config.key_path)
         ento.fsync_dir(config.cert_dir)
     except OSError as exc:
         raise ento.StorageError(f"cannot install {config.key_path}: {exc.strerror}",

@@ -38,7 +38,14 @@ SHIPPED_ROOT_CA = Path(__file__).resolve().parent / "AmazonRootCA1.pem"
 CERT_FILE = "certificate.pem.crt"
 KEY_FILE = "private.pem.key"
 CA_FILE = "AmazonRootCA1.pem"
+# Where a new key waits until its certificate is registered: one name for a
+# key the service sent, another for one this device made (CSR mode), so that
+# CSR mode never reuses a key that crossed the network.
 STAGING_KEY_FILE = "private.pem.key.staging"
+OWN_KEY_FILE = "private.pem.key.device-made"
+
+PROVISIONING_APIS = ("CreateKeysAndCertificate", "CreateCertificateFromCsr")
+KEY_ALGORITHMS = ("EC-P256", "RSA-2048")
 
 DEFAULT_PORT = 8883
 KEEP_ALIVE_SECS = 44
@@ -234,6 +241,10 @@ class Config:
     def staging_key_path(self) -> Path:
         return self.cert_dir / STAGING_KEY_FILE
 
+    @property
+    def own_key_path(self) -> Path:
+        return self.cert_dir / OWN_KEY_FILE
+
 
 @dataclass(frozen=True)
 class ProvisioningSettings:
@@ -243,6 +254,12 @@ class ProvisioningSettings:
     template_parameters: dict[str, str]
     claim_cert: Path
     claim_key: Path
+    api: str = "CreateKeysAndCertificate"
+    key_algorithm: str = "EC-P256"
+
+    @property
+    def csr_mode(self) -> bool:
+        return self.api == "CreateCertificateFromCsr"
 
 
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
@@ -414,10 +431,17 @@ def provisioning_settings(config: Config) -> ProvisioningSettings:
         if not isinstance(value, str):
             raise _bad(f"TEMPLATE_PARAMETERS.{key}",
                        f"must be a string, not {type(value).__name__}")
+    api = _string(device, "PROVISIONING_API", PROVISIONING_APIS[0])
+    if api not in PROVISIONING_APIS:
+        raise _bad("PROVISIONING_API", f"must be one of {', '.join(PROVISIONING_APIS)}")
+    algorithm = _string(device, "KEY_ALGORITHM", KEY_ALGORITHMS[0])
+    if algorithm not in KEY_ALGORITHMS:
+        raise _bad("KEY_ALGORITHM", f"must be one of {', '.join(KEY_ALGORITHMS)}")
     settings = ProvisioningSettings(
         template_name=name, template_parameters=dict(params),
         claim_cert=_path(config.path, device, "CLAIM_CERT", DEFAULT_CLAIM_CERT),
         claim_key=_path(config.path, device, "CLAIM_KEY", DEFAULT_CLAIM_KEY),
+        api=api, key_algorithm=algorithm,
     )
     check_claim(settings)
     return settings

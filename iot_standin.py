@@ -177,6 +177,15 @@ def certificate_id(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
+def public_key_id(public_key) -> str:
+    """SHA-256 of a public key's DER SubjectPublicKeyInfo, to compare keys in the record."""
+    der = public_key.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(der)
+    return digest.finalize().hex()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -444,7 +453,9 @@ class StandIn:
                 csr = x509.load_pem_x509_csr(doc["certificateSigningRequest"].encode())
                 if not csr.is_signature_valid:
                     raise ValueError("bad signature")
-            except (ValueError, KeyError, TypeError):
+                self.record("csr-parsed", public_key=public_key_id(csr.public_key()),
+                            subject=csr.subject.rfc4514_string())
+            except (ValueError, KeyError, TypeError, AttributeError):
                 return False, self._error(Rejection(400, "InvalidCsr",
                                                     "the certificate signing request is invalid"))
             public_key = csr.public_key()

@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID
 import ento
 
 CREATE = "$aws/certificates/create/json"
+CREATE_CSR = "$aws/certificates/create-from-csr/json"
 
 
 def pem_key(key) -> str:
@@ -41,6 +42,10 @@ class MiniCA:
                 .not_valid_after(now + dt.timedelta(days=30))
                 .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
                 .sign(self.key, hashes.SHA256()))
+
+    def sign(self, public_key) -> str:
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device")])
+        return self._build(subject, public_key).public_bytes(serialization.Encoding.PEM).decode()
 
     def pair(self) -> tuple[str, str]:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -65,6 +70,8 @@ class FakeSession:
 
     def publish(self, topic, payload, timeout):
         self.cloud.calls.append(("publish", topic, bytes(payload)))
+        if self.cloud.on_publish:
+            self.cloud.on_publish(topic)
         self.cloud.fail_if_scripted("publish")
         self.cloud.respond(self, topic, bytes(payload))
 
@@ -94,6 +101,8 @@ class FakeCloud:
         self.issued: list[dict] = []
         self.thing_prefix = thing_prefix
         self.on_register = None
+        self.on_publish = None
+        self.csrs: list[str] = []
 
     # the connector, passed to the flows as ``connect``
     def __call__(self, endpoint, cert, key, client_id, timeout):
@@ -113,6 +122,10 @@ class FakeCloud:
     def respond(self, session: FakeSession, topic: str, payload: bytes) -> None:
         if topic == CREATE:
             answer = self.create_answers.popleft() if self.create_answers else self.good_create()
+        elif topic == CREATE_CSR:
+            self.csrs.append(json.loads(payload)["certificateSigningRequest"])
+            answer = (self.create_answers.popleft() if self.create_answers
+                      else self.good_csr(self.csrs[-1]))
         elif topic.startswith("$aws/provisioning-templates/"):
             if self.on_register:
                 self.on_register(payload)
@@ -131,6 +144,14 @@ class FakeCloud:
         token = f"token-{len(self.issued)}-secret"
         body = {"certificateId": ento.certificate_id(cert.encode()), "certificatePem": cert,
                 "privateKey": key, "certificateOwnershipToken": token}
+        self.issued.append(body)
+        return "accepted", body
+
+    def good_csr(self, csr_pem: str):
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+        cert = self.ca.sign(csr.public_key())
+        body = {"certificateId": ento.certificate_id(cert.encode()), "certificatePem": cert,
+                "certificateOwnershipToken": f"token-{len(self.issued)}-secret"}
         self.issued.append(body)
         return "accepted", body
 

@@ -1,42 +1,7 @@
 """Integration tests: the scripts run as real processes against the stand-in."""
-import json
-import os
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
 
 from iot_standin import StandIn, find_mosquitto
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Result:
-    code: int
-    stderr: str
-    seconds: float
-
-    @property
-    def lines(self) -> list[str]:
-        return self.stderr.strip().splitlines()
-
-    @property
-    def errors(self) -> list[str]:
-        return [line for line in self.lines if line.startswith("ERROR")]
-
-
-def run_script(script: str, config: Path, *args: str, timeout: float = 60,
-               env: dict | None = None, preexec_fn=None) -> Result:
-    started = time.monotonic()
-    proc = subprocess.run([sys.executable, str(ROOT / script), "--config", str(config), *args],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})},
-                          preexec_fn=preexec_fn)
-    return Result(proc.returncode, proc.stderr, time.monotonic() - started)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,65 +14,3 @@ def mosquitto_installed():
 def standin(tmp_path):
     with StandIn(tmp_path) as s:
         yield s
-
-
-def device_doc(standin) -> dict:
-    return json.loads(standin.config_path.read_text())
-
-
-def privilege_drop() -> list[str]:
-    """Run a child as the unit does: root without capabilities honours file modes."""
-    if os.geteuid() == 0:
-        return ["setpriv", "--bounding-set", "-all", "--inh-caps", "-all"]
-    return []
-
-
-class DeviceState:
-    """The invariants of issue 4, checked against a stand-in's device after any run."""
-
-    def __init__(self, standin):
-        self.standin = standin
-        self.config_path = standin.config_path
-        self.cert_dir = standin.workdir / "cert"
-        self.claim = {p: p.read_bytes() for p in (standin.claim_cert, standin.claim_key)}
-        self.doc = json.loads(self.config_path.read_text())
-        self.config_mode = os.stat(self.config_path).st_mode
-
-    def check(self, outputs: list[str], completed: bool) -> dict:
-        import ento
-        cert = self.cert_dir / "certificate.pem.crt"
-        key = self.cert_dir / "private.pem.key"
-        installed = cert.exists()
-        if installed:
-            assert key.exists(), "a certificate without its key"
-            assert ento.pair_problem(cert.read_bytes(), key.read_bytes()) is None
-        if completed:
-            leftovers = [p.name for p in self.cert_dir.iterdir()] if self.cert_dir.exists() else []
-            assert set(leftovers) <= {"certificate.pem.crt", "private.pem.key",
-                                      "AmazonRootCA1.pem"}, leftovers
-            assert not [p for p in self.config_path.parent.iterdir() if p.name.endswith(".tmp")]
-        doc = json.loads(self.config_path.read_text())
-        assert os.stat(self.config_path).st_mode == self.config_mode
-        for section, body in self.doc.items():
-            assert section in doc
-            if section != "device":
-                assert doc[section] == body
-        assert set(self.doc["device"]) <= set(doc["device"])
-        status = str(doc["device"].get("PROVISION_STATUS", "False")).lower() == "true"
-        if status:
-            assert installed, "PROVISION_STATUS true without credentials"
-            cert_id = ento.certificate_id(cert.read_bytes())
-            registered = [i for i, e in enumerate(self.standin.events())
-                          if e["event"] == "register-accepted" and e["certificateId"] == cert_id]
-            assert registered, "installed certificate was never registered"
-            deadline = time.monotonic() + 3
-            while not [e for e in self.standin.events()[registered[0]:] if e["event"] == "boot"]:
-                assert time.monotonic() < deadline, "status true but no boot message seen"
-                time.sleep(0.02)
-        for path, data in self.claim.items():
-            assert path.read_bytes() == data, f"{path} changed"
-        for text in outputs:
-            assert "PRIVATE KEY" not in text and "-----BEGIN" not in text
-            for token in self.standin.issued_tokens():
-                assert token not in text
-        return {"installed": installed, "status": status}

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import run_script
+from e2e import run_script
 
 
 def with_device(standin, **changes):

@@ -6,7 +6,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 import ento
-from conftest import device_doc, run_script
+from e2e import device_doc, run_script
 from iot_standin import Rejection
 
 

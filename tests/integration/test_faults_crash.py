@@ -1,29 +1,10 @@
 """Crash at any instant: SIGKILL boot.py at each step, check the invariants, run again."""
 import random
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import ROOT, DeviceState, run_script
-
-
-def run_and_kill(standin, trigger, limit: float = 30.0):
-    """Start boot.py, SIGKILL it the moment ``trigger()`` holds; return (killed, stderr)."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "boot.py"), "--config",
-                             str(standin.config_path)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    end = time.monotonic() + limit
-    killed = False
-    while proc.poll() is None and time.monotonic() < end:
-        if trigger():
-            proc.kill()
-            killed = True
-            break
-        time.sleep(0.0005)
-    _, err = proc.communicate(timeout=30)
-    return killed, err
+from e2e import DeviceState, run_and_kill, run_script
 
 
 def event_seen(standin, name, **fields):

@@ -1,7 +1,7 @@
 """A misbehaving service, broker and network: documented exit codes, invariants intact."""
 import pytest
 
-from conftest import DeviceState, run_script
+from e2e import DeviceState, run_script
 from iot_standin import Rejection, StandInCA
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, DeviceState, privilege_drop, run_script
+from e2e import ROOT, DeviceState, privilege_drop, run_script
 
 
 def run_boot_as_service(standin, preexec_fn=None, *args):

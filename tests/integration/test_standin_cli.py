@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_script
+from e2e import ROOT, run_script
 
 
 def start(tmp_path, *options):

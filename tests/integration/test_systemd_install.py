@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from conftest import ROOT, device_doc, run_script
+from e2e import ROOT, device_doc, run_script
 
 UNIT = ROOT / "systemd" / "entomologist-provision.service"
 

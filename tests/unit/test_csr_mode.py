@@ -1,0 +1,138 @@
+"""CreateCertificateFromCsr mode: the private key is made here and never sent."""
+import os
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.x509.oid import NameOID
+
+import boot
+import ento
+from fakes import CREATE, CREATE_CSR
+
+REGISTER = "$aws/provisioning-templates/Fleet/provision/json"
+
+
+def run(device, cloud, **kw):
+    boot.boot(device.config_path, ento.Deadline(30), connect=cloud, sleep=lambda s: None, **kw)
+
+
+@pytest.fixture
+def csr_device(device):
+    device.update(PROVISIONING_API="CreateCertificateFromCsr")
+    return device
+
+
+def installed_key(device):
+    return load_pem_private_key((device.cert_dir / ento.KEY_FILE).read_bytes(), None)
+
+
+@pytest.mark.parametrize("algorithm,kind", [("EC-P256", ec.EllipticCurvePrivateKey),
+                                            ("RSA-2048", rsa.RSAPrivateKey)])
+def test_key_made_here_with_the_chosen_algorithm_signs_the_csr(tmp_path, algorithm, kind):
+    staged = tmp_path / "own.key"
+    key = boot.staged_or_new_key(staged, algorithm)
+    assert isinstance(key, kind)
+    assert boot._algorithm_of(key) == algorithm
+    assert stat.S_IMODE(os.stat(staged).st_mode) == 0o600
+    assert ento.public_keys_equal(load_pem_private_key(staged.read_bytes(), None).public_key(),
+                                  key.public_key())
+    csr = x509.load_pem_x509_csr(boot.make_csr(key, "CAM-42"))
+    assert csr.is_signature_valid
+    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "CAM-42"
+    assert csr.signature_hash_algorithm.name == "sha256"
+    assert ento.public_keys_equal(csr.public_key(), key.public_key())
+
+
+def test_a_staged_key_of_another_algorithm_is_replaced(tmp_path):
+    staged = tmp_path / "own.key"
+    rsa_key = boot.staged_or_new_key(staged, "RSA-2048")
+    ec_key = boot.staged_or_new_key(staged, "EC-P256")
+    assert not ento.public_keys_equal(rsa_key.public_key(), ec_key.public_key())
+    assert isinstance(ec_key, ec.EllipticCurvePrivateKey)
+
+
+def test_first_boot_in_csr_mode_installs_its_own_key(csr_device, cloud):
+    run(csr_device, cloud)
+    cert = x509.load_pem_x509_certificate((csr_device.cert_dir / ento.CERT_FILE).read_bytes())
+    assert ento.public_keys_equal(cert.public_key(), installed_key(csr_device).public_key())
+    assert isinstance(installed_key(csr_device), ec.EllipticCurvePrivateKey)
+    assert stat.S_IMODE(os.stat(csr_device.cert_dir / ento.KEY_FILE).st_mode) == 0o600
+    assert sorted(os.listdir(csr_device.cert_dir)) == ["AmazonRootCA1.pem",
+                                                       "certificate.pem.crt", "private.pem.key"]
+    assert csr_device.device["PROVISION_STATUS"] == "True"
+    assert CREATE not in [topic for topic, _ in cloud.published()]
+
+
+def test_csr_mode_subscribes_once_and_sends_only_the_csr(csr_device, cloud):
+    run(csr_device, cloud)
+    subscribe = [c for c in cloud.calls if c[0] == "subscribe"]
+    assert len(subscribe) == 1
+    assert sorted(subscribe[0][1]) == sorted([CREATE_CSR + "/accepted", CREATE_CSR + "/rejected",
+                                              REGISTER + "/accepted", REGISTER + "/rejected"])
+    for topic, payload in cloud.published():
+        assert b"PRIVATE KEY" not in payload
+
+
+def test_the_key_is_on_disk_before_anything_is_sent(csr_device, cloud):
+    seen = []
+    cloud.on_publish = lambda topic: seen.append(
+        (topic, (csr_device.cert_dir / ento.OWN_KEY_FILE).exists()))
+    run(csr_device, cloud)
+    assert seen[0] == (CREATE_CSR, True)
+
+
+def test_a_key_left_by_an_interrupted_run_is_reused(csr_device, cloud):
+    csr_device.cert_dir.mkdir(mode=0o700)
+    left = boot.staged_or_new_key(csr_device.cert_dir / ento.OWN_KEY_FILE, "EC-P256")
+    run(csr_device, cloud)
+    assert ento.public_keys_equal(installed_key(csr_device).public_key(), left.public_key())
+    csr = x509.load_pem_x509_csr(cloud.csrs[0].encode())
+    assert ento.public_keys_equal(csr.public_key(), left.public_key())
+
+
+def test_a_key_the_service_sent_is_never_reused_in_csr_mode(csr_device, cloud):
+    csr_device.cert_dir.mkdir(mode=0o700)
+    _, service_key = cloud.ca.pair()
+    (csr_device.cert_dir / ento.STAGING_KEY_FILE).write_text(service_key)
+    run(csr_device, cloud)
+    sent = load_pem_private_key(service_key.encode(), None)
+    assert not ento.public_keys_equal(installed_key(csr_device).public_key(), sent.public_key())
+    assert not (csr_device.cert_dir / ento.STAGING_KEY_FILE).exists()
+
+
+def test_retries_reuse_the_same_key(csr_device, cloud):
+    cloud.register_answers.append(("rejected", {"statusCode": 503, "errorCode": "x",
+                                                "errorMessage": "busy"}))
+    run(csr_device, cloud)
+    keys = [x509.load_pem_x509_csr(c.encode()).public_key() for c in cloud.csrs]
+    assert len(keys) == 2 and ento.public_keys_equal(*keys)
+
+
+def test_a_certificate_without_our_public_key_is_refused(csr_device, cloud):
+    cert, _ = cloud.ca.pair()
+    cloud.create_answers.append(("accepted", {"certificateId": "x", "certificatePem": cert,
+                                              "certificateOwnershipToken": "t"}))
+    with pytest.raises(ento.ServiceError, match="CreateCertificateFromCsr answer is unusable"):
+        run(csr_device, cloud)
+    assert not (csr_device.cert_dir / ento.CERT_FILE).exists()
+
+
+def test_a_rejected_csr_is_final(csr_device, cloud):
+    cloud.create_answers.append(("rejected", {"statusCode": 400, "errorCode": "InvalidCsr",
+                                              "errorMessage": "bad"}))
+    with pytest.raises(ento.ServiceError, match="CreateCertificateFromCsr rejected.*InvalidCsr"):
+        run(csr_device, cloud)
+    assert not (csr_device.cert_dir / ento.OWN_KEY_FILE).exists()
+
+
+@pytest.mark.parametrize("key,value", [("PROVISIONING_API", "CreateFromCsr"),
+                                       ("PROVISIONING_API", 1), ("KEY_ALGORITHM", "RSA-1024"),
+                                       ("KEY_ALGORITHM", "ec-p256")])
+def test_unknown_api_or_algorithm_is_a_config_error(csr_device, cloud, key, value):
+    csr_device.update(**{key: value})
+    with pytest.raises(ento.ConfigError, match=key):
+        run(csr_device, cloud)
+    assert cloud.calls == []
