@@ -16,7 +16,6 @@ import os
 import queue
 import random
 import re
-import secrets
 import stat
 import sys
 import time
@@ -494,7 +493,7 @@ def fsync_dir(directory: Path) -> None:
 
 
 def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    return path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
 
 
 def write_file_atomic(path: Path, data: bytes, mode: int,
@@ -660,13 +659,86 @@ def installed_credentials_problem(config: Config) -> str | None:
         key_pem = config.key_path.read_bytes()
     except OSError as exc:
         return f"cannot read {config.key_path}: {exc.strerror}"
-    return pair_problem(cert_pem, key_pem)
+    return tls_pair_problem(cert_pem, key_pem)
+
+
+def tls_pair_problem(cert_pem: bytes, key_pem: bytes) -> str | None:
+    """None if the TLS library that will present the pair accepts it.
+
+    It refuses a key that does not belong to the certificate.  Asking it,
+    rather than cryptography, keeps cryptography (10 MiB, 50 ms) out of every
+    boot but the first.
+    """
+    from awscrt import io
+    from awscrt.exceptions import AwsCrtError
+    try:
+        io.ClientTlsContext(io.TlsContextOptions.create_client_with_mtls(cert_pem, key_pem))
+    except (AwsCrtError, RuntimeError) as exc:  # the context raises RuntimeError
+        text = f"{getattr(exc, 'name', '')} {exc}"
+        if "AWS_IO_TLS_CTX_ERROR" in text or "AWS_ERROR_INVALID_ARGUMENT" in text:
+            return "the private key does not belong to the certificate, or does not parse"
+        raise
+    return None
 
 
 # ----------------------------------------------------------------- clock
 
 def _utc(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def pem_certificates(data: bytes) -> list[bytes]:
+    """The DER bytes of each PEM certificate in ``data``."""
+    import base64
+    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----",
+                        data, re.S)
+    return [base64.b64decode(b"".join(block.split()), validate=True) for block in blocks]
+
+
+def _der_item(der: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start of content, end of content) of the DER item at ``pos``."""
+    if pos + 2 > len(der):
+        raise ValueError("truncated DER")
+    tag, length, pos = der[pos], der[pos + 1], pos + 2
+    if length & 0x80:
+        size = length & 0x7F
+        if not 1 <= size <= 4 or pos + size > len(der):
+            raise ValueError("bad DER length")
+        length, pos = int.from_bytes(der[pos:pos + size], "big"), pos + size
+    if pos + length > len(der):
+        raise ValueError("truncated DER")
+    return tag, pos, pos + length
+
+
+def not_valid_before(der: bytes) -> float:
+    """A certificate's notBefore, as a Unix time.
+
+    Read straight from the DER (Certificate > TBSCertificate > [version],
+    serial, signature, issuer, validity) so that the clock check at every boot
+    does not load cryptography; anything unexpected is a ValueError, and the
+    check then skips that file.
+    """
+    import calendar
+    _, start, _ = _der_item(der, 0)             # Certificate
+    _, pos, _ = _der_item(der, start)           # TBSCertificate
+    tag, _, end = _der_item(der, pos)
+    if tag == 0xA0:                             # [0] version
+        pos = end
+    for _ in range(3):                          # serial, signature, issuer
+        pos = _der_item(der, pos)[2]
+    tag, pos, _ = _der_item(der, pos)           # validity
+    if tag != 0x30:
+        raise ValueError("no validity")
+    tag, start, end = _der_item(der, pos)       # notBefore
+    text = der[start:end].decode("ascii")
+    if tag == 0x17:                             # UTCTime, YYMMDDHHMMSSZ
+        year = int(text[:2])
+        text = f"{year + (2000 if year < 50 else 1900)}{text[2:]}"
+    elif tag != 0x18:                           # GeneralizedTime, YYYYMMDDHHMMSSZ
+        raise ValueError("unknown time type")
+    if len(text) != 15 or not text.endswith("Z"):
+        raise ValueError("unsupported time format")
+    return float(calendar.timegm(time.strptime(text, "%Y%m%d%H%M%SZ")))
 
 
 def check_clock(config_path: Path, certificate_files: Sequence[Path],
@@ -683,14 +755,12 @@ def check_clock(config_path: Path, certificate_files: Sequence[Path],
         floor, source = os.stat(config_path).st_mtime, f"the last change of {config_path}"
     except OSError:
         pass
-    from cryptography import x509
     for path in certificate_files:
         try:
-            certs = x509.load_pem_x509_certificates(path.read_bytes())
+            starts = [not_valid_before(der) for der in pem_certificates(path.read_bytes())]
         except (OSError, ValueError):
             continue  # unreadable files are reported where they are used
-        for cert in certs:
-            start = cert.not_valid_before_utc.timestamp()
+        for start in starts:
             if start > floor:
                 floor, source = start, f"the start of validity of {path}"
     current = now()

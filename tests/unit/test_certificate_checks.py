@@ -1,0 +1,75 @@
+"""The checks that run at every boot without loading cryptography."""
+import datetime as dt
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+import ento
+from fakes import MiniCA
+
+
+def test_the_tls_library_accepts_a_matching_pair():
+    cert, key = MiniCA().pair()
+    assert ento.tls_pair_problem(cert.encode(), key.encode()) is None
+
+
+@pytest.mark.parametrize("broken", ["other key", "garbage key", "garbage certificate",
+                                    "empty key"])
+def test_the_tls_library_refuses_a_pair_that_does_not_belong_together(broken):
+    ca = MiniCA()
+    cert, key = ca.pair()
+    _, other = ca.pair()
+    cert, key = {"other key": (cert, other), "garbage key": (cert, "garbage"),
+                 "garbage certificate": ("garbage", key), "empty key": (cert, "")}[broken]
+    assert "does not belong" in ento.tls_pair_problem(cert.encode(), key.encode())
+
+
+def certificate(not_before: dt.datetime, version=x509.Version.v3):
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "t")])
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(not_before).not_valid_after(not_before + dt.timedelta(days=1)))
+    if version is x509.Version.v3:
+        builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+    return builder.sign(key, hashes.SHA256())
+
+
+@pytest.mark.parametrize("when", [
+    dt.datetime(1999, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc),
+    dt.datetime(2026, 11, 27, 8, 0, 0, tzinfo=dt.timezone.utc),
+    dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc),   # last UTCTime year
+    dt.datetime(2050, 1, 1, 0, 0, 0, tzinfo=dt.timezone.utc),        # GeneralizedTime
+    dt.datetime(2100, 6, 1, 12, 30, 5, tzinfo=dt.timezone.utc),
+])
+def test_not_before_read_from_der_agrees_with_cryptography(when):
+    cert = certificate(when)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    assert ento.not_valid_before(der) == cert.not_valid_before_utc.timestamp()
+
+
+def test_the_shipped_amazon_root_ca_and_the_stand_in_certificates_parse():
+    pem = ento.SHIPPED_ROOT_CA.read_bytes()
+    (der,) = ento.pem_certificates(pem)
+    expected = x509.load_pem_x509_certificate(pem).not_valid_before_utc.timestamp()
+    assert ento.not_valid_before(der) == expected
+    ca = MiniCA()
+    cert, _ = ca.pair()
+    bundle = (cert + ca.pem).encode()
+    assert len(ento.pem_certificates(bundle)) == 2
+
+
+@pytest.mark.parametrize("der", [b"", b"\x30", b"\x30\x85\x00\x00\x00\x00\x01",
+                                 b"\x30\x03\x02\x01\x01", b"\x30\x82\xff\xff"])
+def test_malformed_der_is_a_value_error(der):
+    with pytest.raises(ValueError):
+        ento.not_valid_before(der)
+
+
+def test_a_file_whose_certificate_cannot_be_read_does_not_block_the_clock_check(tmp_path):
+    bad = tmp_path / "bad.pem"
+    bad.write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    ento.check_clock(tmp_path / "absent.conf", [bad, tmp_path / "absent.pem"], now=lambda: 1.0)
