@@ -122,7 +122,7 @@ def provision(config: ento.Config, settings: ento.ProvisioningSettings,
         session = connect(ento.endpoint_of(config), settings.claim_cert, settings.claim_key,
                           config.serial_id, deadline.step("connect with the claim certificate"))
         try:
-            return request_credentials(session, settings, deadline, staged, csr)
+            return request_credentials(session, settings, deadline, staged, csr, sleep)
         finally:
             session.close()
 
@@ -142,8 +142,8 @@ def provision(config: ento.Config, settings: ento.ProvisioningSettings,
 
 
 def request_credentials(session: ento.MqttSession, settings: ento.ProvisioningSettings,
-                        deadline: ento.Deadline, staged: Path,
-                        csr: bytes | None = None) -> NewCredentials:
+                        deadline: ento.Deadline, staged: Path, csr: bytes | None = None,
+                        sleep: Callable[[float], None] = time.sleep) -> NewCredentials:
     """CreateKeysAndCertificate (or CreateCertificateFromCsr with ``csr``), then
     RegisterThing, on one claim connection.
 
@@ -159,8 +159,7 @@ def request_credentials(session: ento.MqttSession, settings: ento.ProvisioningSe
                        for r in ("accepted", "rejected")], deadline.step("subscribe"))
 
     request = {"certificateSigningRequest": csr.decode()} if csr else {}
-    session.publish(create_topic, json.dumps(request).encode(), deadline.step(what))
-    created = await_answer(session, create_topic, what, deadline)
+    created = ask(session, create_topic, request, what, deadline, sleep)
     cert_id, cert_pem, token = (_required_string(created, field, what) for field in (
         "certificateId", "certificatePem", "certificateOwnershipToken"))
     if csr:
@@ -177,8 +176,7 @@ def request_credentials(session: ento.MqttSession, settings: ento.ProvisioningSe
 
     request = {"certificateOwnershipToken": token,
                "parameters": settings.template_parameters}
-    session.publish(register_topic, json.dumps(request).encode(), deadline.step("RegisterThing"))
-    registered = await_answer(session, register_topic, "RegisterThing", deadline)
+    registered = ask(session, register_topic, request, "RegisterThing", deadline, sleep)
     thing_name = _required_string(registered, "thingName", "RegisterThing")
     if not ento.THING_NAME_RE.fullmatch(thing_name):
         raise ento.ServiceError(f"RegisterThing answered an invalid thingName {thing_name!r}",
@@ -228,6 +226,21 @@ def make_csr(key, serial_id: str) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
+def ask(session: ento.MqttSession, topic: str, request: dict, what: str,
+        deadline: ento.Deadline, sleep: Callable[[float], None]) -> dict:
+    """Send a request and await its answer.
+
+    A busy service (throttling, 5xx) is asked again on the same connection:
+    reconnecting would cost round trips and TLS handshakes, and a throttled
+    RegisterThing keeps its ownership token instead of orphaning a certificate.
+    """
+    def once() -> dict:
+        session.publish(topic, json.dumps(request).encode(), deadline.step(what))
+        return await_answer(session, topic, what, deadline)
+
+    return ento.with_retries(once, deadline, what, sleep=sleep, retry_on=ento.ServiceBusy)
+
+
 def await_answer(session: ento.MqttSession, request_topic: str, what: str,
                  deadline: ento.Deadline) -> dict:
     """The accepted answer to ``request_topic``; a rejection raises."""
@@ -250,7 +263,7 @@ def rejection(what: str, answer: dict) -> ento.EntoError:
     retryable = (isinstance(status, int) and (status == 429 or status >= 500)) \
         or code in RETRYABLE_ERROR_CODES
     if retryable:
-        return ento.TransientError(text, hint="nothing: the service is busy; retrying")
+        return ento.ServiceBusy(text, hint="nothing: the service is busy; retrying")
     hint = ("the claim certificate, its policy and that it is active"
             if what == "CreateKeysAndCertificate" else
             "TEMPLATE_NAME, TEMPLATE_PARAMETERS and the template's pre-provisioning hook")

@@ -81,6 +81,10 @@ class TransientError(EntoError):
     """Network, broker or service trouble that a later run may not meet."""
 
 
+class ServiceBusy(TransientError):
+    """The service answered but is busy (throttling, 5xx): ask again, same connection."""
+
+
 class ServiceError(EntoError):
     """The service refused for good, or answered with something malformed."""
 
@@ -109,7 +113,7 @@ def run_main(body: Callable[[], None]) -> int:
     except EntoError as exc:
         hint = f"; check {exc.hint}" if exc.hint else ""
         log.error("%s%s", exc, hint)
-        return EXIT_CODES[type(exc)]
+        return next(code for kind, code in EXIT_CODES.items() if isinstance(exc, kind))
     except KeyboardInterrupt:
         log.error("interrupted")
         return os.EX_TEMPFAIL
@@ -193,13 +197,14 @@ class Backoff:
 
 def with_retries(action: Callable[[], object], deadline: Deadline, what: str,
                  backoff: Backoff = Backoff(), sleep: Callable[[float], None] = time.sleep,
-                 rng: random.Random | None = None):
-    """Call ``action`` until it does not raise TransientError or time runs out."""
+                 rng: random.Random | None = None,
+                 retry_on: type[TransientError] = TransientError):
+    """Call ``action`` until it does not raise ``retry_on`` or time runs out."""
     attempt = 0
     while True:
         try:
             return action()
-        except TransientError as exc:
+        except retry_on as exc:
             attempt += 1
             pause = backoff.delay(attempt, rng)
             if deadline.remaining() - pause < backoff.min_attempt:

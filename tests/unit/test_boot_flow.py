@@ -201,15 +201,27 @@ def test_create_rejected_with_403_is_final(device, cloud):
 
 @pytest.mark.parametrize("status,code", [(429, "Throttling"), (500, "InternalError"),
                                          (503, "ServiceUnavailable"), (400, "Throttling")])
-def test_throttling_and_server_errors_are_retried_from_a_new_connection(device, cloud, status,
-                                                                        code):
+def test_a_busy_service_is_asked_again_on_the_same_connection(device, cloud, status, code):
     rejected = ("rejected", {"statusCode": status, "errorCode": code, "errorMessage": "busy"})
     cloud.register_answers.extend([rejected, rejected])
     sleeps = []
     run(device, cloud, sleeps=sleeps)
     assert len(sleeps) == 2
-    assert [c for c in cloud.calls if c[0] == "connect"][:3] == [
-        ("connect", "CAM-42", "claim.pem.crt")] * 3
+    assert [c for c in cloud.calls if c[0] == "connect"] == [
+        ("connect", "CAM-42", "claim.pem.crt"), ("connect", "thing-CAM-42", "certificate.pem.crt")]
+    registers = cloud.published(REGISTER)
+    assert len(registers) == 3 and len(set(registers)) == 1
+    assert len(cloud.issued) == 1
+    assert device.device["PROVISION_STATUS"] == "True"
+
+
+def test_silence_is_retried_from_a_new_connection(device, cloud):
+    cloud.create_answers.append(None)
+    sleeps = []
+    run(device, cloud, sleeps=sleeps)
+    assert len(sleeps) == 1
+    assert [c for c in cloud.calls if c[0] == "connect"][:2] == [
+        ("connect", "CAM-42", "claim.pem.crt")] * 2
     assert device.device["PROVISION_STATUS"] == "True"
 
 

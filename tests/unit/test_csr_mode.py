@@ -103,9 +103,8 @@ def test_a_key_the_service_sent_is_never_reused_in_csr_mode(csr_device, cloud):
     assert not (csr_device.cert_dir / ento.STAGING_KEY_FILE).exists()
 
 
-def test_retries_reuse_the_same_key(csr_device, cloud):
-    cloud.register_answers.append(("rejected", {"statusCode": 503, "errorCode": "x",
-                                                "errorMessage": "busy"}))
+def test_a_retry_on_a_new_connection_reuses_the_same_key(csr_device, cloud):
+    cloud.create_answers.append(None)
     run(csr_device, cloud)
     keys = [x509.load_pem_x509_csr(c.encode()).public_key() for c in cloud.csrs]
     assert len(keys) == 2 and ento.public_keys_equal(*keys)
