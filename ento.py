@@ -187,7 +187,7 @@ class Backoff:
     """Exponential backoff with full jitter (sleep uniformly in [0, min(cap, base*2^n)])."""
 
     base: float = 0.5
-    cap: float = 20.0
+    cap: float = 4.0
     # Not worth sleeping if less than this would be left for the next try.
     min_attempt: float = 1.0
 
@@ -452,26 +452,17 @@ def provisioning_settings(config: Config) -> ProvisioningSettings:
 
 
 def check_claim(settings: ProvisioningSettings) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-    try:
-        cert = x509.load_pem_x509_certificate(settings.claim_cert.read_bytes())
-    except OSError as exc:
-        raise ConfigError(f"claim certificate {settings.claim_cert}: {exc.strerror}",
-                          hint="CLAIM_CERT in the config") from None
-    except ValueError:
-        raise ConfigError(f"claim certificate {settings.claim_cert} is not a PEM certificate",
-                          hint="CLAIM_CERT in the config") from None
-    try:
-        key = load_pem_private_key(settings.claim_key.read_bytes(), password=None)
-    except OSError as exc:
-        raise ConfigError(f"claim key {settings.claim_key}: {exc.strerror}",
-                          hint="CLAIM_KEY in the config") from None
-    except (ValueError, TypeError):
-        raise ConfigError(f"claim key {settings.claim_key} is not an unencrypted PEM key",
-                          hint="CLAIM_KEY in the config") from None
-    if not public_keys_equal(cert.public_key(), key.public_key()):
-        raise ConfigError("the claim key does not belong to the claim certificate",
+    pems = []
+    for what, path in (("claim certificate", settings.claim_cert),
+                       ("claim key", settings.claim_key)):
+        try:
+            pems.append(path.read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"{what} {path}: {exc.strerror}",
+                              hint="CLAIM_CERT and CLAIM_KEY in the config") from None
+    problem = pair_problem(*pems)
+    if problem:
+        raise ConfigError(f"claim files unusable: {problem}",
                           hint="CLAIM_CERT and CLAIM_KEY in the config")
 
 
@@ -622,36 +613,6 @@ class RunLock:
 
 # ---------------------------------------------------------- credentials
 
-def public_keys_equal(a, b) -> bool:
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-    fmt = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    return a.public_bytes(*fmt) == b.public_bytes(*fmt)
-
-
-def certificate_id(cert_pem: bytes) -> str:
-    """AWS IoT's certificate ID: the SHA-256 of the DER certificate, in hex."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    return x509.load_pem_x509_certificate(cert_pem).fingerprint(hashes.SHA256()).hex()
-
-
-def pair_problem(cert_pem: bytes, key_pem: bytes) -> str | None:
-    """None if ``key_pem`` is the private key of ``cert_pem``, else why not."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError:
-        return "the certificate does not parse"
-    try:
-        key = load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError):
-        return "the private key does not parse"
-    if not public_keys_equal(cert.public_key(), key.public_key()):
-        return "the private key does not belong to the certificate"
-    return None
-
-
 def installed_credentials_problem(config: Config) -> str | None:
     """None if CERT_DIR holds a certificate and its key, else what is wrong."""
     try:
@@ -664,16 +625,24 @@ def installed_credentials_problem(config: Config) -> str | None:
         key_pem = config.key_path.read_bytes()
     except OSError as exc:
         return f"cannot read {config.key_path}: {exc.strerror}"
-    return tls_pair_problem(cert_pem, key_pem)
+    return pair_problem(cert_pem, key_pem)
 
 
-def tls_pair_problem(cert_pem: bytes, key_pem: bytes) -> str | None:
-    """None if the TLS library that will present the pair accepts it.
+def pair_problem(cert_pem: bytes, key_pem: bytes) -> str | None:
+    """None if ``key_pem`` is the private key of ``cert_pem``, else why not.
 
-    It refuses a key that does not belong to the certificate.  Asking it,
-    rather than cryptography, keeps cryptography (10 MiB, 50 ms) out of every
-    boot but the first.
+    The certificate must parse as X.509, and the TLS library that will present
+    the pair must accept it: it refuses a key that does not belong to the
+    certificate.  Asking it rather than cryptography keeps cryptography
+    (10 MiB, 50 ms of start-up) out of every run but a CSR-mode first boot.
     """
+    try:
+        ders = pem_certificates(cert_pem)
+        if not ders:
+            raise ValueError("no certificate")
+        not_valid_before(ders[0])
+    except ValueError:
+        return "the certificate does not parse"
     from awscrt import io
     from awscrt.exceptions import AwsCrtError
     try:

@@ -42,6 +42,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -91,7 +92,15 @@ class Faults:
     # "register" request (instead of answering it), drop_times times.
     drop_after: str | None = None
     drop_times: int = 1
+    # Shared rate limit: called with "create" or "register", False means
+    # throttle (429 ThrottlingException), as AWS IoT does over its TPS limit.
+    limiter: "Callable[[str], bool] | None" = None
     counts: dict = field(default_factory=dict)
+
+    def throttled(self, kind: str) -> Rejection | None:
+        if self.limiter is None or self.limiter(kind):
+            return None
+        return Rejection(429, "ThrottlingException", "Rate exceeded")
 
     def should_drop(self, kind: str) -> bool:
         if self.drop_after != kind or self.drop_times <= 0:
@@ -203,12 +212,17 @@ class StandIn:
     """mosquitto plus the fleet provisioning responder, in ``workdir``."""
 
     def __init__(self, workdir: Path, serial: str = DEFAULT_SERIAL,
-                 template: str = DEFAULT_TEMPLATE, faults: Faults | None = None):
+                 template: str = DEFAULT_TEMPLATE, faults: Faults | None = None,
+                 key_factory: "Callable[[], rsa.RSAPrivateKey] | None" = None):
         self.workdir = Path(workdir)
         self.dir = self.workdir / "standin"
         self.serial = serial
         self.template = template
         self.faults = faults or Faults()
+        # CreateKeysAndCertificate answers with an RSA-2048 key, as AWS does; a
+        # benchmark may hand in keys made beforehand.
+        self.key_factory = key_factory or (
+            lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048))
         self.port = 0
         self.events_path = self.dir / "events.jsonl"
         self.config_path = self.workdir / "ento.conf"
@@ -440,12 +454,13 @@ class StandIn:
 
     def _create(self, csr_payload: bytes | None):
         kind = "create" if csr_payload is None else "csr"
-        rejection = self.faults.take(kind, self.faults.reject_create)
+        rejection = (self.faults.take(kind, self.faults.reject_create)
+                     or self.faults.throttled("create"))
         if rejection:
             return False, self._error(rejection)
         key_pem = None
         if csr_payload is None:
-            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            key = self.key_factory()
             public_key, key_pem = key.public_key(), _pem_key(key).decode()
         else:
             try:
@@ -496,7 +511,8 @@ class StandIn:
         cert_id = self._tokens.get(token)
         self.record("register-request", template=template, parameters=params,
                     token_valid=cert_id is not None)
-        rejection = self.faults.take("register", self.faults.reject_register)
+        rejection = (self.faults.take("register", self.faults.reject_register)
+                     or self.faults.throttled("register"))
         if rejection:
             return False, self._error(rejection)
         if template != self.template:

@@ -22,6 +22,16 @@ CREATE = "$aws/certificates/create/json"
 CREATE_CSR = "$aws/certificates/create-from-csr/json"
 
 
+def public_keys_equal(a, b) -> bool:
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return a.public_bytes(*fmt) == b.public_bytes(*fmt)
+
+
+def certificate_id(cert_pem: bytes) -> str:
+    """AWS IoT's certificate ID: the SHA-256 of the DER certificate, in hex."""
+    return x509.load_pem_x509_certificate(cert_pem).fingerprint(hashes.SHA256()).hex()
+
+
 def pem_key(key) -> str:
     return key.private_bytes(serialization.Encoding.PEM,
                              serialization.PrivateFormat.TraditionalOpenSSL,
@@ -142,7 +152,7 @@ class FakeCloud:
     def good_create(self):
         cert, key = self.ca.pair()
         token = f"token-{len(self.issued)}-secret"
-        body = {"certificateId": ento.certificate_id(cert.encode()), "certificatePem": cert,
+        body = {"certificateId": certificate_id(cert.encode()), "certificatePem": cert,
                 "privateKey": key, "certificateOwnershipToken": token}
         self.issued.append(body)
         return "accepted", body
@@ -150,7 +160,7 @@ class FakeCloud:
     def good_csr(self, csr_pem: str):
         csr = x509.load_pem_x509_csr(csr_pem.encode())
         cert = self.ca.sign(csr.public_key())
-        body = {"certificateId": ento.certificate_id(cert.encode()), "certificatePem": cert,
+        body = {"certificateId": certificate_id(cert.encode()), "certificatePem": cert,
                 "certificateOwnershipToken": f"token-{len(self.issued)}-secret"}
         self.issued.append(body)
         return "accepted", body

@@ -11,20 +11,22 @@ import ento
 from fakes import MiniCA
 
 
-def test_the_tls_library_accepts_a_matching_pair():
+def test_a_matching_pair_is_accepted():
     cert, key = MiniCA().pair()
-    assert ento.tls_pair_problem(cert.encode(), key.encode()) is None
+    assert ento.pair_problem(cert.encode(), key.encode()) is None
 
 
 @pytest.mark.parametrize("broken", ["other key", "garbage key", "garbage certificate",
                                     "empty key"])
-def test_the_tls_library_refuses_a_pair_that_does_not_belong_together(broken):
+def test_a_pair_that_does_not_belong_together_is_refused(broken):
     ca = MiniCA()
     cert, key = ca.pair()
     _, other = ca.pair()
     cert, key = {"other key": (cert, other), "garbage key": (cert, "garbage"),
                  "garbage certificate": ("garbage", key), "empty key": (cert, "")}[broken]
-    assert "does not belong" in ento.tls_pair_problem(cert.encode(), key.encode())
+    problem = ento.pair_problem(cert.encode(), key.encode())
+    expected = "does not parse" if broken == "garbage certificate" else "does not belong"
+    assert expected in problem
 
 
 def certificate(not_before: dt.datetime, version=x509.Version.v3):

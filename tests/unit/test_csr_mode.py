@@ -10,7 +10,7 @@ from cryptography.x509.oid import NameOID
 
 import boot
 import ento
-from fakes import CREATE, CREATE_CSR
+from fakes import CREATE, CREATE_CSR, public_keys_equal
 
 REGISTER = "$aws/provisioning-templates/Fleet/provision/json"
 
@@ -37,27 +37,27 @@ def test_key_made_here_with_the_chosen_algorithm_signs_the_csr(tmp_path, algorit
     assert isinstance(key, kind)
     assert boot._algorithm_of(key) == algorithm
     assert stat.S_IMODE(os.stat(staged).st_mode) == 0o600
-    assert ento.public_keys_equal(load_pem_private_key(staged.read_bytes(), None).public_key(),
+    assert public_keys_equal(load_pem_private_key(staged.read_bytes(), None).public_key(),
                                   key.public_key())
     csr = x509.load_pem_x509_csr(boot.make_csr(key, "CAM-42"))
     assert csr.is_signature_valid
     assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "CAM-42"
     assert csr.signature_hash_algorithm.name == "sha256"
-    assert ento.public_keys_equal(csr.public_key(), key.public_key())
+    assert public_keys_equal(csr.public_key(), key.public_key())
 
 
 def test_a_staged_key_of_another_algorithm_is_replaced(tmp_path):
     staged = tmp_path / "own.key"
     rsa_key = boot.staged_or_new_key(staged, "RSA-2048")
     ec_key = boot.staged_or_new_key(staged, "EC-P256")
-    assert not ento.public_keys_equal(rsa_key.public_key(), ec_key.public_key())
+    assert not public_keys_equal(rsa_key.public_key(), ec_key.public_key())
     assert isinstance(ec_key, ec.EllipticCurvePrivateKey)
 
 
 def test_first_boot_in_csr_mode_installs_its_own_key(csr_device, cloud):
     run(csr_device, cloud)
     cert = x509.load_pem_x509_certificate((csr_device.cert_dir / ento.CERT_FILE).read_bytes())
-    assert ento.public_keys_equal(cert.public_key(), installed_key(csr_device).public_key())
+    assert public_keys_equal(cert.public_key(), installed_key(csr_device).public_key())
     assert isinstance(installed_key(csr_device), ec.EllipticCurvePrivateKey)
     assert stat.S_IMODE(os.stat(csr_device.cert_dir / ento.KEY_FILE).st_mode) == 0o600
     assert sorted(os.listdir(csr_device.cert_dir)) == ["AmazonRootCA1.pem",
@@ -88,9 +88,9 @@ def test_a_key_left_by_an_interrupted_run_is_reused(csr_device, cloud):
     csr_device.cert_dir.mkdir(mode=0o700)
     left = boot.staged_or_new_key(csr_device.cert_dir / ento.OWN_KEY_FILE, "EC-P256")
     run(csr_device, cloud)
-    assert ento.public_keys_equal(installed_key(csr_device).public_key(), left.public_key())
+    assert public_keys_equal(installed_key(csr_device).public_key(), left.public_key())
     csr = x509.load_pem_x509_csr(cloud.csrs[0].encode())
-    assert ento.public_keys_equal(csr.public_key(), left.public_key())
+    assert public_keys_equal(csr.public_key(), left.public_key())
 
 
 def test_a_key_the_service_sent_is_never_reused_in_csr_mode(csr_device, cloud):
@@ -99,7 +99,7 @@ def test_a_key_the_service_sent_is_never_reused_in_csr_mode(csr_device, cloud):
     (csr_device.cert_dir / ento.STAGING_KEY_FILE).write_text(service_key)
     run(csr_device, cloud)
     sent = load_pem_private_key(service_key.encode(), None)
-    assert not ento.public_keys_equal(installed_key(csr_device).public_key(), sent.public_key())
+    assert not public_keys_equal(installed_key(csr_device).public_key(), sent.public_key())
     assert not (csr_device.cert_dir / ento.STAGING_KEY_FILE).exists()
 
 
@@ -107,7 +107,7 @@ def test_a_retry_on_a_new_connection_reuses_the_same_key(csr_device, cloud):
     cloud.create_answers.append(None)
     run(csr_device, cloud)
     keys = [x509.load_pem_x509_csr(c.encode()).public_key() for c in cloud.csrs]
-    assert len(keys) == 2 and ento.public_keys_equal(*keys)
+    assert len(keys) == 2 and public_keys_equal(*keys)
 
 
 def test_a_certificate_without_our_public_key_is_refused(csr_device, cloud):
