@@ -47,6 +47,10 @@ install:
 	install -m 0644 $(APP_FILES) $(DESTDIR)$(PREFIX)/
 	$(INSTALL_PYTHON) -m venv $(DESTDIR)$(PREFIX)/venv
 	$(DESTDIR)$(PREFIX)/venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	# The unit's file system is read-only: without these the scripts would be
+	# compiled again at every boot.
+	$(DESTDIR)$(PREFIX)/venv/bin/python -m compileall -q --invalidation-mode checked-hash \
+		$(if $(DESTDIR),-s $(DESTDIR) -p /) $(DESTDIR)$(PREFIX)/boot.py $(DESTDIR)$(PREFIX)/update_boot_status.py $(DESTDIR)$(PREFIX)/ento.py
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)
 	sed 's#/opt/entomologist#$(PREFIX)#g' systemd/$(UNIT) > $(DESTDIR)$(UNITDIR)/$(UNIT)
 	chmod 0644 $(DESTDIR)$(UNITDIR)/$(UNIT)

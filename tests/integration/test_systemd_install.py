@@ -99,6 +99,9 @@ def test_install_into_a_staging_tree_lays_out_scripts_venv_unit_and_enablement(s
     for name in ("boot.py", "update_boot_status.py", "ento.py", "AmazonRootCA1.pem"):
         assert (app / name).is_file(), name
     assert (app / "venv" / "bin" / "python").exists()
+    # Compiled ahead: under ProtectSystem=strict nothing can be cached at boot.
+    cached = {p.name.split(".")[0] for p in (app / "__pycache__").glob("*.pyc")}
+    assert cached == {"boot", "update_boot_status", "ento"}
     unit = staged / "etc" / "systemd" / "system" / UNIT.name
     assert unit.read_text() == UNIT.read_text()
     link = staged / "etc" / "systemd" / "system" / "multi-user.target.wants" / UNIT.name
@@ -108,9 +111,11 @@ def test_install_into_a_staging_tree_lays_out_scripts_venv_unit_and_enablement(s
 
 def test_boot_runs_from_the_installed_venv_against_the_stand_in(staged, standin):
     app = staged / "opt" / "entomologist"
+    before = sorted(p.name for p in (app / "__pycache__").iterdir())
     proc = subprocess.run([str(app / "venv" / "bin" / "python"), str(app / "boot.py"),
                            "--config", str(standin.config_path)],
                           capture_output=True, text=True, timeout=60, cwd="/")
+    assert sorted(p.name for p in (app / "__pycache__").iterdir()) == before
     assert proc.returncode == 0, proc.stderr
     assert device_doc(standin)["device"]["PROVISION_STATUS"] == "True"
     assert len(standin.wait_for("boot")) == 1
