@@ -238,7 +238,8 @@ def ask(session: ento.MqttSession, topic: str, request: dict, what: str,
         session.publish(topic, json.dumps(request).encode(), deadline.step(what))
         return await_answer(session, topic, what, deadline)
 
-    return ento.with_retries(once, deadline, what, sleep=sleep, retry_on=ento.ServiceBusy)
+    return ento.with_retries(once, deadline, what, ento.BUSY_BACKOFF, sleep,
+                             retry_on=ento.ServiceBusy)
 
 
 def await_answer(session: ento.MqttSession, request_topic: str, what: str,

@@ -187,7 +187,7 @@ class Backoff:
     """Exponential backoff with full jitter (sleep uniformly in [0, min(cap, base*2^n)])."""
 
     base: float = 0.5
-    cap: float = 4.0
+    cap: float = 20.0
     # Not worth sleeping if less than this would be left for the next try.
     min_attempt: float = 1.0
 
@@ -195,8 +195,16 @@ class Backoff:
         return (rng or random).uniform(0, min(self.cap, self.base * 2 ** attempt))
 
 
+# Tuned with bench/fleet.py (50 devices, 5 requests/s per API): a throttled
+# request is asked again on its open connection, which costs one publish, so
+# a short cap keeps the fleet's makespan near N/R; reconnecting costs TCP and
+# TLS handshakes, so it backs off further.
+BUSY_BACKOFF = Backoff(base=0.5, cap=2.0)
+RECONNECT_BACKOFF = Backoff(base=0.5, cap=20.0)
+
+
 def with_retries(action: Callable[[], object], deadline: Deadline, what: str,
-                 backoff: Backoff = Backoff(), sleep: Callable[[float], None] = time.sleep,
+                 backoff: Backoff = RECONNECT_BACKOFF, sleep: Callable[[float], None] = time.sleep,
                  rng: random.Random | None = None,
                  retry_on: type[TransientError] = TransientError):
     """Call ``action`` until it does not raise ``retry_on`` or time runs out."""
