@@ -15,7 +15,7 @@ UNIT := entomologist-provision.service
 INSTALL_PYTHON ?= /usr/bin/python3
 APP_FILES := boot.py update_boot_status.py ento.py AmazonRootCA1.pem requirements.txt README.md
 
-.PHONY: setup mosquitto systemd-analyze demo test clean install uninstall
+.PHONY: setup mosquitto systemd-analyze demo test bench clean install uninstall
 
 setup: $(VENV)/.installed mosquitto systemd-analyze
 
@@ -37,6 +37,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Benchmarks print tables and write bench/results/*.json; they never fail on a slow machine.
+bench: setup
+	@[ -x /usr/bin/time ] || { $(SUDO) apt-get update -qq && $(APT_INSTALL) time; }
+	$(PY) bench/round_trips.py
+	$(PY) bench/device_cost.py
+	$(PY) bench/fleet.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -30,16 +30,13 @@ class DelayProxy:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
 
-        async def serve():
-            server = await asyncio.start_server(self._handle, sock=self._sock)
-            self._server = server
-            self._ready.set()
-            await server.serve_forever()
+        async def start():
+            self._server = await asyncio.start_server(self._handle, sock=self._sock)
 
-        try:
-            self._loop.run_until_complete(serve())
-        except asyncio.CancelledError:
-            pass
+        self._loop.run_until_complete(start())
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.close()
 
     async def _handle(self, reader, writer) -> None:
         self.accepts.append(time.monotonic())
@@ -48,8 +45,12 @@ class DelayProxy:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer),
-                             return_exceptions=True)
+        try:
+            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer),
+                                 return_exceptions=True)
+        except asyncio.CancelledError:
+            writer.close()
+            up_writer.close()
 
     async def _pump(self, reader, writer) -> None:
         queue: asyncio.Queue = asyncio.Queue()
@@ -79,9 +80,13 @@ class DelayProxy:
             writer.close()
 
     def close(self) -> None:
-        def stop():
+        async def shutdown():
             self._server.close()
-            for task in asyncio.all_tasks(self._loop):
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
                 task.cancel()
-        self._loop.call_soon_threadsafe(stop)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop)
         self._thread.join(5)
