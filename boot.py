@@ -5,10 +5,11 @@ Run by a systemd oneshot unit at every boot:
     python boot.py [--config PATH] [--force] [--timeout SECONDS] [-v]
 
 If CERT_DIR holds no certificate with its private key (or with --force), it
-connects with the fleet claim certificate, calls CreateKeysAndCertificate and
-RegisterThing (AWS IoT fleet provisioning by claim), and installs the new
-certificate and key.  Then, on every boot, update_boot_status() publishes the
-boot message and records PROVISION_STATUS "True".
+connects with the fleet claim certificate, calls CreateKeysAndCertificate (or,
+with PROVISIONING_API "CreateCertificateFromCsr", sends a CSR for a key made
+here) and RegisterThing (AWS IoT fleet provisioning by claim), and installs
+the new certificate and key.  Then, on every boot, update_boot_status()
+publishes the boot message and records PROVISION_STATUS "True".
 
 Exit codes: 0 done; 75 transient (network, broker, throttling, time limit:
 systemd retries later); 78 configuration (config missing or invalid, claim

@@ -3,8 +3,8 @@ config file, durable file writes, the run lock, time limits and retries, the
 credential check, and the one seam to MQTT (``connect_mqtt``).
 
 Importing this module does nothing but define things.  awscrt is imported
-lazily, inside ``connect_mqtt``, so that the config checks and the unit tests
-never load the native library.
+only where it is used (the pair check, ``connect_mqtt``), so that a bad
+config fails fast without loading the native library.
 """
 from __future__ import annotations
 
