@@ -77,7 +77,9 @@ def boot(config_path: Path, deadline: ento.Deadline, force: bool = False,
             settings = ento.provisioning_settings(config)
             provision(config, settings, deadline, connect, sleep, clock)
             config = ento.load_config(config_path)
-        update_boot_status(config, deadline, connect, sleep, clock)
+        # Either needs_provisioning() found the pair sound or provision() has
+        # just installed a checked one.
+        update_boot_status(config, deadline, connect, sleep, clock, credentials_checked=True)
 
 
 def needs_provisioning(config: ento.Config) -> bool:

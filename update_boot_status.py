@@ -38,10 +38,14 @@ def boot_message(serial_id: str) -> bytes:
 def update_boot_status(config: ento.Config, deadline: ento.Deadline,
                        connect: ento.Connector | None = None,
                        sleep: Callable[[float], None] = time.sleep,
-                       clock: Callable[[], float] = time.time) -> None:
-    """Publish the boot message with the installed credentials, then set the status."""
+                       clock: Callable[[], float] = time.time,
+                       credentials_checked: bool = False) -> None:
+    """Publish the boot message with the installed credentials, then set the status.
+
+    ``credentials_checked``: the caller has just checked (or installed) the pair.
+    """
     connect = connect or ento.connect_mqtt
-    problem = ento.installed_credentials_problem(config)
+    problem = None if credentials_checked else ento.installed_credentials_problem(config)
     if problem:
         raise ento.ConfigError(f"no device credentials: {problem}",
                                hint="that boot.py has provisioned this device")
