@@ -5,7 +5,6 @@ import stat
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-import ento
 from fakes import public_keys_equal
 from e2e import device_doc, run_script
 from iot_standin import Rejection

@@ -43,18 +43,21 @@ def test_config_folder_not_writable_exits_73_with_nothing_installed(standin, for
     (standin.workdir / "cert").mkdir(mode=0o700)
     (standin.workdir / "ento.conf.lock").touch(mode=0o600)
     os.chown(standin.workdir, foreign_owner, foreign_owner)
-    state, proc, errors = run_boot_as_service(standin)
-    os.chown(standin.workdir, 0, 0)
+    try:
+        state, proc, errors = run_boot_as_service(standin)
+    finally:
+        os.chown(standin.workdir, 0, 0)
     assert proc.returncode == 73, proc.stderr
     assert len(errors) == 1 and "ento.conf" in errors[0]
     assert state.check([proc.stderr], completed=True) == {"installed": False, "status": False}
 
 
-def test_a_write_that_fails_part_way_exits_73_with_the_invariants_intact(standin):
-    def small_files():
-        # Big enough for the config, too small for an RSA private key.
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+def small_files():
+    # In the child: big enough for the config, too small for an RSA private key.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
 
+
+def test_a_write_that_fails_part_way_exits_73_with_the_invariants_intact(standin):
     state, proc, errors = run_boot_as_service(standin, small_files)
     assert proc.returncode == 73, proc.stderr
     assert len(errors) == 1 and "File too large" in errors[0]
@@ -62,9 +65,6 @@ def test_a_write_that_fails_part_way_exits_73_with_the_invariants_intact(standin
 
 
 def test_after_storage_is_fixed_the_next_run_completes(standin):
-    def small_files():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
-
     state, proc, _ = run_boot_as_service(standin, small_files)
     assert proc.returncode == 73
     result = run_script("boot.py", standin.config_path)

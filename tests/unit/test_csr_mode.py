@@ -72,7 +72,7 @@ def test_csr_mode_subscribes_once_and_sends_only_the_csr(csr_device, cloud):
     assert len(subscribe) == 1
     assert sorted(subscribe[0][1]) == sorted([CREATE_CSR + "/accepted", CREATE_CSR + "/rejected",
                                               REGISTER + "/accepted", REGISTER + "/rejected"])
-    for topic, payload in cloud.published():
+    for _, payload in cloud.published():
         assert b"PRIVATE KEY" not in payload
 
 
