@@ -1,0 +1,84 @@
+"""Debian's mosquitto as the stand-in's broker: mutual TLS on a loopback port."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def find_mosquitto() -> str | None:
+    return shutil.which("mosquitto") or shutil.which(
+        "mosquitto", path="/usr/sbin:/usr/local/sbin:/sbin")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    def __init__(self, directory: Path, ca: Path, cert: Path, key: Path,
+                 host: str = "127.0.0.1", port: int = 0):
+        self.directory = directory
+        self.host = host
+        self.port = port or free_port(host)
+        self.conf = directory / "mosquitto.conf"
+        self.log_path = directory / "mosquitto.log"
+        lines = [
+            "per_listener_settings false",
+            "persistence false",
+            "log_dest stderr",
+            "log_type error", "log_type warning", "log_type notice", "log_type information",
+            f"listener {self.port} {host}",
+            f"cafile {ca}",
+            f"certfile {cert}",
+            f"keyfile {key}",
+            "require_certificate true",
+            "use_identity_as_username true",
+        ]
+        if os.geteuid() == 0:
+            # mosquitto drops root for user "mosquitto", which cannot read 0600 keys.
+            lines.append("user root")
+        self.conf.write_text("\n".join(lines) + "\n")
+        self._process: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self, limit: float = 5.0) -> None:
+        mosquitto = find_mosquitto()
+        if not mosquitto:
+            raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
+        self._log = open(self.log_path, "ab")
+        self._process = subprocess.Popen([mosquitto, "-c", str(self.conf)], stdout=self._log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited; see {self.log_path}")
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"mosquitto did not listen on {self.port}")
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None

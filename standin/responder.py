@@ -1,0 +1,243 @@
+"""Which request gets which answer: the fleet provisioning API as AWS IoT answers it,
+and the faults the stand-in can be told to commit.
+
+``Responder.handle(topic, payload)`` returns what to do (answer on a topic,
+after a delay; or drop the device's connection); the stand-in carries it out
+on the broker.  Nothing here needs a broker, so it is tested on its own.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from .ca import StandInCA, certificate_id, pem_key, public_key_id
+
+CREATE = "$aws/certificates/create/json"
+CREATE_CSR = "$aws/certificates/create-from-csr/json"
+REGISTER_PREFIX = "$aws/provisioning-templates/"
+REGISTER_SUFFIX = "/provision/json"
+BOOT_PREFIX = "cameraDevice/"
+THING_NAME_RE = re.compile(r"[A-Za-z0-9_\-:]{1,128}")
+MALFORMED_CREATE = ("not-json", "missing-cert", "bad-pem", "wrong-key")
+MALFORMED_REGISTER = ("not-json", "empty-thing")
+
+
+@dataclass
+class Rejection:
+    status: int
+    code: str
+    message: str = "rejected by the stand-in"
+
+    @classmethod
+    def parse(cls, text: str) -> "Rejection":
+        """STATUS:CODE[:MESSAGE]; ValueError for anything else (a usage error)."""
+        status, _, rest = text.partition(":")
+        code, _, message = rest.partition(":")
+        if not status.isdigit() or not 400 <= int(status) <= 599 or not code:
+            raise ValueError(f"expected STATUS:CODE[:MESSAGE] with a 4xx or 5xx status, "
+                             f"not {text!r}")
+        return cls(int(status), code, message or "rejected by the stand-in")
+
+    def body(self) -> dict:
+        return {"statusCode": self.status, "errorCode": self.code, "errorMessage": self.message}
+
+
+@dataclass
+class Faults:
+    """How the stand-in misbehaves; change fields while it runs."""
+
+    reject_create: Rejection | None = None
+    reject_register: Rejection | None = None
+    # Reject only the first K requests of each kind (None: every one).
+    reject_times: int | None = None
+    no_answer: bool = False
+    delay: float = 0.0
+    malformed_create: str | None = None
+    malformed_register: str | None = None
+    # Drop the requesting device's connection right after a "create" or
+    # "register" request (instead of answering it), drop_times times.
+    drop_after: str | None = None
+    drop_times: int = 1
+    # Shared rate limit: called with "create" or "register", False means
+    # throttle (429 ThrottlingException), as AWS IoT does over its TPS limit.
+    limiter: "Callable[[str], bool] | None" = None
+    counts: dict = field(default_factory=dict)
+
+    def throttled(self, kind: str) -> Rejection | None:
+        if self.limiter is None or self.limiter(kind):
+            return None
+        return Rejection(429, "ThrottlingException", "Rate exceeded")
+
+    def should_drop(self, kind: str) -> bool:
+        if self.drop_after != kind or self.drop_times <= 0:
+            return False
+        self.drop_times -= 1
+        return True
+
+    def take(self, kind: str, rejection: Rejection | None) -> Rejection | None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if rejection and (self.reject_times is None or self.counts[kind] <= self.reject_times):
+            return rejection
+        return None
+
+
+@dataclass(frozen=True)
+class Answer:
+    topic: str
+    payload: bytes
+    delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Drop:
+    client_id: str
+
+
+class Responder:
+    """The fleet provisioning API of one template, answering one device at a time."""
+
+    def __init__(self, ca: StandInCA, template: str, serial: str, faults: Faults,
+                 record: Callable[..., None],
+                 key_factory: "Callable[[], rsa.RSAPrivateKey] | None" = None):
+        self.ca = ca
+        self.template = template
+        self.serial = serial
+        self.faults = faults
+        self.record = record
+        # CreateKeysAndCertificate answers with an RSA-2048 key, as AWS does; a
+        # benchmark may hand in keys made beforehand.
+        self.key_factory = key_factory or (
+            lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048))
+        self.tokens: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def handle(self, topic: str, payload: bytes) -> list:
+        with self._lock:
+            return self._handle(topic, payload)
+
+    def _handle(self, topic: str, payload: bytes) -> list:
+        if topic.startswith(BOOT_PREFIX):
+            self.record("boot", topic=topic, payload=payload.decode("utf-8", "replace"))
+            return []
+        if topic == CREATE:
+            self.record("create-request")
+            if self.faults.should_drop("create"):
+                return [Drop(self.serial)]
+            return self._answer(CREATE, *self._create(None))
+        if topic == CREATE_CSR:
+            self.record("csr-request")
+            if self.faults.should_drop("create"):
+                return [Drop(self.serial)]
+            return self._answer(CREATE_CSR, *self._create(payload))
+        if topic.startswith(REGISTER_PREFIX) and topic.endswith(REGISTER_SUFFIX):
+            template = topic[len(REGISTER_PREFIX):-len(REGISTER_SUFFIX)]
+            if self.faults.should_drop("register"):
+                self.record("register-request", template=template, dropped=True)
+                return [Drop(self.serial)]
+            return self._answer(topic, *self._register(template, payload))
+        return []
+
+    def _answer(self, request_topic: str, accepted: bool, body) -> list:
+        if self.faults.no_answer:
+            self.record("no-answer", topic=request_topic)
+            return []
+        topic = f"{request_topic}/{'accepted' if accepted else 'rejected'}"
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return [Answer(topic, data, self.faults.delay)]
+
+    def _create(self, csr_payload: bytes | None):
+        kind = "create" if csr_payload is None else "csr"
+        rejection = (self.faults.take(kind, self.faults.reject_create)
+                     or self.faults.throttled("create"))
+        if rejection:
+            return False, rejection.body()
+        key_pem = None
+        if csr_payload is None:
+            key = self.key_factory()
+            public_key, key_pem = key.public_key(), pem_key(key).decode()
+        else:
+            try:
+                doc = json.loads(csr_payload)
+                csr = x509.load_pem_x509_csr(doc["certificateSigningRequest"].encode())
+                if not csr.is_signature_valid:
+                    raise ValueError("bad signature")
+                self.record("csr-parsed", public_key=public_key_id(csr.public_key()),
+                            subject=csr.subject.rfc4514_string())
+            except (ValueError, KeyError, TypeError, AttributeError):
+                return False, Rejection(400, "InvalidCsr",
+                                        "the certificate signing request is invalid").body()
+            public_key = csr.public_key()
+        cert = self.ca.issue(public_key, "AWS IoT Certificate")
+        cert_id = certificate_id(cert)
+        token = secrets.token_urlsafe(32)
+        self.tokens[token] = cert_id
+        body = {"certificateId": cert_id,
+                "certificatePem": cert.public_bytes(serialization.Encoding.PEM).decode(),
+                "certificateOwnershipToken": token}
+        if key_pem is not None:
+            body["privateKey"] = key_pem
+        self.record(f"{kind}-accepted", certificateId=cert_id)
+        return True, self._malform_create(body)
+
+    def _malform_create(self, body: dict):
+        how = self.faults.malformed_create
+        if how == "not-json":
+            return b"<html>Bad gateway</html>"
+        if how == "missing-cert":
+            del body["certificatePem"]
+        elif how == "bad-pem":
+            body["certificatePem"] = ("-----BEGIN CERTIFICATE-----\nnot a certificate\n"
+                                      "-----END CERTIFICATE-----\n")
+        elif how == "wrong-key":
+            other = self.ca.issue(ec.generate_private_key(ec.SECP256R1()).public_key(), "other")
+            body["certificatePem"] = other.public_bytes(serialization.Encoding.PEM).decode()
+        return body
+
+    def _register(self, template: str, payload: bytes):
+        try:
+            doc = json.loads(payload)
+            token = doc["certificateOwnershipToken"]
+            params = doc.get("parameters", {})
+            if not isinstance(token, str) or not isinstance(params, dict):
+                raise TypeError("wrong types")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self.record("register-request", template=template, valid=False)
+            return False, Rejection(400, "InvalidPayload", "malformed request").body()
+        cert_id = self.tokens.get(token)
+        self.record("register-request", template=template, parameters=params,
+                    token_valid=cert_id is not None)
+        rejection = (self.faults.take("register", self.faults.reject_register)
+                     or self.faults.throttled("register"))
+        if rejection:
+            return False, rejection.body()
+        if template != self.template:
+            return False, Rejection(404, "ResourceNotFoundException",
+                                    f"template {template} does not exist").body()
+        if cert_id is None:
+            return False, Rejection(400, "InvalidCertificateOwnershipToken",
+                                    "the ownership token is not valid").body()
+        serial = params.get("SerialNumber")
+        if not isinstance(serial, str) or not serial:
+            return False, Rejection(400, "InvalidParameters",
+                                    "parameter SerialNumber is required").body()
+        thing = f"ento-{serial}"
+        if not THING_NAME_RE.fullmatch(thing):
+            # AWS refuses to create a thing whose name breaks its pattern.
+            return False, Rejection(400, "InvalidRequestException",
+                                    "the thing name the template makes from SerialNumber is "
+                                    "not a valid thing name").body()
+        self.record("register-accepted", thingName=thing, certificateId=cert_id)
+        how = self.faults.malformed_register
+        if how == "not-json":
+            return True, b"not json"
+        if how == "empty-thing":
+            thing = ""
+        return True, {"deviceConfiguration": {}, "thingName": thing}
