@@ -13,7 +13,9 @@ PREFIX ?= /opt/entomologist
 UNITDIR ?= /etc/systemd/system
 UNIT := entomologist-provision.service
 INSTALL_PYTHON ?= /usr/bin/python3
-APP_FILES := boot.py update_boot_status.py ento.py AmazonRootCA1.pem requirements.txt README.md
+APP_FILES := boot.py update_boot_status.py AmazonRootCA1.pem requirements.txt README.md
+# The scripts' shared package; the stand-in (iot_standin.py, standin/) stays off the device.
+PACKAGE_FILES := $(wildcard entomologist/*.py)
 
 .PHONY: setup mosquitto systemd-analyze demo test bench clean install uninstall
 
@@ -52,12 +54,15 @@ install:
 	@case "$(PREFIX)" in /?*) ;; *) echo "PREFIX must be an absolute path" >&2; exit 2;; esac
 	install -d -m 0755 $(DESTDIR)$(PREFIX) $(DESTDIR)/etc/entomologist
 	install -m 0644 $(APP_FILES) $(DESTDIR)$(PREFIX)/
+	install -d -m 0755 $(DESTDIR)$(PREFIX)/entomologist
+	install -m 0644 $(PACKAGE_FILES) $(DESTDIR)$(PREFIX)/entomologist/
 	$(INSTALL_PYTHON) -m venv $(DESTDIR)$(PREFIX)/venv
 	$(DESTDIR)$(PREFIX)/venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 	# The unit's file system is read-only: without these the scripts would be
 	# compiled again at every boot.
 	$(DESTDIR)$(PREFIX)/venv/bin/python -m compileall -q --invalidation-mode checked-hash \
-		$(if $(DESTDIR),-s $(DESTDIR) -p /) $(DESTDIR)$(PREFIX)/boot.py $(DESTDIR)$(PREFIX)/update_boot_status.py $(DESTDIR)$(PREFIX)/ento.py
+		$(if $(DESTDIR),-s $(DESTDIR) -p /) $(DESTDIR)$(PREFIX)/boot.py $(DESTDIR)$(PREFIX)/update_boot_status.py \
+		$(DESTDIR)$(PREFIX)/entomologist
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)
 	sed 's#/opt/entomologist#$(PREFIX)#g' systemd/$(UNIT) > $(DESTDIR)$(UNITDIR)/$(UNIT)
 	chmod 0644 $(DESTDIR)$(UNITDIR)/$(UNIT)

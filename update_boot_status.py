@@ -3,14 +3,15 @@
 Connects to AWS IoT with the device's own certificate (client ID THING_NAME,
 else SERIAL_ID), publishes {"serialID": "<SERIAL_ID>", "bootStatus": true} with
 QoS 1 on cameraDevice/<SERIAL_ID>/booted, waits for the broker's
-acknowledgement, and only then writes PROVISION_STATUS "True" to the config.
-boot.py calls update_boot_status() at the end of every boot; run alone:
+acknowledgement, and only then writes PROVISION_STATUS "True" to the config
+(no write at all when it already says so).  boot.py calls
+update_boot_status() at the end of every boot; run alone:
 
     python update_boot_status.py [--config PATH] [--timeout SECONDS] [-v]
 
 Exit codes: 0 done; 75 transient (network, broker, time limit: try later);
-78 configuration (bad config, or no installed credentials: run boot.py);
-73 the config cannot be written; 70 a bug.
+78 configuration (bad or untrusted config, or no installed credentials: run
+boot.py); 73 the config cannot be written; 70 a bug.
 """
 from __future__ import annotations
 
@@ -22,7 +23,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import ento
+from entomologist import clock, files, logs, mqtt
+from entomologist.config import DEFAULT_CONFIG, Config, load_config, update_device_config
+from entomologist.credentials import CertDir
+from entomologist.errors import ConfigError, run_main
+from entomologist.lock import RunLock
+from entomologist.retries import RUN_TIMEOUT, Deadline, positive_seconds, with_retries
 
 log = logging.getLogger("entomologist.boot_status")
 
@@ -35,60 +41,62 @@ def boot_message(serial_id: str) -> bytes:
     return json.dumps({"serialID": serial_id, "bootStatus": True}).encode()
 
 
-def update_boot_status(config: ento.Config, deadline: ento.Deadline,
-                       connect: ento.Connector | None = None,
+def update_boot_status(config: Config, deadline: Deadline,
+                       build: mqtt.Builder | None = None,
                        sleep: Callable[[float], None] = time.sleep,
-                       clock: Callable[[], float] = time.time,
+                       now: Callable[[], float] = time.time,
                        credentials_checked: bool = False) -> None:
     """Publish the boot message with the installed credentials, then set the status.
 
     ``credentials_checked``: the caller has just checked (or installed) the pair.
     """
-    connect = connect or ento.connect_mqtt
-    problem = None if credentials_checked else ento.installed_credentials_problem(config)
+    hint = "that boot.py has provisioned this device"
+    cert_dir = CertDir.existing(config.cert_dir)
+    if cert_dir is None:
+        raise ConfigError(f"no device credentials: no folder {config.cert_dir}", hint=hint)
+    if cert_dir.registration() is not None:
+        raise ConfigError("new credentials are registered but not installed yet", hint=hint)
+    problem = None if credentials_checked else cert_dir.installed_problem()
     if problem:
-        raise ento.ConfigError(f"no device credentials: {problem}",
-                               hint="that boot.py has provisioned this device")
-    ca = config.ca_copy_path if config.ca_copy_path.exists() else config.root_ca
-    ento.check_clock(config.path, [config.cert_path, ca], clock)
-    endpoint = ento.Endpoint(config.host, config.port, ca)
+        raise ConfigError(f"no device credentials: {problem}", hint=hint)
+    ca = cert_dir.ca_for_connection(config.root_ca)
+    clock.check_clock([cert_dir.cert, ca], now)
+    endpoint = mqtt.Endpoint(config.host, config.port, ca)
     client_id = config.thing_name or config.serial_id
     topic = boot_topic(config.serial_id)
 
     def attempt() -> None:
-        session = connect(endpoint, config.cert_path, config.key_path, client_id,
-                          deadline.step("connect with the device certificate"))
+        link = mqtt.connect(endpoint, cert_dir.cert, cert_dir.key, client_id,
+                            deadline.step("connect with the device certificate"), build)
         try:
-            session.publish(topic, boot_message(config.serial_id),
-                            deadline.step("boot message"))
+            link.publish(topic, boot_message(config.serial_id), deadline.step("boot message"))
         finally:
-            session.close()
+            link.close()
 
-    ento.with_retries(attempt, deadline, "boot message", sleep=sleep)
+    with_retries(attempt, deadline, "boot message", sleep=sleep)
     log.info("boot message acknowledged on %s (client ID %s)", topic, client_id)
-    if not config.provisioned:
-        ento.update_device_config(config.path, {"PROVISION_STATUS": "True"})
+    if not config.provisioned and update_device_config(config, {"PROVISION_STATUS": "True"}):
         log.info("PROVISION_STATUS set to True in %s", config.path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=ento.DEFAULT_CONFIG)
-    parser.add_argument("--timeout", type=float, default=ento.RUN_TIMEOUT,
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--timeout", type=positive_seconds, default=RUN_TIMEOUT,
                         help="limit for the whole run, in seconds (default %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    ento.setup_logging(args.verbose)
+    logs.setup_logging(args.verbose)
 
     def body() -> None:
-        deadline = ento.Deadline(args.timeout)
-        with ento.RunLock(args.config) as lock:
+        deadline = Deadline(args.timeout)
+        with RunLock(args.config) as lock:
             lock.acquire(deadline)
-            config = ento.load_config(args.config)
-            ento.remove_stray_temp_files(config)
+            config = load_config(args.config)
+            files.remove_stray_temp_files(config.real_path.parent)
             update_boot_status(config, deadline)
 
-    return ento.run_main(body)
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,29 @@
-"""A hand-written fake of the MQTT seam (ento.MqttSession) and helpers.
+"""A hand-written fake of ``awscrt.mqtt.Connection``, and a fake AWS IoT behind it.
 
-FakeCloud plays AWS IoT: it records every call the flows make and answers
+The flows run for real above it: ``entomologist.mqtt``'s bounded waits, AWS's
+``IotIdentityClient`` (which accepts the fake: it is an ``mqtt.Connection``),
+and every file the flows write.  FakeCloud records every call and answers
 fleet provisioning requests from a script, with real certificates from a
-small test CA, so the files the flows write can be checked for real.
+small test CA.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
 from collections import deque
+from concurrent.futures import Future
 from pathlib import Path
 
+from awscrt import mqtt
+from awscrt.exceptions import AwsCrtError
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-import ento
-
 CREATE = "$aws/certificates/create/json"
 CREATE_CSR = "$aws/certificates/create-from-csr/json"
+REGISTER_PREFIX = "$aws/provisioning-templates/"
 
 
 def public_keys_equal(a, b) -> bool:
@@ -38,105 +42,168 @@ def pem_key(key) -> str:
                              serialization.NoEncryption()).decode()
 
 
+def crt_error(name: str) -> AwsCrtError:
+    return AwsCrtError(code=1049, name=name, message=f"fake {name}")
+
+
 class MiniCA:
     def __init__(self):
         self.key = ec.generate_private_key(ec.SECP256R1())
         self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "unit test CA")])
         self.cert = self._build(self.name, self.key.public_key(), ca=True)
 
-    def _build(self, subject, public_key, ca=False):
+    def _build(self, subject, public_key, ca=False, not_before=None):
         now = dt.datetime.now(dt.timezone.utc)
         return (x509.CertificateBuilder().subject_name(subject).issuer_name(self.name)
                 .public_key(public_key).serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=5))
-                .not_valid_after(now + dt.timedelta(days=30))
+                .not_valid_before(not_before or now - dt.timedelta(minutes=5))
+                .not_valid_after(max(now, not_before or now) + dt.timedelta(days=30))
                 .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
                 .sign(self.key, hashes.SHA256()))
 
-    def sign(self, public_key) -> str:
+    def sign(self, public_key, not_before=None) -> str:
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device")])
-        return self._build(subject, public_key).public_bytes(serialization.Encoding.PEM).decode()
+        return self._build(subject, public_key, not_before=not_before).public_bytes(
+            serialization.Encoding.PEM).decode()
 
-    def pair(self) -> tuple[str, str]:
+    def pair(self, not_before=None) -> tuple[str, str]:
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = self._build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device")]),
-                           key.public_key())
-        return cert.public_bytes(serialization.Encoding.PEM).decode(), pem_key(key)
+        return self.sign(key.public_key(), not_before), pem_key(key)
 
     @property
     def pem(self) -> str:
         return self.cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
-class FakeSession:
-    def __init__(self, cloud: "FakeCloud", client_id: str):
+def _resolved(value=None, error: BaseException | None = None) -> Future:
+    future: Future = Future()
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+    return future
+
+
+class FakeConnection(mqtt.Connection):
+    """Connect, disconnect, subscribe and publish return futures, as awscrt's do;
+    messages reach the subscription callbacks; every call is recorded."""
+
+    def __init__(self, cloud: "FakeCloud", client_id: str, cert_name: str, on_interrupted):
+        # Nothing native stands behind this fake: the base __init__ is not called.
         self.cloud = cloud
         self.client_id = client_id
-        self.inbox: deque = deque()
+        self.cert_name = cert_name
+        self.on_interrupted = on_interrupted
+        self.callbacks: dict[str, object] = {}
+        self.packet_id = 0
 
-    def subscribe(self, topics, timeout):
-        self.cloud.calls.append(("subscribe", tuple(topics)))
-        self.cloud.fail_if_scripted("subscribe")
+    def _next_id(self) -> int:
+        self.packet_id += 1
+        return self.packet_id
 
-    def publish(self, topic, payload, timeout):
-        self.cloud.calls.append(("publish", topic, bytes(payload)))
+    def connect(self):
+        self.cloud.calls.append(("connect", self.client_id, self.cert_name))
+        return self.cloud.scripted("connect") or _resolved({"return_code": 0,
+                                                            "session_present": False})
+
+    def disconnect(self):
+        self.cloud.calls.append(("close",))
+        return _resolved({})
+
+    def subscribe(self, topic, qos, callback=None):
+        self.cloud.calls.append(("subscribe", topic))
+        self.callbacks[topic] = callback
+        packet_id = self._next_id()
+        scripted = self.cloud.scripted("subscribe", topic)
+        if scripted is not None:
+            return scripted, packet_id
+        suback = {"packet_id": packet_id, "topic": topic, "qos": qos}
+        if not self.cloud.hold_subacks:
+            return _resolved(suback), packet_id
+        # SUBACKs held until that many SUBSCRIBEs are out: a flow that waits
+        # on one before sending the next never gets it.
+        future: Future = Future()
+        self.cloud.held.append((future, suback))
+        if len(self.cloud.held) >= self.cloud.hold_subacks:
+            for held, value in self.cloud.held:
+                held.set_result(value)
+        return future, packet_id
+
+    def publish(self, topic, payload, qos, retain=False):
+        data = payload.encode() if isinstance(payload, str) else bytes(payload)
+        self.cloud.calls.append(("publish", topic, data))
         if self.cloud.on_publish:
             self.cloud.on_publish(topic)
-        self.cloud.fail_if_scripted("publish")
-        self.cloud.respond(self, topic, bytes(payload))
+        failed = self.cloud.scripted("publish", topic)
+        if failed is None:
+            self.cloud.respond(self, topic, data)
+        return failed or _resolved({"packet_id": self._next_id()}), self.packet_id
 
-    def receive(self, timeout):
-        self.cloud.calls.append(("receive",))
-        if not self.inbox:
-            raise ento.TransientError(f"no answer from the service in {timeout:.0f} s")
-        return self.inbox.popleft()
+    def deliver(self, topic: str, data: bytes) -> None:
+        callback = self.callbacks.get(topic)
+        if callback is not None:
+            callback(topic=topic, payload=data, dup=False, qos=mqtt.QoS.AT_LEAST_ONCE,
+                     retain=False)
 
-    def close(self):
-        self.cloud.calls.append(("close",))
+    def drop(self) -> None:
+        """The broker goes away: awscrt reports it through on_connection_interrupted."""
+        self.on_interrupted(connection=self, error=crt_error("AWS_ERROR_MQTT_UNEXPECTED_HANGUP"))
 
 
 class FakeCloud:
     """Scripted AWS IoT.  ``create_answers`` / ``register_answers`` are consumed
     one per request: ("accepted"|"rejected", body) or None for silence; when a
-    script runs out, requests succeed."""
+    script runs out, requests succeed.  ``fail_with(operation, *outcomes)``
+    scripts the next futures of "connect", "subscribe" or "publish": an
+    exception, "never" for a future that never resolves, "refused" for a
+    refused SUBACK, or None for one that behaves."""
 
     def __init__(self, ca: MiniCA | None = None, thing_prefix: str = "thing-"):
         self.ca = ca or MiniCA()
         self.calls: list[tuple] = []
-        self.connections: list[tuple] = []
+        self.connections: list[FakeConnection] = []
         self.create_answers: deque = deque()
         self.register_answers: deque = deque()
         self.failures: dict[str, deque] = {}
-        self.tokens: dict[str, str] = {}
         self.issued: list[dict] = []
         self.thing_prefix = thing_prefix
         self.on_register = None
         self.on_publish = None
         self.csrs: list[str] = []
+        self.hold_subacks = 0
+        self.held: list = []
 
-    # the connector, passed to the flows as ``connect``
-    def __call__(self, endpoint, cert, key, client_id, timeout):
-        self.connections.append((client_id, Path(cert).name, endpoint))
-        self.calls.append(("connect", client_id, Path(cert).name))
-        self.fail_if_scripted("connect")
-        return FakeSession(self, client_id)
+    # The connection builder, passed to the flows as ``build``.
+    def __call__(self, endpoint, cert, key, client_id, timeout, on_interrupted):
+        connection = FakeConnection(self, client_id, Path(cert).name, on_interrupted)
+        connection.endpoint = endpoint
+        self.connections.append(connection)
+        return connection
 
-    def fail_with(self, operation: str, *errors: Exception) -> None:
-        self.failures.setdefault(operation, deque()).extend(errors)
+    def fail_with(self, operation: str, *outcomes) -> None:
+        self.failures.setdefault(operation, deque()).extend(outcomes)
 
-    def fail_if_scripted(self, operation: str) -> None:
+    def scripted(self, operation: str, topic: str | None = None) -> Future | None:
         queue = self.failures.get(operation)
-        if queue:
-            raise queue.popleft()
+        if not queue:
+            return None
+        outcome = queue.popleft()
+        if outcome is None:  # this one behaves
+            return None
+        if outcome == "never":
+            return Future()
+        if outcome == "refused":
+            return _resolved(error=mqtt.SubscribeError(topic))
+        return _resolved(error=outcome)
 
-    def respond(self, session: FakeSession, topic: str, payload: bytes) -> None:
+    def respond(self, connection: FakeConnection, topic: str, payload: bytes) -> None:
         if topic == CREATE:
             answer = self.create_answers.popleft() if self.create_answers else self.good_create()
         elif topic == CREATE_CSR:
             self.csrs.append(json.loads(payload)["certificateSigningRequest"])
             answer = (self.create_answers.popleft() if self.create_answers
                       else self.good_csr(self.csrs[-1]))
-        elif topic.startswith("$aws/provisioning-templates/"):
+        elif topic.startswith(REGISTER_PREFIX):
             if self.on_register:
                 self.on_register(payload)
             answer = (self.register_answers.popleft() if self.register_answers
@@ -145,9 +212,12 @@ class FakeCloud:
             return
         if answer is None:
             return
+        if answer == "drop":
+            connection.drop()
+            return
         outcome, body = answer
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        session.inbox.append((f"{topic}/{outcome}", data))
+        connection.deliver(f"{topic}/{outcome}", data)
 
     def good_create(self):
         cert, key = self.ca.pair()
@@ -172,3 +242,6 @@ class FakeCloud:
 
     def published(self, prefix: str = "") -> list[tuple[str, bytes]]:
         return [(c[1], c[2]) for c in self.calls if c[0] == "publish" and c[1].startswith(prefix)]
+
+    def registers(self) -> list[tuple[str, bytes]]:
+        return self.published(REGISTER_PREFIX)

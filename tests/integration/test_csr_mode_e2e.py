@@ -2,7 +2,8 @@
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from e2e import DeviceState, device_doc, run_and_kill, run_script
-from iot_standin import Rejection, public_key_id
+from iot_standin import Rejection
+from standin.ca import public_key_id
 
 
 
@@ -62,7 +63,10 @@ def test_a_rejected_csr_exits_65_with_nothing_installed(standin):
     assert result.code == 65, result.stderr
     assert "CreateCertificateFromCsr rejected: statusCode=400 errorCode=InvalidCsr" in \
         result.errors[0]
-    assert state.check([result.stderr], completed=True) == {"installed": False, "status": False}
+    assert state.check([result.stderr], completed=False) == {"installed": False, "status": False}
+    # Only the key made here stays, for the next run to reuse.
+    assert [p.name for p in (standin.workdir / "cert").iterdir()] == [
+        "private.pem.key.device-made"]
 
 
 def test_killed_between_key_and_certificate_the_next_run_reuses_the_key(standin):

@@ -28,27 +28,29 @@ def foreign_owner():
     return 4321
 
 
-def test_cert_dir_not_writable_exits_73_with_nothing_installed(standin, foreign_owner):
+def test_a_cert_dir_owned_by_another_user_exits_78_before_any_request(standin, foreign_owner):
     cert_dir = standin.workdir / "cert"
     cert_dir.mkdir(mode=0o700)
     os.chown(cert_dir, foreign_owner, foreign_owner)
     state, proc, errors = run_boot_as_service(standin)
-    assert proc.returncode == 73, proc.stderr
-    assert len(errors) == 1 and str(cert_dir) in errors[0]
+    assert proc.returncode == 78, proc.stderr
+    assert len(errors) == 1 and str(cert_dir) in errors[0] and "owned by uid 4321" in errors[0]
     assert state.check([proc.stderr], completed=True) == {"installed": False, "status": False}
     assert standin.events("create-request") == []
 
 
-def test_config_folder_not_writable_exits_73_with_nothing_installed(standin, foreign_owner):
+def test_a_config_folder_owned_by_another_user_exits_78_before_any_request(standin,
+                                                                           foreign_owner):
     (standin.workdir / "cert").mkdir(mode=0o700)
-    (standin.workdir / "ento.conf.lock").touch(mode=0o600)
     os.chown(standin.workdir, foreign_owner, foreign_owner)
+    os.chmod(standin.workdir, 0o755)
     try:
         state, proc, errors = run_boot_as_service(standin)
     finally:
         os.chown(standin.workdir, 0, 0)
-    assert proc.returncode == 73, proc.stderr
-    assert len(errors) == 1 and "ento.conf" in errors[0]
+    assert proc.returncode == 78, proc.stderr
+    assert len(errors) == 1 and "owned by uid 4321" in errors[0]
+    assert standin.events("create-request") == []
     assert state.check([proc.stderr], completed=True) == {"installed": False, "status": False}
 
 
@@ -62,6 +64,8 @@ def test_a_write_that_fails_part_way_exits_73_with_the_invariants_intact(standin
     assert proc.returncode == 73, proc.stderr
     assert len(errors) == 1 and "File too large" in errors[0]
     assert state.check([proc.stderr], completed=True) == {"installed": False, "status": False}
+    # The room for the registration record is taken before anything is asked.
+    assert standin.events("create-request") == []
 
 
 def test_after_storage_is_fixed_the_next_run_completes(standin):

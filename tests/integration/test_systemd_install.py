@@ -96,12 +96,17 @@ def staged(tmp_path_factory):
 
 def test_install_into_a_staging_tree_lays_out_scripts_venv_unit_and_enablement(staged):
     app = staged / "opt" / "entomologist"
-    for name in ("boot.py", "update_boot_status.py", "ento.py", "AmazonRootCA1.pem"):
+    for name in ("boot.py", "update_boot_status.py", "AmazonRootCA1.pem"):
         assert (app / name).is_file(), name
+    package = sorted(p.name for p in (ROOT / "entomologist").glob("*.py"))
+    assert sorted(p.name for p in (app / "entomologist").glob("*.py")) == package
+    assert not (app / "iot_standin.py").exists() and not (app / "standin").exists()
     assert (app / "venv" / "bin" / "python").exists()
     # Compiled ahead: under ProtectSystem=strict nothing can be cached at boot.
     cached = {p.name.split(".")[0] for p in (app / "__pycache__").glob("*.pyc")}
-    assert cached == {"boot", "update_boot_status", "ento"}
+    assert cached == {"boot", "update_boot_status"}
+    cached = {p.name.split(".")[0] for p in (app / "entomologist" / "__pycache__").glob("*.pyc")}
+    assert cached == {name[:-3] for name in package}
     unit = staged / "etc" / "systemd" / "system" / UNIT.name
     assert unit.read_text() == UNIT.read_text()
     link = staged / "etc" / "systemd" / "system" / "multi-user.target.wants" / UNIT.name

@@ -1,4 +1,5 @@
-"""boot.py's flow against the fake cloud: real files in tmp_path, modes asserted."""
+"""boot.py's flow over the real IotIdentityClient and a fake MQTT connection:
+real files in tmp_path, modes asserted."""
 import json
 import logging
 import os
@@ -7,40 +8,43 @@ import stat
 import pytest
 
 import boot
-import ento
-from fakes import CREATE
+from entomologist import errors
+from entomologist.credentials import CertDir
+from entomologist.retries import Deadline
+from fakes import CREATE, crt_error
 
 REGISTER = "$aws/provisioning-templates/Fleet/provision/json"
+CERT, KEY, CA = "certificate.pem.crt", "private.pem.key", "AmazonRootCA1.pem"
+VALID_ID = "ab" * 32
 
 
 def mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def run(device, cloud, force=False, seconds=60.0, sleeps=None):
+def run(device, cloud, force=False, seconds=60.0, sleeps=None, step=0.2):
     sleeps = [] if sleeps is None else sleeps
-    boot.boot(device.config_path, ento.Deadline(seconds), force=force, connect=cloud,
+    boot.boot(device.config_path, Deadline(seconds, step_limit=step), force=force, build=cloud,
               sleep=sleeps.append)
 
 
 def assert_no_credentials(device):
-    assert not (device.cert_dir / ento.CERT_FILE).exists()
-    assert not (device.cert_dir / ento.KEY_FILE).exists()
+    assert not (device.cert_dir / CERT).exists()
+    assert not (device.cert_dir / KEY).exists()
 
 
 def test_first_boot_installs_credentials_with_their_modes(device, cloud):
     run(device, cloud)
     cert_dir = device.cert_dir
     assert mode(cert_dir) == 0o700
-    assert mode(cert_dir / "certificate.pem.crt") == 0o644
-    assert mode(cert_dir / "private.pem.key") == 0o600
-    assert mode(cert_dir / "AmazonRootCA1.pem") == 0o644
+    assert mode(cert_dir / CERT) == 0o644
+    assert mode(cert_dir / KEY) == 0o600
+    assert mode(cert_dir / CA) == 0o644
     issued = cloud.issued[0]
-    assert (cert_dir / "certificate.pem.crt").read_text() == issued["certificatePem"]
-    assert (cert_dir / "private.pem.key").read_text() == issued["privateKey"]
-    assert (cert_dir / "AmazonRootCA1.pem").read_text() == cloud.ca.pem
-    assert sorted(os.listdir(cert_dir)) == ["AmazonRootCA1.pem", "certificate.pem.crt",
-                                           "private.pem.key"]
+    assert (cert_dir / CERT).read_text() == issued["certificatePem"]
+    assert (cert_dir / KEY).read_text() == issued["privateKey"]
+    assert (cert_dir / CA).read_text() == cloud.ca.pem
+    assert sorted(os.listdir(cert_dir)) == [CA, CERT, KEY]
 
 
 def test_first_boot_records_thing_certificate_and_status_keeping_other_keys(device, cloud):
@@ -57,21 +61,37 @@ def test_first_boot_records_thing_certificate_and_status_keeping_other_keys(devi
     assert mode(device.config_path) == 0o640
 
 
-def test_claim_connection_makes_only_connect_subscribe_create_register(device, cloud):
+def test_claim_connection_subscribes_once_then_creates_and_registers(device, cloud):
     run(device, cloud)
     claim_calls = cloud.calls[:cloud.calls.index(("close",)) + 1]
-    kinds = [c[0] if c[0] != "publish" else ("publish", c[1]) for c in claim_calls
-             if c[0] != "receive"]
-    assert kinds == ["connect", "subscribe", ("publish", CREATE), ("publish", REGISTER), "close"]
-    subscribed = claim_calls[1][1]
+    kinds = [c[0] if c[0] != "publish" else ("publish", c[1]) for c in claim_calls]
+    assert kinds == ["connect"] + ["subscribe"] * 4 + [("publish", CREATE),
+                                                       ("publish", REGISTER), "close"]
+    subscribed = [c[1] for c in claim_calls if c[0] == "subscribe"]
     assert sorted(subscribed) == sorted([CREATE + "/accepted", CREATE + "/rejected",
                                          REGISTER + "/accepted", REGISTER + "/rejected"])
     assert claim_calls[0] == ("connect", "CAM-42", "claim.pem.crt")
 
 
+def test_all_four_subscriptions_are_sent_before_any_suback_is_awaited(device, cloud):
+    cloud.hold_subacks = 4
+    run(device, cloud, step=0.5)
+    assert device.device["PROVISION_STATUS"] == "True"
+
+
+def test_a_refused_subscription_names_the_topic_and_the_claim_policy(device, cloud):
+    cloud.fail_with("subscribe", *[None, None, "refused", None] * 30)
+    with pytest.raises(errors.TransientError) as err:
+        run(device, cloud, seconds=3)
+    text = f"{err.value} {err.value.hint}"
+    assert "refused the subscription to $aws/provisioning-templates/Fleet/provision/json" in text
+    assert "policy" in err.value.hint and "network link" not in err.value.hint
+    assert cloud.published(CREATE) == []
+
+
 def test_register_thing_sends_token_and_default_parameters(device, cloud):
     run(device, cloud)
-    (_, payload), = cloud.published(REGISTER)
+    (_, payload), = cloud.registers()
     assert json.loads(payload) == {
         "certificateOwnershipToken": cloud.issued[0]["certificateOwnershipToken"],
         "parameters": {"SerialNumber": "CAM-42"}}
@@ -80,28 +100,31 @@ def test_register_thing_sends_token_and_default_parameters(device, cloud):
 def test_register_thing_sends_configured_template_parameters(device, cloud):
     device.update(TEMPLATE_PARAMETERS={"SerialNumber": "CAM-42", "Site": "north"})
     run(device, cloud)
-    (_, payload), = cloud.published(REGISTER)
+    (_, payload), = cloud.registers()
     assert json.loads(payload)["parameters"] == {"SerialNumber": "CAM-42", "Site": "north"}
 
 
-def test_new_key_is_staged_durably_before_register_thing_is_sent(device, cloud):
+def test_new_key_and_certificate_are_staged_durably_before_register_thing_is_sent(device, cloud):
     seen = {}
 
     def on_register(payload):
-        staged = device.cert_dir / ento.STAGING_KEY_FILE
-        seen["mode"] = mode(staged)
-        seen["key"] = staged.read_text()
-        seen["cert_installed"] = (device.cert_dir / ento.CERT_FILE).exists()
+        staged_key = device.cert_dir / "private.pem.key.staging"
+        staged_cert = device.cert_dir / "certificate.pem.crt.staging"
+        seen.update(key_mode=mode(staged_key), key=staged_key.read_text(),
+                    cert=staged_cert.read_text(),
+                    installed=(device.cert_dir / CERT).exists())
 
     cloud.on_register = on_register
     run(device, cloud)
-    assert seen == {"mode": 0o600, "key": cloud.issued[0]["privateKey"], "cert_installed": False}
-    assert not (device.cert_dir / ento.STAGING_KEY_FILE).exists()
+    assert seen == {"key_mode": 0o600, "key": cloud.issued[0]["privateKey"],
+                    "cert": cloud.issued[0]["certificatePem"], "installed": False}
+    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY]
 
 
 def test_boot_message_uses_device_certificate_and_thing_name(device, cloud):
     run(device, cloud)
-    assert cloud.connections[-1][:2] == ("thing-CAM-42", "certificate.pem.crt")
+    last = cloud.connections[-1]
+    assert (last.client_id, last.cert_name) == ("thing-CAM-42", CERT)
     assert cloud.published("cameraDevice/") == [
         ("cameraDevice/CAM-42/booted", b'{"serialID": "CAM-42", "bootStatus": true}')]
 
@@ -119,7 +142,6 @@ def test_later_boot_only_reports_and_does_not_rewrite_the_config(device, cloud):
 def test_installed_credentials_win_over_a_false_status(device, cloud):
     run(device, cloud)
     device.update(PROVISION_STATUS="False")
-    cloud.calls.clear()
     run(device, cloud)
     assert len(cloud.issued) == 1
     assert device.device["PROVISION_STATUS"] == "True"
@@ -129,23 +151,41 @@ def test_true_status_without_credentials_warns_and_provisions_again(device, clou
     device.update(PROVISION_STATUS="True")
     with caplog.at_level(logging.WARNING):
         run(device, cloud)
-    assert "PROVISION_STATUS is True but no certificate" in caplog.text
+    assert "PROVISION_STATUS is True but" in caplog.text
     assert len(cloud.issued) == 1
 
 
 def test_a_key_that_does_not_match_the_certificate_counts_as_no_credentials(device, cloud):
     run(device, cloud)
     _, other_key = cloud.ca.pair()
-    (device.cert_dir / ento.KEY_FILE).write_text(other_key)
+    (device.cert_dir / KEY).write_text(other_key)
     run(device, cloud)
     assert len(cloud.issued) == 2
-    assert ento.installed_credentials_problem(device.config()) is None
+    assert CertDir.open(device.cert_dir).installed_problem() is None
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\xff garbage", b"-----BEGIN PRIVATE KEY-----\n!!\n"
+                                     b"-----END PRIVATE KEY-----\n", b""])
+def test_an_undecodable_installed_key_means_provision_again(device, cloud, garbage):
+    run(device, cloud)
+    (device.cert_dir / KEY).write_bytes(garbage)
+    run(device, cloud)
+    assert len(cloud.issued) == 2
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\xff", b"-----BEGIN CERTIFICATE-----\n@@@\n"
+                                     b"-----END CERTIFICATE-----\n"])
+def test_an_undecodable_installed_certificate_means_provision_again(device, cloud, garbage):
+    run(device, cloud)
+    (device.cert_dir / CERT).write_bytes(garbage)
+    run(device, cloud)
+    assert len(cloud.issued) == 2
 
 
 def test_a_key_without_certificate_counts_as_no_credentials(device, cloud):
     device.cert_dir.mkdir(mode=0o700)
     _, key = cloud.ca.pair()
-    (device.cert_dir / ento.KEY_FILE).write_text(key)
+    (device.cert_dir / KEY).write_text(key)
     run(device, cloud)
     assert len(cloud.issued) == 1
 
@@ -154,25 +194,27 @@ def test_force_provisions_again_and_replaces_the_credentials(device, cloud):
     run(device, cloud)
     run(device, cloud, force=True)
     assert len(cloud.issued) == 2
-    assert (device.cert_dir / ento.CERT_FILE).read_text() == cloud.issued[1]["certificatePem"]
+    assert (device.cert_dir / CERT).read_text() == cloud.issued[1]["certificatePem"]
     assert device.device["CERTIFICATE_ID"] == cloud.issued[1]["certificateId"]
+    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY]
 
 
 def test_force_keeps_the_old_credentials_when_registration_is_refused(device, cloud):
     run(device, cloud)
-    old_cert = (device.cert_dir / ento.CERT_FILE).read_bytes()
+    old_cert = (device.cert_dir / CERT).read_bytes()
     cloud.register_answers.append(("rejected", {"statusCode": 400, "errorCode": "Nope",
                                                 "errorMessage": "no"}))
-    with pytest.raises(ento.ServiceError):
+    with pytest.raises(errors.ServiceError):
         run(device, cloud, force=True)
-    assert (device.cert_dir / ento.CERT_FILE).read_bytes() == old_cert
-    assert ento.installed_credentials_problem(device.config()) is None
+    assert (device.cert_dir / CERT).read_bytes() == old_cert
+    assert CertDir.open(device.cert_dir).installed_problem() is None
     assert device.device["PROVISION_STATUS"] == "True"
+    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY]
 
 
 def test_a_staged_key_left_by_a_killed_force_run_is_cleaned_on_a_normal_boot(device, cloud):
     run(device, cloud)
-    staged = device.cert_dir / ento.STAGING_KEY_FILE
+    staged = device.cert_dir / "private.pem.key.staging"
     staged.write_text("left over")
     run(device, cloud)
     assert not staged.exists()
@@ -182,21 +224,32 @@ def test_register_rejected_with_4xx_is_final_and_installs_nothing(device, cloud)
     cloud.register_answers.append(("rejected", {
         "statusCode": 400, "errorCode": "InvalidParameters",
         "errorMessage": "SerialNumber is bad"}))
-    with pytest.raises(ento.ServiceError) as err:
+    with pytest.raises(errors.ServiceError) as err:
         run(device, cloud)
     assert "statusCode=400 errorCode=InvalidParameters" in str(err.value)
     assert "SerialNumber is bad" in str(err.value)
+    assert "TEMPLATE_NAME" in err.value.hint
     assert_no_credentials(device)
     assert device.device["PROVISION_STATUS"] == "False"
     assert len(cloud.issued) == 1
+    assert sorted(os.listdir(device.cert_dir)) == []
 
 
-def test_create_rejected_with_403_is_final(device, cloud):
+def test_create_rejected_with_403_is_final_and_points_at_the_claim_policy(device, cloud):
     cloud.create_answers.append(("rejected", {"statusCode": 403, "errorCode": "Forbidden",
                                               "errorMessage": "policy"}))
-    with pytest.raises(ento.ServiceError, match="CreateKeysAndCertificate rejected"):
+    with pytest.raises(errors.ServiceError, match="CreateKeysAndCertificate rejected") as err:
         run(device, cloud)
+    assert "$aws/certificates/create/*" in err.value.hint
     assert_no_credentials(device)
+
+
+def test_a_rejection_with_odd_field_types_is_still_one_clean_error(device, cloud):
+    cloud.create_answers.append(("rejected", {"statusCode": "x" * 500, "errorCode": ["a"],
+                                              "errorMessage": {"nested": "\n"}}))
+    with pytest.raises(errors.ServiceError) as err:
+        run(device, cloud)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 600
 
 
 @pytest.mark.parametrize("status,code", [(429, "Throttling"), (500, "InternalError"),
@@ -208,8 +261,8 @@ def test_a_busy_service_is_asked_again_on_the_same_connection(device, cloud, sta
     run(device, cloud, sleeps=sleeps)
     assert len(sleeps) == 2
     assert [c for c in cloud.calls if c[0] == "connect"] == [
-        ("connect", "CAM-42", "claim.pem.crt"), ("connect", "thing-CAM-42", "certificate.pem.crt")]
-    registers = cloud.published(REGISTER)
+        ("connect", "CAM-42", "claim.pem.crt"), ("connect", "thing-CAM-42", CERT)]
+    registers = cloud.registers()
     assert len(registers) == 3 and len(set(registers)) == 1
     assert len(cloud.issued) == 1
     assert device.device["PROVISION_STATUS"] == "True"
@@ -225,85 +278,115 @@ def test_silence_is_retried_from_a_new_connection(device, cloud):
     assert device.device["PROVISION_STATUS"] == "True"
 
 
-def test_backoff_grows_exponentially_with_full_jitter():
-    backoff = ento.Backoff(base=1.0, cap=8.0)
+def test_a_connection_lost_while_awaiting_an_answer_is_retried_at_once(device, cloud):
+    cloud.create_answers.append("drop")
+    sleeps = []
+    run(device, cloud, sleeps=sleeps, step=30)
+    assert len(sleeps) == 1
+    assert device.device["PROVISION_STATUS"] == "True"
 
-    class Rng:
-        def uniform(self, low, high):
-            return high
 
-    assert [backoff.delay(n, Rng()) for n in range(1, 6)] == [2.0, 4.0, 8.0, 8.0, 8.0]
+def test_a_suback_that_never_comes_is_bounded(device, cloud):
+    cloud.fail_with("subscribe", *["never"] * 200)
+    with pytest.raises(errors.TransientError, match="no SUBACK"):
+        run(device, cloud, seconds=2.5, step=0.2)
+
+
+def test_a_puback_that_never_comes_is_bounded(device, cloud):
+    cloud.fail_with("publish", *["never"] * 200)
+    with pytest.raises(errors.TransientError, match="no PUBACK"):
+        run(device, cloud, seconds=2.5, step=0.2)
 
 
 def test_transient_failures_stop_at_the_run_deadline(device, cloud):
     clock = [0.0]
-    deadline = ento.Deadline(30.0, clock=lambda: clock[0])
+    deadline = Deadline(30.0, clock=lambda: clock[0], step_limit=0.01)
     cloud.create_answers.extend([None] * 100)
 
     def sleep(seconds):
         clock[0] += seconds
 
-    with pytest.raises(ento.TransientError, match="time limit"):
-        boot.boot(device.config_path, deadline, connect=cloud, sleep=sleep)
+    with pytest.raises(errors.TransientError, match="time limit"):
+        boot.boot(device.config_path, deadline, build=cloud, sleep=sleep)
     assert clock[0] <= 30.0
     assert_no_credentials(device)
 
 
 def test_a_refused_connection_is_transient(device, cloud):
-    cloud.fail_with("connect", *[ento.TransientError("connect failed: refused")] * 3)
+    cloud.fail_with("connect", *[crt_error("AWS_IO_SOCKET_CONNECTION_REFUSED")] * 3)
     run(device, cloud)
     assert device.device["PROVISION_STATUS"] == "True"
 
 
+def _create(**fields):
+    cert, key = fields.pop("pair", (None, None))
+    body = {"certificateId": VALID_ID, "certificatePem": cert, "privateKey": key,
+            "certificateOwnershipToken": "t" * 8}
+    body.update(fields)
+    return {k: v for k, v in body.items() if v is not None}
+
+
 @pytest.mark.parametrize("body,why", [
-    (b"<html>not json</html>", "not JSON"),
+    (b"<html>not json</html>", "not a JSON object"),
     (b"[1, 2]", "not a JSON object"),
-    ({"certificateId": "x", "privateKey": "k", "certificateOwnershipToken": "t"},
-     "lacks certificatePem"),
-    ({"certificateId": "x", "certificatePem": "-----BEGIN CERTIFICATE-----\nxx\n"
-      "-----END CERTIFICATE-----\n", "privateKey": "k", "certificateOwnershipToken": "t"},
-     "does not parse"),
-    ({"certificateId": "", "certificatePem": "c", "privateKey": "k",
-      "certificateOwnershipToken": "t"}, "lacks certificateId"),
+    (b'{"a":' * 5000 + b"1" + b"}" * 5000, "not a JSON object"),
+    (_create(privateKey="k"), "lacks certificatePem"),
+    (_create(certificatePem="-----BEGIN CERTIFICATE-----\nxx\n-----END CERTIFICATE-----\n",
+             privateKey="k"), "does not parse"),
+    (_create(certificateId="", certificatePem="c", privateKey="k"), "lacks certificateId"),
+    (_create(certificateId="x\n" * 20, certificatePem="c", privateKey="k"),
+     "invalid certificateId"),
+    (_create(certificatePem=["not", "a", "string"], privateKey="k"), "lacks certificatePem"),
+    (_create(certificatePem="c" * 20000, privateKey="k"), "over"),
 ])
 def test_malformed_create_answers_fail_with_nothing_installed(device, cloud, body, why):
     cloud.create_answers.append(("accepted", body))
-    with pytest.raises(ento.ServiceError, match=why):
+    with pytest.raises(errors.ServiceError, match=why) as err:
         run(device, cloud)
+    assert "\n" not in str(err.value)
     assert_no_credentials(device)
     assert device.device["PROVISION_STATUS"] == "False"
+    assert cloud.registers() == []
 
 
 def test_a_certificate_that_does_not_match_the_key_is_refused(device, cloud):
     cert, _ = cloud.ca.pair()
     _, key = cloud.ca.pair()
-    cloud.create_answers.append(("accepted", {"certificateId": "x", "certificatePem": cert,
-                                              "privateKey": key,
-                                              "certificateOwnershipToken": "t"}))
-    with pytest.raises(ento.ServiceError, match="does not belong"):
+    cloud.create_answers.append(("accepted", _create(pair=(cert, key))))
+    with pytest.raises(errors.ServiceError, match="does not belong"):
         run(device, cloud)
     assert_no_credentials(device)
 
 
 @pytest.mark.parametrize("body", [{"thingName": ""}, {"deviceConfiguration": {}}, b"nope",
-                                  {"thingName": "bad/name"}])
+                                  {"thingName": "bad/name"}, {"thingName": "x" * 129},
+                                  {"thingName": "ok", "deviceConfiguration": [1]},
+                                  {"thingName": "ok", "deviceConfiguration": {"a": 1}}])
 def test_malformed_register_answers_fail_with_nothing_installed(device, cloud, body):
     cloud.register_answers.append(("accepted", body))
-    with pytest.raises(ento.ServiceError):
+    with pytest.raises(errors.ServiceError):
         run(device, cloud)
     assert_no_credentials(device)
+
+
+def test_device_configuration_from_the_template_is_kept_beside_the_pair(device, cloud):
+    cloud.register_answers.append(("accepted", {"thingName": "cam",
+                                                "deviceConfiguration": {"Fps": "2"}}))
+    run(device, cloud)
+    path = device.cert_dir / "device-configuration.json"
+    assert json.loads(path.read_text()) == {"Fps": "2"}
+    assert mode(path) == 0o644
 
 
 def test_answers_for_other_requests_are_ignored(device, cloud):
     # A register answer arriving while CreateKeysAndCertificate is awaited is
     # someone else's (another device on a shared broker).
-    session_noise = (REGISTER + "/accepted", b'{"thingName": "other"}')
     original = cloud.respond
 
-    def respond(session, topic, payload):
+    def respond(connection, topic, payload):
         if topic == CREATE:
-            session.inbox.append(session_noise)
-        original(session, topic, payload)
+            connection.deliver(REGISTER + "/accepted", b'{"thingName": "other"}')
+        original(connection, topic, payload)
 
     cloud.respond = respond
     run(device, cloud)
@@ -320,17 +403,20 @@ def test_no_secret_reaches_the_log(device, cloud, caplog):
         assert issued["certificateOwnershipToken"] not in text
 
 
-def test_stray_temporary_files_from_a_killed_run_are_removed(device, cloud):
+def test_stray_temporary_files_from_a_killed_run_are_removed_by_name_only(device, cloud):
     device.cert_dir.mkdir(mode=0o700)
     stray = device.cert_dir / ".certificate.pem.crt.0badf00d.tmp"
     stray.write_text("half")
     config_stray = device.config_path.parent / ".ento.conf.12345678.tmp"
     config_stray.write_text("{")
+    kept = device.config_path.parent / ".camera-notes.tmp"
+    kept.write_text("not ours")
     run(device, cloud)
     assert not stray.exists() and not config_stray.exists()
+    assert kept.exists()
 
 
-def test_an_existing_cert_dir_with_loose_mode_is_tightened(device, cloud):
+def test_an_existing_cert_dir_of_ours_with_a_loose_mode_is_tightened(device, cloud):
     device.cert_dir.mkdir(mode=0o755)
     os.chmod(device.cert_dir, 0o755)
     run(device, cloud)
@@ -349,7 +435,16 @@ def test_provisioning_needs_template_and_claim_files_only_when_needed(device, cl
 
 def test_missing_claim_files_are_a_config_error_when_provisioning(device, cloud):
     device.update(CLAIM_KEY=str(device.root / "nowhere.key"))
-    with pytest.raises(ento.ConfigError, match="claim key"):
+    with pytest.raises(errors.ConfigError, match="claim key"):
+        run(device, cloud)
+    assert cloud.calls == []
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\x01\x02", b"-----BEGIN CERTIFICATE-----\n%%\n"
+                                     b"-----END CERTIFICATE-----\n"])
+def test_a_garbled_claim_certificate_is_a_config_error(device, cloud, garbage):
+    (device.root / "claim" / "claim.pem.crt").write_bytes(garbage)
+    with pytest.raises(errors.ConfigError, match="claim files unusable"):
         run(device, cloud)
     assert cloud.calls == []
 
@@ -357,7 +452,7 @@ def test_missing_claim_files_are_a_config_error_when_provisioning(device, cloud)
 def test_a_claim_key_of_another_certificate_is_a_config_error(device, cloud):
     _, other = cloud.ca.pair()
     (device.root / "claim" / "claim.key").write_text(other)
-    with pytest.raises(ento.ConfigError, match="does not belong"):
+    with pytest.raises(errors.ConfigError, match="does not belong"):
         run(device, cloud)
 
 

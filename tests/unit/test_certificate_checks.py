@@ -7,13 +7,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-import ento
+from entomologist import certs, clock, config as configuration, errors, files, lock, logs, retries
 from fakes import MiniCA
 
 
 def test_a_matching_pair_is_accepted():
     cert, key = MiniCA().pair()
-    assert ento.pair_problem(cert.encode(), key.encode()) is None
+    assert certs.pair_problem(cert.encode(), key.encode()) is None
 
 
 @pytest.mark.parametrize("broken", ["other key", "garbage key", "garbage certificate",
@@ -24,8 +24,8 @@ def test_a_pair_that_does_not_belong_together_is_refused(broken):
     _, other = ca.pair()
     cert, key = {"other key": (cert, other), "garbage key": (cert, "garbage"),
                  "garbage certificate": ("garbage", key), "empty key": (cert, "")}[broken]
-    problem = ento.pair_problem(cert.encode(), key.encode())
-    expected = "does not parse" if broken == "garbage certificate" else "does not belong"
+    problem = certs.pair_problem(cert.encode(), key.encode())
+    expected = "no PEM certificate" if broken == "garbage certificate" else "does not belong"
     assert expected in problem
 
 
@@ -50,28 +50,28 @@ def certificate(not_before: dt.datetime, version=x509.Version.v3):
 def test_not_before_read_from_der_agrees_with_cryptography(when):
     cert = certificate(when)
     der = cert.public_bytes(serialization.Encoding.DER)
-    assert ento.not_valid_before(der) == cert.not_valid_before_utc.timestamp()
+    assert certs.not_valid_before(der) == cert.not_valid_before_utc.timestamp()
 
 
 def test_the_shipped_amazon_root_ca_and_the_stand_in_certificates_parse():
-    pem = ento.SHIPPED_ROOT_CA.read_bytes()
-    (der,) = ento.pem_certificates(pem)
+    pem = configuration.SHIPPED_ROOT_CA.read_bytes()
+    (der,) = certs.pem_certificates(pem)
     expected = x509.load_pem_x509_certificate(pem).not_valid_before_utc.timestamp()
-    assert ento.not_valid_before(der) == expected
+    assert certs.not_valid_before(der) == expected
     ca = MiniCA()
     cert, _ = ca.pair()
     bundle = (cert + ca.pem).encode()
-    assert len(ento.pem_certificates(bundle)) == 2
+    assert len(certs.pem_certificates(bundle)) == 2
 
 
 @pytest.mark.parametrize("der", [b"", b"\x30", b"\x30\x85\x00\x00\x00\x00\x01",
                                  b"\x30\x03\x02\x01\x01", b"\x30\x82\xff\xff"])
 def test_malformed_der_is_a_value_error(der):
     with pytest.raises(ValueError):
-        ento.not_valid_before(der)
+        certs.not_valid_before(der)
 
 
 def test_a_file_whose_certificate_cannot_be_read_does_not_block_the_clock_check(tmp_path):
     bad = tmp_path / "bad.pem"
     bad.write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
-    ento.check_clock(tmp_path / "absent.conf", [bad, tmp_path / "absent.pem"], now=lambda: 1.0)
+    clock.check_clock([bad, tmp_path / "absent.pem", tmp_path], now=lambda: 1.0)

@@ -1,21 +1,24 @@
 """A clock that may be wrong, and log lines fit for the journal."""
+import datetime as dt
 import io
 import logging
 import os
 import time
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import boot
-import ento
+from entomologist import clock, errors, logs, retries
 import update_boot_status as ubs
+from fakes import MiniCA
 
 
 def test_a_clock_before_the_claim_certificate_fails_fast_as_transient(device, cloud):
     started = time.monotonic()
-    with pytest.raises(ento.TransientError, match="system clock is not set") as err:
-        boot.boot(device.config_path, ento.Deadline(60), connect=cloud,
-                  clock=lambda: 946684800.0)  # 2000-01-01
+    with pytest.raises(errors.TransientError, match="system clock is not set") as err:
+        boot.boot(device.config_path, retries.Deadline(60), build=cloud,
+                  now=lambda: 946684800.0)  # 2000-01-01
     assert time.monotonic() - started < 1.0
     assert "2000-01-01T00:00:00Z" in str(err.value)
     assert "will be retried" in str(err.value)
@@ -23,31 +26,43 @@ def test_a_clock_before_the_claim_certificate_fails_fast_as_transient(device, cl
 
 
 def test_the_exit_code_for_a_wrong_clock_is_75(device, cloud):
-    code = ento.run_main(lambda: boot.boot(device.config_path, ento.Deadline(60),
-                                           connect=cloud, clock=lambda: 0.0))
+    code = errors.run_main(lambda: boot.boot(device.config_path, retries.Deadline(60),
+                                             build=cloud, now=lambda: 0.0))
     assert code == os.EX_TEMPFAIL
 
 
-def test_a_clock_before_the_config_file_was_written_is_wrong(tmp_path):
-    config = tmp_path / "ento.conf"
-    config.write_text("{}")
-    os.utime(config, (2_000_000_000, 2_000_000_000))
-    with pytest.raises(ento.TransientError, match="last change of"):
-        ento.check_clock(config, [], now=lambda: 1_999_999_999.0)
-    ento.check_clock(config, [], now=lambda: 2_000_000_001.0)
+def test_each_certificate_alone_sets_the_floor(tmp_path):
+    ca = MiniCA()
+    later = dt.datetime(2031, 5, 1, tzinfo=dt.timezone.utc)
+    old = tmp_path / "old.pem"
+    old.write_text(ca.pem)
+    new = tmp_path / "new.pem"
+    new.write_text(ca.sign(ec.generate_private_key(ec.SECP256R1()).public_key(), later))
+    floor = later.timestamp()
+    with pytest.raises(errors.TransientError, match=f"start of validity of {new}"):
+        clock.check_clock([old, new], now=lambda: floor - 1)
+    clock.check_clock([old, new], now=lambda: floor + 1)
+    clock.check_clock([old], now=lambda: floor - 1)
 
 
-def test_a_clock_after_every_start_of_validity_passes(device, cloud):
-    ento.check_clock(device.config_path, [device.root / "ca.pem",
-                                          device.root / "claim" / "claim.pem.crt"])
+def test_a_config_modified_in_the_future_does_not_block_a_boot(device, cloud):
+    # A clock that ran ahead stamped the config; it was corrected since.
+    future = time.time() + 10 * 365 * 86400
+    os.utime(device.config_path, (future, future))
+    boot.boot(device.config_path, retries.Deadline(30), build=cloud, sleep=lambda s: None)
+    assert device.device["PROVISION_STATUS"] == "True"
+
+
+def test_a_clock_after_every_start_of_validity_passes(device):
+    clock.check_clock([device.root / "ca.pem", device.root / "claim" / "claim.pem.crt"])
 
 
 def test_boot_status_checks_the_clock_against_the_device_certificate(device, cloud):
-    boot.boot(device.config_path, ento.Deadline(30), connect=cloud, sleep=lambda s: None)
+    boot.boot(device.config_path, retries.Deadline(30), build=cloud, sleep=lambda s: None)
     cloud.calls.clear()
-    with pytest.raises(ento.TransientError, match="system clock is not set"):
-        ubs.update_boot_status(device.config(), ento.Deadline(5), connect=cloud,
-                               clock=lambda: time.time() - 3600)
+    with pytest.raises(errors.TransientError, match="start of validity of .*certificate.pem.crt"):
+        ubs.update_boot_status(device.config(), retries.Deadline(5), build=cloud,
+                               now=lambda: time.time() - 3600)
     assert cloud.calls == []
 
 
@@ -58,7 +73,7 @@ def emit(stream, env):
     os.environ.clear()
     os.environ.update(env)
     try:
-        ento.setup_logging(verbose=True, stream=handler_stream)
+        logs.setup_logging(verbose=True, stream=handler_stream)
     finally:
         os.environ.clear()
         os.environ.update(old)
@@ -85,17 +100,37 @@ def test_elsewhere_lines_are_level_and_message(tmp_path):
 
 
 def test_a_stream_without_a_file_descriptor_is_not_the_journal():
-    assert not ento.stderr_is_journal(io.StringIO(), {"JOURNAL_STREAM": "1:2"})
+    assert not logs.stderr_is_journal(io.StringIO(), {"JOURNAL_STREAM": "1:2"})
 
 
-def test_every_line_of_a_traceback_keeps_its_event_priority_on_the_journal():
-    formatter = ento._JournalFormatter("%(message)s")
-    try:
-        raise ValueError("boom")
-    except ValueError:
-        import sys
-        record = logging.LogRecord("x", logging.ERROR, "f", 1, "bug", None, sys.exc_info())
-    text = formatter.format(record)
-    lines = text.splitlines()
-    assert lines[0] == "<3>bug" and len(lines) > 2
+def test_every_line_of_a_traceback_keeps_its_event_priority_on_the_journal(tmp_path):
+    with open(tmp_path / "stderr", "w+") as stream:
+        st = os.fstat(stream.fileno())
+        emit(stream, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+
+        def bug():
+            raise ValueError("boom")
+
+        assert errors.run_main(bug) == os.EX_SOFTWARE
+        stream.seek(0)
+        lines = stream.read().splitlines()[4:]
+    assert lines[0].startswith("<3>unexpected error") and len(lines) > 2
     assert all(line.startswith("<3>") for line in lines)
+
+
+def test_strings_from_outside_are_escaped_cut_and_redacted():
+    forged = "ok\nERROR forged line\x1b[31m"
+    assert "\n" not in logs.shown(forged) and "\x1b" not in logs.shown(forged)
+    assert len(logs.shown("x" * 10_000)) < 250
+    pem = "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----"
+    assert "MIIB" not in logs.shown(f"echo {pem} back")
+
+
+def test_a_registered_secret_never_reaches_a_log_line(tmp_path):
+    with open(tmp_path / "stderr", "w+") as stream:
+        logs.setup_logging(stream=stream)
+        logs.redact("token-1234-secret")
+        logging.getLogger("entomologist.test").error("service said %s", "bad token-1234-secret!")
+        stream.seek(0)
+        text = stream.read()
+    assert "token-1234-secret" not in text and "[redacted]" in text

@@ -5,7 +5,7 @@ import os
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import ento
+from entomologist import certs, clock, config as configuration, errors, files, lock, logs, retries
 
 GOOD = {"SERIAL_ID": "CAM-1", "ENDPOINT_URL": "abc123-ats.iot.eu-west-1.amazonaws.com"}
 
@@ -15,15 +15,15 @@ def load(tmp_path, device=None, raw=None):
     if raw is None:
         raw = json.dumps({"device": device}).encode()
     path.write_bytes(raw)
-    return ento.load_config(path)
+    return configuration.load_config(path)
 
 
 def test_defaults(tmp_path):
     config = load(tmp_path, GOOD)
     assert (config.host, config.port, config.provisioned) == (
         "abc123-ats.iot.eu-west-1.amazonaws.com", 8883, False)
-    assert config.cert_dir == ento.DEFAULT_CERT_DIR
-    assert config.root_ca == ento.SHIPPED_ROOT_CA and config.root_ca.exists()
+    assert config.cert_dir == configuration.DEFAULT_CERT_DIR
+    assert config.root_ca == configuration.SHIPPED_ROOT_CA and config.root_ca.exists()
     assert config.thing_name is None
 
 
@@ -96,7 +96,7 @@ BAD_DEVICES = [
 
 @pytest.mark.parametrize("device,key", BAD_DEVICES)
 def test_invalid_values_are_config_errors_naming_the_key(tmp_path, device, key):
-    with pytest.raises(ento.ConfigError, match=key):
+    with pytest.raises(errors.ConfigError, match=key):
         load(tmp_path, device)
 
 
@@ -114,24 +114,24 @@ def test_invalid_values_are_config_errors_naming_the_key(tmp_path, device, key):
     (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
 ])
 def test_unreadable_documents_are_config_errors(tmp_path, raw, why):
-    with pytest.raises(ento.ConfigError, match=why):
+    with pytest.raises(errors.ConfigError, match=why):
         load(tmp_path, raw=raw)
 
 
 def test_missing_file_directory_symlink_loop_and_huge_file(tmp_path):
-    with pytest.raises(ento.ConfigError, match="does not exist"):
-        ento.load_config(tmp_path / "absent.conf")
+    with pytest.raises(errors.ConfigError, match="does not exist"):
+        configuration.load_config(tmp_path / "absent.conf")
     (tmp_path / "dir.conf").mkdir()
-    with pytest.raises(ento.ConfigError, match="not a regular file"):
-        ento.load_config(tmp_path / "dir.conf")
+    with pytest.raises(errors.ConfigError, match="not a regular file"):
+        configuration.load_config(tmp_path / "dir.conf")
     os.symlink(tmp_path / "loop", tmp_path / "loop")
-    with pytest.raises(ento.ConfigError, match="cannot be opened"):
-        ento.load_config(tmp_path / "loop")
+    with pytest.raises(errors.ConfigError, match="cannot be opened"):
+        configuration.load_config(tmp_path / "loop")
     huge = tmp_path / "huge.conf"
     with open(huge, "wb") as f:
         f.truncate(50 * 1024 * 1024)
-    with pytest.raises(ento.ConfigError, match="too large"):
-        ento.load_config(huge)
+    with pytest.raises(errors.ConfigError, match="too large"):
+        configuration.load_config(huge)
 
 
 def test_unreadable_file(tmp_path, monkeypatch):
@@ -146,12 +146,12 @@ def test_unreadable_file(tmp_path, monkeypatch):
 
     # Root reads any file, so the denial is injected.
     monkeypatch.setattr(os, "open", denied)
-    with pytest.raises(ento.ConfigError, match="cannot be opened: Permission denied"):
-        ento.load_config(path)
+    with pytest.raises(errors.ConfigError, match="cannot be opened: Permission denied"):
+        configuration.load_config(path)
 
 
 def provisioning(tmp_path, **device):
-    return ento.provisioning_settings(load(tmp_path, {**GOOD, **device}))
+    return configuration.provisioning_settings(load(tmp_path, {**GOOD, **device}))
 
 
 @pytest.mark.parametrize("device,key", [
@@ -164,10 +164,9 @@ def provisioning(tmp_path, **device):
     ({"TEMPLATE_NAME": "T", "TEMPLATE_PARAMETERS": {"A": "b", "On": True}},
      "TEMPLATE_PARAMETERS.On"),
     ({"TEMPLATE_NAME": "T", "TEMPLATE_PARAMETERS": {"A": None}}, "TEMPLATE_PARAMETERS.A"),
-    ({"TEMPLATE_NAME": "T", "CLAIM_CERT": "nope.crt"}, "claim certificate"),
 ])
 def test_provisioning_settings_are_checked_when_provisioning(tmp_path, device, key):
-    with pytest.raises(ento.ConfigError, match=key):
+    with pytest.raises(errors.ConfigError, match=key):
         provisioning(tmp_path, **device)
 
 
@@ -181,11 +180,11 @@ def test_any_json_document_loads_or_is_a_config_error(tmp_path_factory, document
     for doc in (document, {"device": document}, {"device": {**GOOD, "PORT": document}}):
         path.write_text(json.dumps(doc))
         try:
-            config = ento.load_config(path)
-        except ento.ConfigError as exc:
+            config = configuration.load_config(path)
+        except errors.ConfigError as exc:
             assert str(exc) and "\n" not in str(exc)
         else:
-            assert ento.SERIAL_RE.fullmatch(config.serial_id)
+            assert configuration.SERIAL_RE.fullmatch(config.serial_id)
             assert 1 <= config.port <= 65535
 
 
@@ -194,5 +193,5 @@ def test_any_json_document_loads_or_is_a_config_error(tmp_path_factory, document
 def test_any_bytes_load_or_are_a_config_error(tmp_path_factory, raw):
     path = tmp_path_factory.mktemp("cfg") / "ento.conf"
     path.write_bytes(raw)
-    with pytest.raises(ento.ConfigError):
-        ento.load_config(path)
+    with pytest.raises(errors.ConfigError):
+        configuration.load_config(path)

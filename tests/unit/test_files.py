@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import ento
+from entomologist import certs, clock, config as configuration, errors, files, lock, logs, retries
 
 
 def mode(path):
@@ -23,8 +23,8 @@ def strict_umask():
 
 
 def test_atomic_write_gives_the_final_mode_despite_the_umask(tmp_path, strict_umask):
-    ento.write_file_atomic(tmp_path / "cert", b"public", 0o644)
-    ento.write_file_atomic(tmp_path / "key", b"secret", 0o600)
+    files.write_file_atomic(tmp_path / "cert", b"public", 0o644)
+    files.write_file_atomic(tmp_path / "key", b"secret", 0o600)
     assert (mode(tmp_path / "cert"), mode(tmp_path / "key")) == (0o644, 0o600)
     assert sorted(os.listdir(tmp_path)) == ["cert", "key"]
 
@@ -38,7 +38,7 @@ def test_a_secret_is_never_visible_with_a_wider_mode(tmp_path, monkeypatch):
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", spy)
-    ento.write_file_atomic(tmp_path / "key", b"secret", 0o600)
+    files.write_file_atomic(tmp_path / "key", b"secret", 0o600)
     assert modes and set(modes) == {0o600}
 
 
@@ -50,8 +50,8 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "write", full)
-    with pytest.raises(ento.StorageError, match="No space left"):
-        ento.write_file_atomic(target, b"new", 0o644)
+    with pytest.raises(errors.StorageError, match="No space left"):
+        files.write_file_atomic(target, b"new", 0o644)
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["file"]
 
@@ -66,20 +66,28 @@ def test_write_fsyncs_the_file_and_its_folder(tmp_path, monkeypatch):
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", spy)
-    ento.write_file_atomic(tmp_path / "f", b"x", 0o644)
+    files.write_file_atomic(tmp_path / "f", b"x", 0o644)
     assert synced == ["file", "dir"]
+
+
+MINIMAL = {"SERIAL_ID": "A", "ENDPOINT_URL": "example.com"}
+
+
+def write_config(path, doc, mode=0o640):
+    path.write_text(json.dumps(doc))
+    os.chmod(path, mode)
+    return configuration.load_config(path)
 
 
 def test_config_rewrite_keeps_unknown_keys_sections_order_and_mode(tmp_path):
     path = tmp_path / "ento.conf"
-    doc = {"zeta": 1, "device": {"SERIAL_ID": "A", "X_UNKNOWN": [1, {"b": None}]},
+    doc = {"zeta": 1, "device": {**MINIMAL, "X_UNKNOWN": [1, {"b": None}]},
            "camera": {"fps": 2}}
-    path.write_text(json.dumps(doc))
-    os.chmod(path, 0o604)
-    ento.update_device_config(path, {"PROVISION_STATUS": "True"})
+    config = write_config(path, doc, 0o604)
+    configuration.update_device_config(config, {"PROVISION_STATUS": "True"})
     after = json.loads(path.read_text())
     assert list(after) == ["zeta", "device", "camera"]
-    assert after["device"] == {"SERIAL_ID": "A", "X_UNKNOWN": [1, {"b": None}],
+    assert after["device"] == {**MINIMAL, "X_UNKNOWN": [1, {"b": None}],
                                "PROVISION_STATUS": "True"}
     assert after["camera"] == {"fps": 2}
     assert mode(path) == 0o604
@@ -87,52 +95,106 @@ def test_config_rewrite_keeps_unknown_keys_sections_order_and_mode(tmp_path):
 
 def test_config_rewrite_keeps_the_owner(tmp_path):
     path = tmp_path / "ento.conf"
-    path.write_text(json.dumps({"device": {}}))
+    config = write_config(path, {"device": MINIMAL})
     if os.geteuid() == 0:
-        owner = (1234, 4321)
+        owner = (0, 4321)
     else:
         owner = (os.getuid(), ([g for g in os.getgroups() if g != os.getgid()]
                                or [os.getgid()])[0])
     os.chown(path, *owner)
-    ento.update_device_config(path, {"A": "b"})
+    configuration.update_device_config(config, {"THING_NAME": "b"})
     st = os.stat(path)
     assert (st.st_uid, st.st_gid) == owner
 
 
 def test_an_unchanged_config_is_not_rewritten(tmp_path):
     path = tmp_path / "ento.conf"
-    path.write_text(json.dumps({"device": {"PROVISION_STATUS": "True"}}))
+    config = write_config(path, {"device": {**MINIMAL, "PROVISION_STATUS": "True"}})
     inode = os.stat(path).st_ino
-    ento.update_device_config(path, {"PROVISION_STATUS": "True"})
+    assert configuration.update_device_config(config, {"PROVISION_STATUS": "True"}) is False
     assert os.stat(path).st_ino == inode
+
+
+@pytest.mark.parametrize("text", [
+    '{"device": {"SERIAL_ID": "A", "ENDPOINT_URL": "example.com"}, '
+    '"camera": {"gain": 1.0000000000000001, "big": 1e400, "tiny": -0.0, "exp": 2.5E-3, '
+    '"int": 123456789012345678901234567890}}',
+    '{"device": {"SERIAL_ID": "A", "ENDPOINT_URL": "example.com", "NOTE": "\\ud800 lone"}, '
+    '"x": ["\\u00e9t\\u00e9", "\\u2028", {"": []}]}',
+])
+def test_a_rewrite_keeps_every_value_it_does_not_own_exactly(tmp_path, text):
+    from decimal import Decimal
+    path = tmp_path / "ento.conf"
+    path.write_text(text)
+    config = configuration.load_config(path)
+    configuration.update_device_config(config, {"PROVISION_STATUS": "True"})
+
+    def exact(raw):
+        return json.loads(raw, parse_float=Decimal)
+
+    before, after = exact(text), exact(path.read_text())
+    after["device"].pop("PROVISION_STATUS")
+    assert after == before
+    for value in (after.get("camera") or {}).values():
+        assert str(value) in path.read_text()  # the number's own text, not a float's
+
+
+def test_a_config_that_would_grow_too_large_is_refused_before_anything(tmp_path):
+    path = tmp_path / "ento.conf"
+    filler = "x" * (configuration.MAX_CONFIG_BYTES - 200)
+    config = write_config(path, {"device": MINIMAL, "notes": filler})
+    with pytest.raises(errors.ConfigError, match="would grow"):
+        configuration.rehearse_update(config)
+    assert sorted(os.listdir(tmp_path)) == ["ento.conf"]
 
 
 def test_a_second_run_waits_for_the_lock_then_proceeds(tmp_path):
     config = tmp_path / "ento.conf"
-    first = ento.RunLock(config)
-    first.acquire(ento.Deadline(1))
+    first = lock.RunLock(config)
+    first.acquire(retries.Deadline(1))
     threading.Timer(0.3, first.release).start()
     started = time.monotonic()
-    with ento.RunLock(config) as second:
-        second.acquire(ento.Deadline(5))
+    with lock.RunLock(config) as second:
+        second.acquire(retries.Deadline(5))
     assert 0.2 < time.monotonic() - started < 3
 
 
 def test_waiting_for_the_lock_is_bounded_by_the_run_deadline(tmp_path):
     config = tmp_path / "ento.conf"
-    with ento.RunLock(config) as first:
-        first.acquire(ento.Deadline(1))
-        with pytest.raises(ento.TransientError, match="lock"):
-            ento.RunLock(config).acquire(ento.Deadline(0.3))
+    with lock.RunLock(config) as first:
+        first.acquire(retries.Deadline(1))
+        with pytest.raises(errors.TransientError, match="lock"):
+            lock.RunLock(config).acquire(retries.Deadline(0.3))
 
 
-def test_the_lock_lives_beside_the_config(tmp_path):
-    assert ento.RunLock(tmp_path / "ento.conf").path == tmp_path / "ento.conf.lock"
+def test_the_lock_is_the_config_folder_itself_and_needs_no_write(tmp_path):
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "ento.conf").write_text("{}")
+    os.chmod(folder, 0o555)
+    try:
+        with lock.RunLock(folder / "ento.conf") as held:
+            held.acquire(retries.Deadline(1))
+        assert os.listdir(folder) == ["ento.conf"]
+    finally:
+        os.chmod(folder, 0o755)
+
+
+def test_a_run_through_a_symlinked_config_and_one_through_its_target_exclude_each_other(
+        tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "ento.conf").write_text("{}")
+    (tmp_path / "link.conf").symlink_to(real / "ento.conf")
+    with lock.RunLock(tmp_path / "link.conf") as first:
+        first.acquire(retries.Deadline(1))
+        with pytest.raises(errors.TransientError, match="lock"):
+            lock.RunLock(real / "ento.conf").acquire(retries.Deadline(0.3))
 
 
 @pytest.mark.parametrize("error,code", [
-    (ento.ConfigError("bad"), 78), (ento.TransientError("later"), 75),
-    (ento.ServiceError("no"), 65), (ento.StorageError("disk"), 73),
+    (errors.ConfigError("bad"), 78), (errors.TransientError("later"), 75),
+    (errors.ServiceError("no"), 65), (errors.StorageError("disk"), 73),
     (ZeroDivisionError("bug"), 70),
 ])
 def test_outcomes_map_to_sysexits_in_one_place(error, code, caplog):
@@ -140,18 +202,18 @@ def test_outcomes_map_to_sysexits_in_one_place(error, code, caplog):
         raise error
 
     with caplog.at_level(logging.ERROR):
-        assert ento.run_main(body) == code
+        assert errors.run_main(body) == code
     assert (caplog.records[-1].exc_info is not None) == (code == 70)
 
 
 def test_an_expected_failure_is_one_line_with_what_to_check(caplog):
     def body():
-        raise ento.ServiceError("RegisterThing rejected: statusCode=400", hint="the template")
+        raise errors.ServiceError("RegisterThing rejected: statusCode=400", hint="the template")
 
     with caplog.at_level(logging.ERROR):
-        ento.run_main(body)
+        errors.run_main(body)
     assert caplog.messages == ["RegisterThing rejected: statusCode=400; check the template"]
 
 
 def test_success_is_zero():
-    assert ento.run_main(lambda: None) == 0
+    assert errors.run_main(lambda: None) == 0

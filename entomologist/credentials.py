@@ -1,0 +1,197 @@
+"""CERT_DIR: the installed credentials, and what waits to be installed.
+
+Installed: certificate.pem.crt (0644), private.pem.key (0600) and
+AmazonRootCA1.pem (0644); device-configuration.json (0644) when the template
+returns one.  A certificate is never there without its key.
+
+Staged, as soon as its content exists:
+- private.pem.key.device-made: a key made here (CSR mode), before anything is sent;
+- private.pem.key.staging: a key the service sent, when CreateKeysAndCertificate answers;
+- certificate.pem.crt.staging: the new certificate, at the same moment;
+- registration.json.staging: written when RegisterThing is accepted.  While it
+  exists the staged pair is registered and is installed by the next run
+  without any request (a failing disk or a power cut never wastes a
+  registration); it is removed last, once the pair and the config are in place.
+- registration.reserve: room held for that marker while RegisterThing is
+  awaited, freed just before the marker is written, so that a full disk
+  cannot refuse it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import certs, config as configuration, files
+
+log = logging.getLogger("entomologist")
+
+RESERVE_BYTES = 64 * 1024
+CERT_DIR_HINT = "CERT_DIR in the config"
+
+
+@dataclass(frozen=True)
+class Registration:
+    thing_name: str
+    certificate_id: str
+    device_configuration: dict
+
+
+class CertDir:
+    def __init__(self, path: Path):
+        self.path = path
+        self.cert = path / "certificate.pem.crt"
+        self.key = path / "private.pem.key"
+        self.ca = path / "AmazonRootCA1.pem"
+        self.device_configuration = path / "device-configuration.json"
+        self.staged_key = path / "private.pem.key.staging"
+        self.device_key = path / "private.pem.key.device-made"
+        self.staged_cert = path / "certificate.pem.crt.staging"
+        self.registration_marker = path / "registration.json.staging"
+        self.reserve_file = path / "registration.reserve"
+
+    @classmethod
+    def open(cls, directory: Path, create: bool = False) -> "CertDir":
+        """CERT_DIR, checked to be writable by nobody but us and root (made 0700 with ``create``)."""
+        return cls(files.trusted_dir(directory, "CERT_DIR", create=create))
+
+    @classmethod
+    def existing(cls, directory: Path) -> "CertDir | None":
+        try:
+            return cls.open(directory)
+        except files.FileProblem as exc:
+            if exc.missing:
+                return None
+            raise
+
+    # -- what is installed
+
+    def installed_problem(self) -> str | None:
+        """None if a certificate and its key are installed, else what is wrong."""
+        try:
+            cert = files.read_bounded(self.cert, "certificate")
+        except files.FileProblem as exc:
+            return f"no certificate in {self.path}" if exc.missing else str(exc)
+        try:
+            key = files.read_bounded(self.key, "private key")
+        except files.FileProblem as exc:
+            return str(exc)
+        return certs.pair_problem(cert, key)
+
+    def ca_for_connection(self, fallback: Path) -> Path:
+        return self.ca if self.ca.is_file() else fallback
+
+    # -- what is staged
+
+    def registration(self) -> Registration | None:
+        """The registration an earlier run recorded and has not finished installing."""
+        try:
+            raw = files.read_bounded(self.registration_marker, "registration record", 256 * 1024)
+            doc = json.loads(raw)
+            reg = Registration(doc["thingName"], doc["certificateId"],
+                               doc.get("deviceConfiguration") or {})
+            if not (configuration.THING_NAME_RE.fullmatch(reg.thing_name)
+                    and configuration.CERTIFICATE_ID_RE.fullmatch(reg.certificate_id)
+                    and isinstance(reg.device_configuration, dict)):
+                raise ValueError("invalid fields")
+        except files.FileProblem as exc:
+            if exc.missing:
+                return None
+            log.warning("ignoring %s: %s", self.registration_marker, exc)
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring %s: it does not parse (%s)", self.registration_marker,
+                        type(exc).__name__)
+            return None
+        if self.staged_cert.exists():
+            if self.staged_key_for_cert() is None:
+                log.warning("ignoring %s: no staged key belongs to its certificate",
+                            self.registration_marker)
+                return None
+        elif self.installed_problem() is not None:
+            log.warning("ignoring %s: its credentials are gone", self.registration_marker)
+            return None
+        return reg
+
+    def staged_key_for_cert(self) -> Path | None:
+        """The key that belongs to the staged certificate: staged, or already moved
+        into place by a run killed before the certificate followed."""
+        try:
+            cert = files.read_bounded(self.staged_cert, "staged certificate")
+        except files.FileProblem:
+            return None
+        for path in (self.staged_key, self.device_key, self.key):
+            try:
+                if certs.pair_problem(cert, files.read_bounded(path, "staged key")) is None:
+                    return path
+            except files.FileProblem:
+                continue
+        return None
+
+    def stage_created(self, cert_pem: bytes, key_pem: bytes | None) -> None:
+        if key_pem is not None:
+            files.write_file_atomic(self.staged_key, key_pem, 0o600)
+        files.write_file_atomic(self.staged_cert, cert_pem, 0o644)
+
+    def reserve(self) -> None:
+        files.write_file_atomic(self.reserve_file, b"\0" * RESERVE_BYTES, 0o600)
+
+    def record_registration(self, reg: Registration) -> None:
+        data = json.dumps({"thingName": reg.thing_name, "certificateId": reg.certificate_id,
+                           "deviceConfiguration": reg.device_configuration}).encode()
+        try:
+            os.unlink(self.reserve_file)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot free %s: %s", self.reserve_file, exc.strerror)
+        files.write_file_atomic(self.registration_marker, data, 0o600)
+
+    def discard_unregistered(self) -> None:
+        """After a run that registered nothing: its staged certificate and the key the
+        service sent are of no use (the device-made key is kept for the next run)."""
+        for path in (self.staged_cert, self.staged_key, self.reserve_file):
+            files.remove_durably(path)
+
+    def discard_stale(self) -> None:
+        """When the installed pair is sound and nothing is registered and waiting."""
+        for path in (self.staged_cert, self.staged_key, self.device_key, self.reserve_file,
+                     self.registration_marker):
+            files.remove_durably(path)
+
+    # -- installing
+
+    def install(self, cfg: configuration.Config, reg: Registration, root_ca: Path) -> None:
+        """Install the staged, registered pair.  Every step may be repeated, so a
+        run killed anywhere in here is completed by the next one.
+
+        Order: the config first (it must never vouch for a boot the new
+        credentials did not make), the CA copy, then the old certificate away,
+        the key, the certificate last (its presence marks the pair complete),
+        and the registration record once all is in place.
+        """
+        configuration.update_device_config(cfg, {"THING_NAME": reg.thing_name,
+                                                 "CERTIFICATE_ID": reg.certificate_id,
+                                                 "PROVISION_STATUS": "False"})
+        ca_pem = files.read_bounded(root_ca, "ROOT_CA", hint="ROOT_CA in the config")
+        files.write_file_atomic(self.ca, ca_pem, 0o644)
+        if self.staged_cert.exists():
+            key = self.staged_key_for_cert()
+            files.remove_durably(self.cert)
+            if key is not None and key != self.key:
+                files.rename_durably(key, self.key)
+            files.rename_durably(self.staged_cert, self.cert)
+        if reg.device_configuration:
+            files.write_file_atomic(self.device_configuration,
+                                    (json.dumps(reg.device_configuration, indent=2) + "\n"
+                                     ).encode(), 0o644)
+        else:
+            files.remove_durably(self.device_configuration)
+        files.remove_durably(self.registration_marker)
+        for path in (self.staged_key, self.device_key, self.reserve_file):
+            files.remove_durably(path)
+
+    def remove_stray_files(self) -> None:
+        files.remove_stray_temp_files(self.path)

@@ -1,0 +1,261 @@
+"""Bounded reads, durable writes, and folders nobody else can change.
+
+Reads: every file the product reads is a regular file under a size cap,
+opened without blocking (a FIFO or a device node would hang the boot).
+
+Writes: a temporary file beside the target, born with its final mode,
+fsynced, renamed into place, and the folder fsynced: a power cut leaves the
+old file or the new one, never half of one.
+
+Trust (as OpenSSH's StrictModes): a path is used only if it and every folder
+above it belong to root or to us and nobody else can write them; a sticky
+folder such as /tmp is fine above it, since others cannot rename our entries.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import stat
+from pathlib import Path
+
+from .errors import ConfigError, StorageError
+
+log = logging.getLogger("entomologist")
+
+# Certificates, keys, the config: none is near this; a bigger file is not ours.
+MAX_FILE_BYTES = 1 << 20
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8}\.tmp")
+
+
+class FileProblem(ConfigError):
+    """A file cannot be read as a small regular file; ``missing`` if it does not exist."""
+
+    def __init__(self, message: str, hint: str | None = None, missing: bool = False):
+        super().__init__(message, hint)
+        self.missing = missing
+
+
+def read_bounded(path: Path, what: str, limit: int = MAX_FILE_BYTES,
+                 hint: str | None = None) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, else FileProblem."""
+    where = f"{what} {path}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise FileProblem(f"{where} does not exist", hint=hint, missing=True) from None
+    except OSError as exc:
+        raise FileProblem(f"{where} cannot be opened: {exc.strerror}", hint=hint) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileProblem(f"{where} is not a regular file", hint=hint)
+        if st.st_size > limit:
+            raise FileProblem(f"{where} is too large ({st.st_size} bytes, at most {limit})",
+                              hint=hint)
+        chunks, total = [], 0
+        while total <= limit:
+            chunk = os.read(fd, limit + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        raise FileProblem(f"{where} cannot be read: {exc.strerror}", hint=hint) from None
+    finally:
+        os.close(fd)
+    if total > limit:
+        raise FileProblem(f"{where} is too large (more than {limit} bytes)", hint=hint)
+    return b"".join(chunks)
+
+
+# ------------------------------------------------------------------ trust
+
+def _owner_ok(st: os.stat_result) -> bool:
+    return st.st_uid in (0, os.geteuid())
+
+
+def _untrusted(path: Path, st: os.stat_result, allow_sticky: bool) -> str | None:
+    if not _owner_ok(st):
+        return f"is owned by uid {st.st_uid}, neither root nor this user"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        if allow_sticky and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX:
+            return None
+        return "can be written by group or others"
+    return None
+
+
+def trusted_path(path: Path, what: str, hint: str | None = None) -> Path:
+    """The real path of an existing ``path`` after checking that nobody else can change it.
+
+    Symlinks are resolved first and the real path is the one checked and
+    used: a link into a folder we trust is legitimate (read-only root images
+    link /etc files), a link elsewhere is refused.
+    """
+    real = Path(os.path.realpath(path))
+    for index, part in enumerate([real, *real.parents]):
+        try:
+            st = os.lstat(part)
+        except FileNotFoundError:
+            raise FileProblem(f"{what} {path} does not exist", hint=hint, missing=True) from None
+        except OSError as exc:
+            raise FileProblem(f"{what} {path}: cannot check {part}: {exc.strerror}",
+                              hint=hint) from None
+        if index == 0 and stat.S_ISLNK(st.st_mode):
+            raise FileProblem(f"{what} {path} cannot be opened: a symlink loop", hint=hint)
+        problem = _untrusted(part, st, allow_sticky=index > 0)
+        if problem:
+            shown = part if part == path else f"{part} (for {path})"
+            raise ConfigError(
+                f"refusing {what} {shown}: it {problem}",
+                hint=hint or f"chown root {part} and chmod go-w {part}")
+    return real
+
+
+def trusted_dir(directory: Path, what: str, create: bool = False) -> Path:
+    """Like ``trusted_path`` for a folder; with ``create``, a missing one is made 0700
+    in a trusted parent, and an existing one of ours is narrowed to 0700."""
+    try:
+        real = trusted_path(directory, what)
+    except FileProblem as exc:
+        if not (create and exc.missing):
+            raise
+        parent = trusted_path(Path(os.path.realpath(directory)).parent, f"the folder of {what}")
+        real = parent / Path(os.path.realpath(directory)).name
+        try:
+            os.mkdir(real, 0o700)
+            fsync_dir(parent)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StorageError(f"cannot create {what} {real}: {exc.strerror}",
+                               hint=f"that {parent} is writable") from None
+        real = trusted_path(real, what)
+    if not os.path.isdir(real):
+        raise ConfigError(f"{what} {directory} is not a folder")
+    if create and stat.S_IMODE(os.stat(real).st_mode) != 0o700:
+        # Ours and writable by nobody else (checked above): narrowing is safe.
+        try:
+            os.chmod(real, 0o700)
+        except OSError as exc:
+            raise StorageError(f"cannot make {real} private: {exc.strerror}",
+                               hint=f"the owner of {real}") from None
+    return real
+
+
+# ----------------------------------------------------------------- writes
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` survive a power cut."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
+
+
+def _write_temp(path: Path, data: bytes, mode: int, owner: tuple[int, int] | None) -> Path:
+    """A fsynced temporary file beside ``path`` holding ``data``, with its final mode
+    (fchmod before any byte is written: the umask would narrow a 0644 file) and owner."""
+    tmp = _temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)
+        if owner is not None and (os.fstat(fd).st_uid, os.fstat(fd).st_gid) != owner:
+            os.fchown(fd, *owner)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _storage_error(path: Path, exc: OSError) -> StorageError:
+    if exc.errno == errno.EPERM:
+        why = "not permitted (the owner or group cannot be kept without privileges)"
+    else:
+        why = exc.strerror or str(exc)
+    return StorageError(f"cannot write {path}: {why}",
+                        hint=f"that {path.parent} is writable and the disk is not full")
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int,
+                      owner: tuple[int, int] | None = None) -> None:
+    """Replace ``path`` with ``data``: it is either the old or the new file, whole."""
+    try:
+        tmp = _write_temp(path, data, mode, owner)
+    except OSError as exc:
+        raise _storage_error(path, exc) from None
+    try:
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise _storage_error(path, exc) from None
+
+
+def rehearse_write(path: Path, data: bytes, mode: int,
+                   owner: tuple[int, int] | None = None) -> None:
+    """Everything ``write_file_atomic`` would do but the rename: proves, before
+    anything is spent, that the folder takes the file with its mode and owner."""
+    try:
+        tmp = _write_temp(path, data, mode, owner)
+    except OSError as exc:
+        raise _storage_error(path, exc) from None
+    _unlink_quietly(tmp)
+
+
+def rename_durably(source: Path, target: Path) -> None:
+    try:
+        os.replace(source, target)
+        fsync_dir(target.parent)
+    except OSError as exc:
+        raise StorageError(f"cannot install {target}: {exc.strerror}",
+                           hint=f"that {target.parent} is writable") from None
+
+
+def remove_durably(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StorageError(f"cannot remove {path}: {exc.strerror}",
+                           hint=f"that {path.parent} is writable") from None
+    fsync_dir(path.parent)
+
+
+def remove_stray_temp_files(directory: Path) -> None:
+    """Delete temporary files a killed run left in a trusted ``directory``: only
+    regular files named as ``write_file_atomic`` names them."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not _TEMP_NAME.fullmatch(name):
+            continue
+        path = directory / name
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                os.unlink(path)
+                log.debug("removed leftover %s", path)
+        except OSError:
+            pass

@@ -1,0 +1,225 @@
+"""Fleet provisioning by claim over AWS's own client, ``awsiot.iotidentity.IotIdentityClient``.
+
+The V1 client, not IotIdentityClientV2: V2 subscribes and unsubscribes around
+every request, about two more round trips per first boot.  All four response
+topics are subscribed before any SUBACK is awaited (one round trip).
+
+What the client hands back is checked before use: it passes ``None`` for a
+payload that is not a JSON object, its models do not check field types, and
+their ``repr`` shows the private key and the ownership token, so no model
+object is ever logged.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import logs
+from .config import CERTIFICATE_ID_RE, THING_NAME_RE
+from .errors import EntoError, ServiceBusy, ServiceError, TransientError
+from .mqtt import Link
+from .retries import BUSY_BACKOFF, Deadline, with_retries
+
+log = logging.getLogger("entomologist")
+
+CREATE_KEYS = "CreateKeysAndCertificate"
+CREATE_FROM_CSR = "CreateCertificateFromCsr"
+REGISTER = "RegisterThing"
+
+# Rejections worth another try; any other 4xx is final.
+RETRYABLE_ERROR_CODES = {"Throttling", "ThrottlingException", "TooManyRequests",
+                         "ServiceUnavailable", "InternalError", "InternalFailure"}
+# Far above anything AWS sends (an RSA-2048 key is 1.7 KB, a token about 1 KB).
+MAX_PEM_CHARS = 16 * 1024
+MAX_TOKEN_CHARS = 16 * 1024
+MAX_DEVICE_CONFIGURATION_CHARS = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Created:
+    certificate_id: str
+    certificate_pem: bytes
+    private_key_pem: bytes | None = field(repr=False)
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Registered:
+    thing_name: str
+    device_configuration: dict
+
+
+def claim_policy_hint(operation: str) -> str:
+    topic = ("$aws/certificates/create-from-csr/*" if operation == CREATE_FROM_CSR
+             else "$aws/certificates/create/*")
+    return (f"the claim certificate, that it is active, and that its policy allows "
+            f"iot:Publish, iot:Receive and iot:Subscribe on {topic}")
+
+
+def register_hint(template_name: str) -> str:
+    return (f"TEMPLATE_NAME ({template_name}), TEMPLATE_PARAMETERS, the template's "
+            f"pre-provisioning hook, and that the claim policy allows "
+            f"$aws/provisioning-templates/{template_name}/provision/*")
+
+
+class FleetProvisioning:
+    """CreateKeysAndCertificate or CreateCertificateFromCsr, then RegisterThing,
+    on one claim connection."""
+
+    def __init__(self, link: Link, template_name: str, csr_mode: bool, deadline: Deadline,
+                 sleep: Callable[[float], None] = time.sleep):
+        from awsiot import iotidentity
+        self._iotidentity = iotidentity
+        self.client = iotidentity.IotIdentityClient(link.connection)
+        self.link = link
+        self.template_name = template_name
+        self.create_operation = CREATE_FROM_CSR if csr_mode else CREATE_KEYS
+        self.deadline = deadline
+        self.sleep = sleep
+
+    # -- subscriptions
+
+    def subscribe(self) -> None:
+        from awscrt import mqtt
+        iot, client = self._iotidentity, self.client
+        qos = mqtt.QoS.AT_LEAST_ONCE
+        if self.create_operation == CREATE_FROM_CSR:
+            create_request = iot.CreateCertificateFromCsrSubscriptionRequest()
+            create_subscriptions = (client.subscribe_to_create_certificate_from_csr_accepted,
+                                    client.subscribe_to_create_certificate_from_csr_rejected)
+        else:
+            create_request = iot.CreateKeysAndCertificateSubscriptionRequest()
+            create_subscriptions = (client.subscribe_to_create_keys_and_certificate_accepted,
+                                    client.subscribe_to_create_keys_and_certificate_rejected)
+        register_request = iot.RegisterThingSubscriptionRequest(template_name=self.template_name)
+        pending = []
+        for operation, request, (accepted, rejected) in (
+                (self.create_operation, create_request, create_subscriptions),
+                (REGISTER, register_request, (client.subscribe_to_register_thing_accepted,
+                                              client.subscribe_to_register_thing_rejected))):
+            for outcome, subscribe in (("accepted", accepted), ("rejected", rejected)):
+                future, topic = subscribe(request, qos, self._deliver(operation, outcome))
+                pending.append((topic, future))
+        self.link.wait_subscribed(
+            pending, self.deadline.step("subscribe"),
+            refused_hint=f"{claim_policy_hint(self.create_operation)} and "
+                         f"$aws/provisioning-templates/{self.template_name}/provision/*")
+
+    def _deliver(self, operation: str, outcome: str):
+        def deliver(answer) -> None:
+            self.link.events.put((operation, outcome, answer))
+        return deliver
+
+    # -- requests
+
+    def create(self, csr_pem: bytes | None = None) -> Created:
+        iot = self._iotidentity
+        operation = self.create_operation
+        if operation == CREATE_FROM_CSR:
+            if csr_pem is None:
+                raise ValueError("CSR mode needs a CSR")
+            request = iot.CreateCertificateFromCsrRequest(
+                certificate_signing_request=csr_pem.decode("ascii"))
+            publish = self.client.publish_create_certificate_from_csr
+        else:
+            request = iot.CreateKeysAndCertificateRequest()
+            publish = self.client.publish_create_keys_and_certificate
+        answer = self._ask(operation, lambda qos: publish(request, qos))
+        certificate_id = _string(answer, "certificate_id", "certificateId", operation, 64)
+        if not CERTIFICATE_ID_RE.fullmatch(certificate_id):
+            raise ServiceError(f"{operation} answered an invalid certificateId "
+                               f"{logs.shown(certificate_id)}", hint="the provisioning service")
+        token = _string(answer, "certificate_ownership_token", "certificateOwnershipToken",
+                        operation, MAX_TOKEN_CHARS)
+        logs.redact(token)
+        certificate_pem = _string(answer, "certificate_pem", "certificatePem", operation,
+                                  MAX_PEM_CHARS)
+        private_key = None
+        if operation == CREATE_KEYS:
+            private_key = _string(answer, "private_key", "privateKey", operation,
+                                  MAX_PEM_CHARS).encode()
+        log.info("%s accepted: certificate %s", operation, certificate_id)
+        return Created(certificate_id, certificate_pem.encode(), private_key, token)
+
+    def register(self, token: str, parameters: dict[str, str]) -> Registered:
+        request = self._iotidentity.RegisterThingRequest(
+            template_name=self.template_name, certificate_ownership_token=token,
+            parameters=parameters)
+        answer = self._ask(REGISTER, lambda qos: self.client.publish_register_thing(request, qos))
+        thing_name = _string(answer, "thing_name", "thingName", REGISTER, 128)
+        if not THING_NAME_RE.fullmatch(thing_name):
+            raise ServiceError(f"{REGISTER} answered an invalid thingName "
+                               f"{logs.shown(thing_name)}", hint="the provisioning template")
+        configuration = getattr(answer, "device_configuration", None) or {}
+        if not isinstance(configuration, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in configuration.items()):
+            raise ServiceError(f"{REGISTER} answered a deviceConfiguration that is not an "
+                               f"object of strings", hint="the provisioning template")
+        if sum(len(k) + len(v) for k, v in configuration.items()) > MAX_DEVICE_CONFIGURATION_CHARS:
+            raise ServiceError(f"{REGISTER} answered a deviceConfiguration over "
+                               f"{MAX_DEVICE_CONFIGURATION_CHARS} characters",
+                               hint="the provisioning template")
+        log.info("%s accepted: thing %s", REGISTER, thing_name)
+        return Registered(thing_name, dict(configuration))
+
+    def _ask(self, operation: str, publish: Callable[[object], object]):
+        """Send a request and await its answer.
+
+        A busy service (throttling, 5xx) is asked again on the same
+        connection: reconnecting would cost round trips and TLS handshakes,
+        and a throttled RegisterThing keeps its ownership token instead of
+        orphaning a certificate.
+        """
+        from awscrt import mqtt
+
+        def once():
+            future = publish(mqtt.QoS.AT_LEAST_ONCE)
+            self.link.wait_published(operation, future, self.deadline.step(operation))
+            return self._await(operation)
+
+        return with_retries(once, self.deadline, operation, BUSY_BACKOFF, self.sleep,
+                            retry_on=ServiceBusy)
+
+    def _await(self, operation: str):
+        end = time.monotonic() + self.deadline.step(operation)
+        while True:
+            try:
+                answered, outcome, answer = self.link.next_event(end - time.monotonic())
+            except TransientError as exc:
+                raise TransientError(f"{operation}: {exc}", hint=exc.hint) from None
+            if answered != operation:
+                # Another device's answer on a shared broker, or a late one.
+                log.debug("ignoring a %s answer while awaiting %s", answered, operation)
+                continue
+            if answer is None:
+                raise ServiceError(f"the {outcome} answer to {operation} is not a JSON object",
+                                   hint="that ENDPOINT_URL is an AWS IoT endpoint")
+            if outcome == "rejected":
+                raise self._rejection(operation, answer)
+            return answer
+
+    def _rejection(self, operation: str, answer) -> EntoError:
+        status = getattr(answer, "status_code", None)
+        code = getattr(answer, "error_code", None)
+        message = getattr(answer, "error_message", None)
+        text = (f"{operation} rejected: statusCode={logs.shown(status, 8)} "
+                f"errorCode={logs.shown(code, 64)} errorMessage='{logs.shown(message)}'")
+        busy = (isinstance(status, int) and not isinstance(status, bool)
+                and (status == 429 or status >= 500)) or (isinstance(code, str) and code in RETRYABLE_ERROR_CODES)
+        if busy:
+            return ServiceBusy(text, hint="nothing: the service is busy; retrying")
+        hint = (register_hint(self.template_name) if operation == REGISTER
+                else claim_policy_hint(operation))
+        return ServiceError(text, hint=hint)
+
+
+def _string(answer, attribute: str, name: str, operation: str, limit: int) -> str:
+    value = getattr(answer, attribute, None)
+    if not isinstance(value, str) or not value:
+        raise ServiceError(f"{operation} answer lacks {name}", hint="the provisioning service")
+    if len(value) > limit:
+        raise ServiceError(f"{operation} answer's {name} is over {limit} characters",
+                           hint="the provisioning service")
+    return value

@@ -1,0 +1,152 @@
+"""One MQTT connection over mutual TLS, with every wait bounded.
+
+``build_connection`` is the only place that makes a real awscrt connection;
+the unit tests replace it with a hand-written fake ``awscrt.mqtt.Connection``
+so that everything above it (this module's waits, AWS's IotIdentityClient,
+the flows) runs for real.  awscrt's futures never time out by themselves:
+every ``result`` here is given what is left of the step.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .errors import ConfigError, TransientError
+
+log = logging.getLogger("entomologist")
+
+KEEP_ALIVE_SECS = 44
+CLOSE_WAIT = 2.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    ca: Path
+
+
+def crt_failure(what: str, exc: BaseException) -> TransientError:
+    name = getattr(exc, "name", None) or type(exc).__name__
+    return TransientError(f"{what} failed: {name}",
+                          hint="the network link, ENDPOINT_URL, PORT and ROOT_CA")
+
+
+def build_connection(endpoint: Endpoint, cert: Path, key: Path, client_id: str,
+                     timeout: float, on_interrupted: Callable[..., None]):
+    """A real awscrt ``mqtt.Connection``, not yet connected.  (On port 443 the
+    builder offers the ALPN protocol x-amzn-mqtt-ca, as AWS IoT requires.)"""
+    from awsiot import mqtt_connection_builder
+    return mqtt_connection_builder.mtls_from_path(
+        endpoint=endpoint.host, port=endpoint.port, cert_filepath=str(cert),
+        pri_key_filepath=str(key), ca_filepath=str(endpoint.ca), client_id=client_id,
+        clean_session=True, keep_alive_secs=KEEP_ALIVE_SECS,
+        tcp_connect_timeout_ms=int(max(timeout, 0.1) * 1000),
+        on_connection_interrupted=on_interrupted, enable_metrics_collection=False)
+
+
+Builder = Callable[..., object]
+
+
+def _wait(future: Future, timeout: float):
+    """``future.result`` bounded by ``timeout``; FutureTimeout when it runs out."""
+    return future.result(max(0.0, timeout))
+
+
+class Link:
+    """An open connection, and a queue of what arrives on it.
+
+    Subscription callbacks put their messages on ``events``; a lost
+    connection puts a TransientError there, so a flow awaiting an answer
+    learns at once that none will come (it starts again from scratch rather
+    than trusting an automatic reconnect to have kept its subscriptions).
+    """
+
+    def __init__(self, connection, events: "queue.Queue"):
+        self.connection = connection
+        self.events = events
+
+    def next_event(self, timeout: float):
+        try:
+            item = self.events.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            raise TransientError(f"no answer from the service in {timeout:.0f} s",
+                                 hint="the network link and that the provisioning "
+                                      "service is reachable") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def wait_subscribed(self, pending: Iterable[tuple[str, Future]], timeout: float,
+                        refused_hint: str) -> None:
+        """Wait for the SUBACK of every subscription already sent (one round trip)."""
+        end = time.monotonic() + timeout
+        for topic, future in pending:
+            try:
+                granted = _wait(future, end - time.monotonic())
+            except FutureTimeout:
+                raise TransientError(f"subscribe to {topic}: no SUBACK in {timeout:.0f} s",
+                                     hint="the network link") from None
+            except Exception as exc:
+                if type(exc).__name__ == "SubscribeError":  # awscrt 0.36.1: a refused SUBACK
+                    granted = None
+                else:
+                    raise crt_failure(f"subscribe to {topic}", exc) from None
+            if isinstance(granted, dict):
+                granted = granted.get("qos")
+            if granted is None:
+                raise TransientError(f"the broker refused the subscription to {topic}",
+                                     hint=refused_hint)
+
+    def wait_published(self, topic: str, future: Future, timeout: float) -> None:
+        try:
+            _wait(future, timeout)
+        except FutureTimeout:
+            raise TransientError(f"publish to {topic}: no PUBACK in {timeout:.0f} s",
+                                 hint="the network link") from None
+        except Exception as exc:
+            raise crt_failure(f"publish to {topic}", exc) from None
+
+    def publish(self, topic: str, payload: bytes, timeout: float) -> None:
+        """Publish with QoS 1 and wait for the PUBACK."""
+        from awscrt import mqtt
+        future, _ = self.connection.publish(topic, payload, mqtt.QoS.AT_LEAST_ONCE)
+        self.wait_published(topic, future, timeout)
+
+    def close(self) -> None:
+        try:
+            _wait(self.connection.disconnect(), CLOSE_WAIT)
+        except Exception:
+            log.debug("disconnect did not complete cleanly")
+
+
+def connect(endpoint: Endpoint, cert: Path, key: Path, client_id: str, timeout: float,
+            build: Builder | None = None) -> Link:
+    """Open a mutual-TLS MQTT connection and wait, bounded, for its CONNACK."""
+    build = build or build_connection
+    events: queue.Queue = queue.Queue()
+
+    def interrupted(connection=None, error=None, **_):
+        events.put(crt_failure("the connection", error or RuntimeError("interrupted")))
+
+    try:
+        connection = build(endpoint, cert, key, client_id, timeout, interrupted)
+    except Exception as exc:
+        raise ConfigError(f"cannot load the TLS files ({getattr(exc, 'name', type(exc).__name__)})",
+                          hint=f"{endpoint.ca}, {cert} and {key}") from None
+    link = Link(connection, events)
+    try:
+        _wait(connection.connect(), timeout)
+    except FutureTimeout:
+        link.close()
+        raise TransientError(f"connect to {endpoint.host}:{endpoint.port}: no answer in "
+                             f"{timeout:.0f} s", hint="the network link") from None
+    except Exception as exc:
+        raise crt_failure(f"connect to {endpoint.host}:{endpoint.port}", exc) from None
+    return link

@@ -1,0 +1,91 @@
+"""The run's deadline, and retries with exponential backoff and full jitter."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import TransientError
+
+log = logging.getLogger("entomologist")
+
+STEP_TIMEOUT = 20.0
+RUN_TIMEOUT = 120.0
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above zero (nan and inf remove every bound)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a finite number of seconds above 0, not {text!r}")
+    return value
+
+
+class Deadline:
+    """The whole run's time budget; every wait asks it for a bounded slice."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic,
+                 step_limit: float = STEP_TIMEOUT):
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise ValueError(f"a deadline needs a finite positive number of seconds, not {seconds}")
+        self._clock = clock
+        self._end = clock() + seconds
+        self.step_limit = step_limit
+
+    def remaining(self) -> float:
+        return self._end - self._clock()
+
+    def step(self, what: str) -> float:
+        """How long the next wait may last: the step limit, or what is left of the run."""
+        left = self.remaining()
+        if left <= 0:
+            raise TransientError(f"{what}: the run's time limit was reached",
+                                 hint="the network link; the run will be retried")
+        return min(self.step_limit, left)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter: sleep uniformly in [0, min(cap, base*2^n)]."""
+
+    base: float = 0.5
+    cap: float = 20.0
+    # Not worth sleeping if less than this would be left for the next try.
+    min_attempt: float = 1.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        return (rng or random).uniform(0, min(self.cap, self.base * 2 ** attempt))
+
+
+# Tuned with bench/fleet.py (50 devices, 5 requests/s per API): a throttled
+# request is asked again on its open connection, which costs one publish, so
+# a short cap keeps the fleet's makespan near N/R; reconnecting costs TCP and
+# TLS handshakes, so it backs off further.
+BUSY_BACKOFF = Backoff(base=0.5, cap=2.0)
+RECONNECT_BACKOFF = Backoff(base=0.5, cap=20.0)
+
+
+def with_retries(action: Callable[[], object], deadline: Deadline, what: str,
+                 backoff: Backoff = RECONNECT_BACKOFF, sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None,
+                 retry_on: type[TransientError] = TransientError):
+    """Call ``action`` until it does not raise ``retry_on`` or time runs out."""
+    attempt = 0
+    while True:
+        try:
+            return action()
+        except retry_on as exc:
+            attempt += 1
+            pause = backoff.delay(attempt, rng)
+            if deadline.remaining() - pause < backoff.min_attempt:
+                raise TransientError(f"{exc} (gave up after {attempt} attempt(s): "
+                                     f"the run's time limit was reached)",
+                                     hint=exc.hint) from exc
+            log.warning("%s: %s; retrying in %.1f s (attempt %d)", what, exc, pause, attempt + 1)
+            sleep(pause)
