@@ -97,9 +97,9 @@ class StandIn:
     def device_files(self) -> list[Path]:
         return [p for p in (self.config_path, self.claim_cert, self.claim_key) if p.exists()]
 
-    def start(self) -> None:
-        if not find_mosquitto():
-            raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
+    def prepare(self) -> None:
+        """The CA, the certificates and the device's files, without a broker: enough
+        for a run that must fail before it connects."""
         if not self.overwrite and self.device_files():
             raise FileExistsError(", ".join(map(str, self.device_files())))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -108,20 +108,26 @@ class StandIn:
         self.ca_path = self.dir / "ca.pem"
         write_new(self.ca_path, self.ca.pem, 0o644)
         hosts = tuple(dict.fromkeys(("localhost", "127.0.0.1", self.host)))
-        server = self.ca.write_pair(self.dir, "server", "localhost", server=True, hosts=hosts)
+        self._server_files = self.ca.write_pair(self.dir, "server", "localhost", server=True,
+                                                hosts=hosts)
         self.ca.write_pair(self.workdir / "claim", "claim", "fleet-claim")
         self._responder_files = self.ca.write_pair(self.dir, "responder", "standin-responder")
         self.responder = Responder(self.ca, self.template, self.serial, self.faults,
                                    self.record, self.key_factory)
-        self._broker = Broker(self.dir, self.ca_path, *server, host=self.host)
+        self._broker = Broker(self.dir, self.ca_path, *self._server_files, host=self.host)
         self.port = self._broker.port
+        self.write_device_config()
+
+    def start(self) -> None:
+        if not find_mosquitto():
+            raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
+        self.prepare()
         self._broker.start()
         try:
             self._connect_responder()
         except Exception:
             self.stop()
             raise
-        self.write_device_config()
         self.record("ready", port=self.port)
 
     def _client(self, client_id: str):

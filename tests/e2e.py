@@ -104,10 +104,10 @@ class DeviceState:
         return {"installed": installed, "status": status}
 
 
-def run_and_kill(standin, trigger, limit: float = 30.0):
+def run_and_kill(standin, trigger, *args: str, limit: float = 30.0):
     """Start boot.py, SIGKILL it the moment ``trigger()`` holds; return (killed, stderr)."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "boot.py"), "--config",
-                             str(standin.config_path)], stdin=subprocess.DEVNULL,
+                             str(standin.config_path), *args], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     end = time.monotonic() + limit
     killed = False

@@ -14,3 +14,12 @@ def mosquitto_installed():
 def standin(tmp_path):
     with StandIn(tmp_path) as s:
         yield s
+
+
+@pytest.fixture
+def device_files(tmp_path):
+    """A simulated device's files and nothing listening: for runs that must fail
+    before they connect (a connection attempt would end in 75, not 78)."""
+    s = StandIn(tmp_path)
+    s.prepare()
+    return s

@@ -7,7 +7,6 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from fakes import public_keys_equal
 from e2e import device_doc, run_script
-from iot_standin import Rejection
 
 
 def mode(path):
@@ -76,38 +75,6 @@ def test_update_boot_status_without_credentials_exits_78(standin):
     assert result.code == 78
     assert len(result.lines) == 1 and "no device credentials" in result.stderr
     assert standin.config_path.read_bytes() == before
-
-
-def test_rejected_register_thing_exits_65_with_nothing_installed(standin):
-    standin.faults.reject_register = Rejection(400, "InvalidParameters", "bad serial")
-    result = run_script("boot.py", standin.config_path)
-    assert result.code == 65, result.stderr
-    assert "statusCode=400 errorCode=InvalidParameters errorMessage='bad serial'" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert device_doc(standin)["device"]["PROVISION_STATUS"] == "False"
-    cert_dir = standin.workdir / "cert"
-    assert not (cert_dir / "certificate.pem.crt").exists()
-    assert not (cert_dir / "private.pem.key").exists()
-    assert standin.events("boot") == []
-
-
-def test_no_responder_exits_75_within_the_deadline(standin):
-    standin.faults.no_answer = True
-    result = run_script("boot.py", standin.config_path, "--timeout", "4")
-    assert result.code == 75, result.stderr
-    assert result.seconds < 4 + 2.5
-    assert "time limit" in result.lines[-1]
-    assert device_doc(standin)["device"]["PROVISION_STATUS"] == "False"
-    assert not (standin.workdir / "cert" / "certificate.pem.crt").exists()
-
-
-def test_throttled_requests_are_retried_until_the_service_relents(standin):
-    standin.faults.reject_create = Rejection(429, "Throttling", "slow down")
-    standin.faults.reject_times = 2
-    result = run_script("boot.py", standin.config_path, "--timeout", "30")
-    assert result.code == 0, result.stderr
-    assert len(standin.events("create-request")) == 3
-    assert "retrying" in result.stderr
 
 
 def test_no_secret_reaches_the_output(standin):

@@ -1,5 +1,7 @@
 """The stand-in as users run it: a process with fault options on its command line."""
+import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,7 +43,7 @@ def test_fault_options_from_the_command_line(tmp_path, options, code, expected):
     proc = start(tmp_path, *options)
     try:
         # Short where the run must give up; room for retries where it must succeed.
-        timeout = "20" if code == 0 else "4"
+        timeout = "20" if code == 0 else "2"
         result = run_script("boot.py", tmp_path / "ento.conf", "--timeout", timeout)
     finally:
         stop(proc)
@@ -56,3 +58,34 @@ def test_demo_shows_files_and_boot_messages():
     assert "600    " in proc.stdout and "cert/private.pem.key" in proc.stdout
     assert proc.stdout.count('cameraDevice/CAM-0001/booted  {"serialID": "CAM-0001", '
                              '"bootStatus": true}') == 2
+
+
+@pytest.mark.parametrize("options", [
+    ["--reject-create", "nonsense"], ["--reject-register", "200:OK"], ["--delay", "nan"],
+    ["--delay", "-1"], ["--reject-times", "-2"], ["--malformed-create", "other"],
+])
+def test_a_malformed_fault_option_is_a_usage_error_not_a_traceback(tmp_path, options):
+    proc = subprocess.run([sys.executable, str(ROOT / "iot_standin.py"), "run", "--dir",
+                           str(tmp_path), *options], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "usage:" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_never_overwrites_a_device_already_in_its_folder(tmp_path):
+    (tmp_path / "ento.conf").write_text('{"device": {"SERIAL_ID": "mine"}}')
+    proc = subprocess.run([sys.executable, str(ROOT / "iot_standin.py"), "run", "--dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 73, proc.stderr
+    assert "--overwrite" in proc.stderr
+    assert (tmp_path / "ento.conf").read_text() == '{"device": {"SERIAL_ID": "mine"}}'
+    assert not (tmp_path / "claim").exists()
+
+
+def test_sigterm_stops_the_stand_in_and_its_mosquitto(tmp_path):
+    proc = start(tmp_path)
+    port = json.loads((tmp_path / "ento.conf").read_text())["device"]["PORT"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()

@@ -1,0 +1,72 @@
+"""The run's deadline, and backoff with full jitter."""
+import math
+import random
+
+import pytest
+
+from entomologist import errors, retries
+
+
+class Highest:
+    def uniform(self, low, high):
+        return high
+
+
+def test_backoff_ceiling_grows_exponentially_to_its_cap():
+    backoff = retries.Backoff(base=1.0, cap=8.0)
+    assert [backoff.delay(n, Highest()) for n in range(1, 6)] == [2.0, 4.0, 8.0, 8.0, 8.0]
+
+
+def test_full_jitter_spreads_delays_over_the_whole_interval():
+    # A fleet that lost its link together must not come back together: the
+    # delays of one attempt cover [0, ceiling] evenly, not a narrow band.
+    backoff = retries.Backoff(base=1.0, cap=8.0)
+    rng = random.Random(7)
+    delays = [backoff.delay(3, rng) for _ in range(2000)]
+    assert min(delays) >= 0 and max(delays) <= 8.0
+    assert min(delays) < 0.2 and max(delays) > 7.8
+    deciles = [sum(1 for d in delays if k <= d / 0.8 < k + 1) for k in range(10)]
+    assert all(150 <= n <= 250 for n in deciles), deciles
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "0", "-5", "abc", ""])
+def test_a_timeout_must_be_a_finite_positive_number(text):
+    with pytest.raises(ValueError):
+        retries.positive_seconds(text)
+    assert retries.positive_seconds("0.5") == 0.5
+
+
+@pytest.mark.parametrize("seconds", [math.nan, math.inf, 0, -1])
+def test_a_deadline_without_a_finite_bound_is_refused(seconds):
+    with pytest.raises(ValueError):
+        retries.Deadline(seconds)
+
+
+def test_a_step_is_the_step_limit_or_what_is_left():
+    now = [0.0]
+    deadline = retries.Deadline(30, clock=lambda: now[0], step_limit=20)
+    assert deadline.step("x") == 20
+    now[0] = 25
+    assert deadline.step("x") == 5
+    now[0] = 31
+    with pytest.raises(errors.TransientError, match="time limit"):
+        deadline.step("x")
+
+
+@pytest.mark.parametrize("script", ["boot.py", "update_boot_status.py"])
+def test_the_scripts_refuse_an_unbounded_timeout_at_once(script, capsys):
+    import importlib
+    module = importlib.import_module(script[:-3])
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--timeout", "nan"])
+    assert exit_.value.code == 2
+    assert "--timeout" in capsys.readouterr().err
+
+
+def test_a_plain_ento_error_is_one_line_and_75_not_a_traceback(caplog):
+    def body():
+        raise errors.EntoError("something expected", hint="this")
+
+    assert errors.run_main(body) == 75
+    assert caplog.records[-1].exc_info is None
+    assert caplog.messages[-1] == "something expected; check this"
