@@ -44,9 +44,9 @@ reload needs no admin identity or control topic, and a test can read the rules
 it asserts.  The plugin's finer ACL kinds (publishClientSend,
 publishClientReceive, subscribeLiteral) would map Publish / Receive /
 Subscribe one to one; acl_file has only read / write / deny, so:
-  * ``write`` is iot:Publish.  ``read`` must cover both iot:Subscribe (the
-    filter, at SUBSCRIBE time) and iot:Receive (each delivered topic): a
-    read rule is written only where both are allowed.
+  * ``write`` is iot:Publish.  ``read`` stands for both iot:Subscribe (the
+    filter) and iot:Receive (each delivered topic): a read rule is written
+    only where both are allowed.
   * ``deny`` applies to read and write together; an AWS Deny of one action is
     rendered only by leaving the allow out, never as a mosquitto deny.
   * IAM globs become MQTT filters only when exact: literal levels, a trailing
@@ -58,15 +58,31 @@ Subscribe one to one; acl_file has only read / write / deny, so:
     named in ``AclRendering.notes``.  The caller can pass the concrete
     ``topics`` its protocol uses; each is decided exactly with ``allowed()``
     and written literally.
-  * iot:Connect has no acl_file counterpart.  The stand-in should call
-    connect_allowed() when mosquitto logs "New client connected from … as
-    <client id> (… u'<username>')" (log_type notice) and, if denied, record
-    the denial and take the client ID over to disconnect it.  AWS refuses
-    the CONNECT itself; the stand-in's client is connected for an instant.
-  * A denied PUBLISH: AWS disconnects the client; mosquitto drops the message
-    (and still sends PUBACK to an MQTT 3.1.1 client).  It logs "Denied
-    PUBLISH from <client id> …", which the stand-in can turn into an event
-    and a disconnect the same way.
+  * What mosquitto 2.0.11 does with acl_file (tried on loopback with a raw
+    MQTT 3.1.1 client): a SUBSCRIBE is granted (SUBACK QoS 1) whatever the
+    read rules say, and the rules apply only when a message is delivered; a
+    denied PUBLISH still gets its PUBACK and the connection stays open; SIGHUP
+    re-reads the file and the new rules apply to clients already connected.
+    AWS instead refuses a denied SUBSCRIBE in its SUBACK and disconnects a
+    client whose PUBLISH is denied.  (The dynamic-security plugin's
+    subscribeLiteral / subscribePattern rules should refuse a SUBSCRIBE in
+    its SUBACK; not tried here.)
+  * The acl_file user is the certificate's CN (use_identity_as_username), so
+    one identity per certificate needs one CN per certificate: the stand-in
+    should issue device certificates with CN = the certificate ID (AWS's
+    own say CN=AWS IoT Certificate) and keep one CN for the shared claim
+    certificate.
+  * What mosquitto does not enforce, the stand-in can observe in the broker's
+    log and act on: "New client connected from … as <client id> (…,
+    u'<username>')" (log_type notice) for iot:Connect, "<client id> <qos>
+    <filter>" (log_type subscribe) for iot:Subscribe, and "Denied PUBLISH
+    from <client id> (… '<topic>', …)" (log_type debug only) for iot:Publish.
+    For each, decide with connect_allowed() / decide(), record the denial as
+    an event, and take the client ID over to disconnect the client, as the
+    stand-in already does to drop a connection.  The client has been
+    connected, or its SUBSCRIBE acknowledged, for an instant before that:
+    the one difference left, and the reason the device must treat "closed
+    right after a publish or subscribe" as a possible policy denial.
 """
 from __future__ import annotations
 
