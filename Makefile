@@ -1,6 +1,6 @@
 # Two commands for a fresh Debian / Raspberry Pi OS machine: `make demo`, `make test`.
 # Each installs what is missing first: a venv from the requirements files and
-# Debian's mosquitto (with sudo when not root).
+# Debian's mosquitto, softhsm2 and opensc-pkcs11 (with sudo when not root).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,9 +17,9 @@ APP_FILES := boot.py update_boot_status.py AmazonRootCA1.pem requirements.txt RE
 # The scripts' shared package; the stand-in (iot_standin.py, standin/) stays off the device.
 PACKAGE_FILES := $(wildcard entomologist/*.py)
 
-.PHONY: setup mosquitto systemd-analyze demo test bench clean install uninstall
+.PHONY: setup mosquitto softhsm2 systemd-analyze demo test bench clean install uninstall
 
-setup: $(VENV)/.installed mosquitto systemd-analyze
+setup: $(VENV)/.installed mosquitto softhsm2 systemd-analyze
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) python3-venv; }
@@ -29,6 +29,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 mosquitto:
 	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || { $(SUDO) apt-get update -qq && $(APT_INSTALL) mosquitto; }
+
+# The PKCS#11 key storage tests: SoftHSM2 stands in for a TPM or a secure element,
+# and OpenSC's pkcs11-spy (in opensc-pkcs11) records the calls made to it.
+softhsm2:
+	@dpkg -s softhsm2 opensc-pkcs11 >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) softhsm2 opensc-pkcs11; }
 
 # The unit's tests need systemd-analyze (Debian's systemd package); containers may lack it.
 systemd-analyze:
