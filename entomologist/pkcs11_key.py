@@ -401,6 +401,19 @@ class Token:
         return pem.armor("CERTIFICATE REQUEST", request.dump())
 
 
+def certificate_public_key_der(cert_pem: bytes) -> bytes:
+    """The SubjectPublicKeyInfo DER of a PEM certificate, to hand to ``Token.reconcile``.
+
+    asn1crypto, not cryptography: a later boot never needs to load cryptography."""
+    from asn1crypto import pem, x509
+    try:
+        _, _, der = pem.unarmor(cert_pem)
+        return x509.Certificate.load(der).public_key.dump()
+    except (ValueError, TypeError):
+        raise ConfigError("the installed certificate is not a PEM certificate",
+                          hint="the certificate file in CERT_DIR") from None
+
+
 def csr_common_name(serial_id: str) -> str:
     """The CSR's CN: the serial ID, or for one longer than a CN may be (64), its first 47
     characters, '-' and 16 hex digits of its SHA-256 (AWS ignores the CSR's subject; this
