@@ -13,6 +13,9 @@ PREFIX ?= /opt/entomologist
 UNITDIR ?= /etc/systemd/system
 UNIT := entomologist-provision.service
 INSTALL_PYTHON ?= /usr/bin/python3
+# KEY_STORAGE "pkcs11": PKCS11=softhsm or PKCS11=tpm2 also installs that drop-in,
+# which opens the token's store to the unit's sandbox.
+PKCS11 ?=
 APP_FILES := boot.py update_boot_status.py AmazonRootCA1.pem requirements.txt README.md
 # The scripts' shared package; the stand-in (iot_standin.py, standin/) stays off the device.
 PACKAGE_FILES := $(wildcard entomologist/*.py)
@@ -71,6 +74,10 @@ install:
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)
 	sed 's#/opt/entomologist#$(PREFIX)#g' systemd/$(UNIT) > $(DESTDIR)$(UNITDIR)/$(UNIT)
 	chmod 0644 $(DESTDIR)$(UNITDIR)/$(UNIT)
+ifneq ($(PKCS11),)
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)/$(UNIT).d
+	install -m 0644 systemd/pkcs11-$(PKCS11).conf $(DESTDIR)$(UNITDIR)/$(UNIT).d/pkcs11.conf
+endif
 ifeq ($(DESTDIR),)
 	systemctl daemon-reload
 	systemctl enable $(UNIT)
@@ -86,6 +93,8 @@ ifeq ($(DESTDIR),)
 	-systemctl disable $(UNIT)
 endif
 	rm -f $(DESTDIR)$(UNITDIR)/multi-user.target.wants/$(UNIT) $(DESTDIR)$(UNITDIR)/$(UNIT)
+	rm -f $(DESTDIR)$(UNITDIR)/$(UNIT).d/pkcs11.conf
+	-rmdir $(DESTDIR)$(UNITDIR)/$(UNIT).d 2>/dev/null
 	rm -rf $(DESTDIR)$(PREFIX)
 ifeq ($(DESTDIR),)
 	-systemctl daemon-reload
