@@ -54,6 +54,7 @@ bench: setup
 	$(PY) bench/round_trips.py
 	$(PY) bench/device_cost.py
 	$(PY) bench/fleet.py
+	$(PY) bench/pkcs11_cost.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
