@@ -276,10 +276,10 @@ class Token:
         label = label or self.settings.staging_label
         key_id = secrets.token_bytes(16)
         private_template = {p.Attribute.TOKEN: True, p.Attribute.PRIVATE: True,
-                            p.Attribute.SENSITIVE: True, p.Attribute.EXTRACTABLE: False,
-                            p.Attribute.SIGN: True, p.Attribute.MODIFIABLE: True}
-        public_template = {p.Attribute.TOKEN: True, p.Attribute.VERIFY: True,
-                           p.Attribute.MODIFIABLE: True}
+                            p.Attribute.SENSITIVE: True, p.Attribute.EXTRACTABLE: False}
+        public_template = {p.Attribute.TOKEN: True}
+        # An identity key only signs: no decrypting, unwrapping or deriving with it.
+        capabilities = p.MechanismFlag.SIGN | p.MechanismFlag.VERIFY
         with _token_errors(f"generate an {algorithm} key pair in the token",
                            unsupported_hint="KEY_ALGORITHM: the token may not offer it"):
             if algorithm == "EC-P256":
@@ -288,11 +288,12 @@ class Token:
                     p.KeyType.EC, {p.Attribute.EC_PARAMS:
                                    encode_named_curve_parameters("secp256r1")}, local=True)
                 public, private = params.generate_keypair(
-                    store=True, label=label, id=key_id,
+                    store=True, label=label, id=key_id, capabilities=capabilities,
                     public_template=public_template, private_template=private_template)
             elif algorithm == "RSA-2048":
                 public, private = self._session.generate_keypair(
                     p.KeyType.RSA, 2048, store=True, label=label, id=key_id,
+                    capabilities=capabilities,
                     public_template=public_template, private_template=private_template)
             else:
                 raise ConfigError(f"KEY_ALGORITHM {algorithm!r} is not one of "

@@ -57,7 +57,7 @@ class SoftToken:
                                               Attribute.LABEL: label})
                 return {name: key[getattr(Attribute, name)] for name in (
                     "SENSITIVE", "EXTRACTABLE", "TOKEN", "PRIVATE", "ALWAYS_SENSITIVE",
-                    "NEVER_EXTRACTABLE", "LOCAL")}
+                    "NEVER_EXTRACTABLE", "LOCAL", "SIGN", "DECRYPT", "UNWRAP", "DERIVE")}
         finally:
             lib.finalize()
 

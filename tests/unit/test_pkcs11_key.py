@@ -42,14 +42,15 @@ def spki_of_certificate_key(der: bytes) -> bytes:
 # ----------------------------------------------------------- key generation
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_a_new_key_is_sensitive_unextractable_and_a_token_object_under_the_staging_label(
+def test_a_new_key_is_sensitive_unextractable_sign_only_and_a_token_object_under_staging_label(
         token, algorithm):
     with open_token(token.settings()) as t:
         pair = t.generate(algorithm)
         assert (pair.label, pair.algorithm) == (STAGING, algorithm)
     attrs = token.private_key_attributes(STAGING)
     assert attrs == {"SENSITIVE": True, "EXTRACTABLE": False, "TOKEN": True, "PRIVATE": True,
-                     "ALWAYS_SENSITIVE": True, "NEVER_EXTRACTABLE": True, "LOCAL": True}
+                     "ALWAYS_SENSITIVE": True, "NEVER_EXTRACTABLE": True, "LOCAL": True,
+                     "SIGN": True, "DECRYPT": False, "UNWRAP": False, "DERIVE": False}
     assert labels(token.objects()) == [("PRIVATE_KEY", STAGING), ("PUBLIC_KEY", STAGING)]
     ids = {key_id for _, _, key_id in token.objects()}
     assert len(ids) == 1 and len(ids.pop()) == 16
