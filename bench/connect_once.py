@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import ento  # noqa: E402
+from entomologist import errors, logs, mqtt  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,15 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.key is None) == (args.pkcs11_library is None):
         parser.error("give either --key or --pkcs11-library")
-    ento.setup_logging()
-    endpoint = ento.Endpoint(args.host, args.port, args.ca)
+    logs.setup_logging()
+    endpoint = mqtt.Endpoint(args.host, args.port, args.ca)
     times: dict[str, float] = {}
 
     def body() -> None:
         if args.key is not None:
             before = time.monotonic()
-            session = ento.connect_mqtt(endpoint, args.cert, args.key, args.client_id,
-                                        args.timeout)
+            session = mqtt.connect(endpoint, args.cert, args.key, args.client_id,
+                                   args.timeout)
         else:
             from entomologist import pkcs11_key
             settings = pkcs11_key.TokenSettings(args.pkcs11_library, args.token_label,
@@ -60,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
             with pkcs11_key.open_token(settings) as token:
                 cert_key = pkcs11_key.certificate_public_key_der(args.cert.read_bytes())
                 if token.reconcile(cert_key) is None:
-                    raise ento.ConfigError("no key in the token matches the certificate")
+                    raise errors.ConfigError("no key in the token matches the certificate")
                 key = token.key
             before = time.monotonic()
-            session = pkcs11_key.connect_mqtt_pkcs11(endpoint, args.cert, key,
-                                                     args.client_id, args.timeout)
+            session = pkcs11_key.connect(endpoint, args.cert, key, args.client_id,
+                                         args.timeout)
         times["connect_s"] = time.monotonic() - before
         try:
             payload = json.dumps({"serialID": args.client_id, "bootStatus": True}).encode()
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             session.close()
         times["total_s"] = time.monotonic() - started
 
-    code = ento.run_main(body)
+    code = errors.run_main(body)
     if code == 0:
         print(json.dumps({k: round(v, 4) for k, v in times.items()}))
     return code

@@ -31,8 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The lead repoints this import when ento.py becomes the entomologist package.
-from ento import ConfigError, TransientError
+from .errors import ConfigError, TransientError
 
 log = logging.getLogger("entomologist")
 
@@ -511,42 +510,24 @@ def _finalize(lib) -> None:
 
 # ----------------------------------------------------------- connecting
 
-def connect_mqtt_pkcs11(endpoint, cert: Path, key: TokenKey, client_id: str, timeout: float):
-    """ento.connect_mqtt's twin for a token key: an MqttSession over mutual TLS whose
-    private key operations run in the token.  awscrt 0.36.1 offers only TLS 1.2 with a
-    PKCS#11 key (one more round trip than TLS 1.3)."""
-    import queue
-
-    import ento
-    if not os.access(endpoint.ca, os.R_OK) or not os.access(cert, os.R_OK):
-        raise ConfigError(f"CA file {endpoint.ca} or certificate {cert} is missing or "
-                          "unreadable", hint="the config's file paths")
+def build_connection(endpoint, cert: Path, key: TokenKey, client_id: str, timeout: float,
+                     on_interrupted):
+    """mqtt.build_connection's twin for a token key: a real awscrt ``mqtt.Connection``, not
+    yet connected, whose private key operations run in the token.  awscrt 0.36.1 offers
+    only TLS 1.2 with a PKCS#11 key (one more round trip than TLS 1.3)."""
     from awsiot import mqtt_connection_builder
 
-    messages: queue.Queue = queue.Queue()
+    from .mqtt import KEEP_ALIVE_SECS
+    return mqtt_connection_builder.mtls_with_pkcs11(
+        **key.mtls_kwargs(), cert_filepath=str(cert), endpoint=endpoint.host,
+        port=endpoint.port, ca_filepath=str(endpoint.ca), client_id=client_id,
+        clean_session=True, keep_alive_secs=KEEP_ALIVE_SECS,
+        tcp_connect_timeout_ms=int(max(timeout, 0.1) * 1000),
+        on_connection_interrupted=on_interrupted, enable_metrics_collection=False)
 
-    def interrupted(connection, error, **_):
-        messages.put(ento._crt_failure("the connection", error))
 
-    try:
-        conn = mqtt_connection_builder.mtls_with_pkcs11(
-            **key.mtls_kwargs(), cert_filepath=str(cert), endpoint=endpoint.host,
-            port=endpoint.port, ca_filepath=str(endpoint.ca), client_id=client_id,
-            clean_session=True, keep_alive_secs=ento.KEEP_ALIVE_SECS,
-            tcp_connect_timeout_ms=int(max(timeout, 0.1) * 1000),
-            on_connection_interrupted=interrupted, enable_metrics_collection=False)
-    except Exception as exc:
-        # awscrt logs in here: the token, the key label or the certificate is wrong.
-        raise TransientError(f"cannot set up TLS with the token key "
-                             f"({getattr(exc, 'name', type(exc).__name__)})",
-                             hint=f"token {key.token_label!r}, key label {key.key_label!r} "
-                                  f"and {cert}") from None
-    try:
-        conn.connect().result(timeout)
-    except TimeoutError:
-        ento._CrtSession(conn, messages).close()
-        raise TransientError(f"connect to {endpoint.host}:{endpoint.port}: no answer in "
-                             f"{timeout:.0f} s", hint="the network link") from None
-    except Exception as exc:
-        raise ento._crt_failure(f"connect to {endpoint.host}:{endpoint.port}", exc) from None
-    return ento._CrtSession(conn, messages)
+def connect(endpoint, cert: Path, key: TokenKey, client_id: str, timeout: float):
+    """mqtt.connect with the token's key: a Link, after a bounded wait for the CONNACK.
+    Call it after the Token is closed (awscrt then initialises the module itself)."""
+    from . import mqtt
+    return mqtt.connect(endpoint, cert, key, client_id, timeout, build=build_connection)

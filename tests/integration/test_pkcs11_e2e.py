@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-import ento
+from entomologist import mqtt
 from bench.tls_sniff import SniffProxy, server_hello_version
 from e2e import ROOT
 from entomologist.pkcs11_key import certificate_public_key_der, open_token
@@ -30,16 +30,21 @@ def token(tmp_path, monkeypatch):
 
 def certificate_from_csr(standin, csr_pem: bytes) -> bytes:
     """CreateCertificateFromCsr over the claim connection (a key file, as in the product)."""
-    endpoint = ento.Endpoint("localhost", standin.port, standin.ca_path)
-    session = ento.connect_mqtt(endpoint, standin.claim_cert, standin.claim_key,
-                                standin.serial, 20)
+    from awscrt.mqtt import QoS
+    endpoint = mqtt.Endpoint("localhost", standin.port, standin.ca_path)
+    link = mqtt.connect(endpoint, standin.claim_cert, standin.claim_key, standin.serial, 20)
     try:
-        session.subscribe([CREATE_CSR + "/accepted", CREATE_CSR + "/rejected"], 20)
-        session.publish(CREATE_CSR, json.dumps({"certificateSigningRequest":
-                                                csr_pem.decode()}).encode(), 20)
-        topic, payload = session.receive(20)
+        topics = [CREATE_CSR + "/accepted", CREATE_CSR + "/rejected"]
+        pending = [(t, link.connection.subscribe(
+            t, QoS.AT_LEAST_ONCE,
+            callback=lambda topic, payload, **_: link.events.put((topic, bytes(payload))))[0])
+            for t in topics]
+        link.wait_subscribed(pending, 20, refused_hint="the stand-in")
+        link.publish(CREATE_CSR, json.dumps({"certificateSigningRequest":
+                                             csr_pem.decode()}).encode(), 20)
+        topic, payload = link.next_event(20)
     finally:
-        session.close()
+        link.close()
     assert topic.endswith("/accepted"), payload
     return json.loads(payload)["certificatePem"].encode()
 

@@ -9,7 +9,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-import ento
+from entomologist import errors
 from entomologist import pkcs11_key
 from entomologist.pkcs11_key import TokenSettings, csr_common_name, open_token, read_pin
 from softhsm import SOFTHSM_MODULE, SPY_MODULE, USER_PIN, make_token
@@ -85,7 +85,7 @@ def test_a_staging_pair_of_another_algorithm_is_replaced_by_one_new_pair(token):
 
 
 def test_an_unknown_algorithm_is_a_config_error_and_makes_nothing(token):
-    with open_token(token.settings()) as t, pytest.raises(ento.ConfigError):
+    with open_token(token.settings()) as t, pytest.raises(errors.ConfigError):
         t.generate("EC-P384")
     assert token.objects() == []
 
@@ -196,28 +196,28 @@ def test_common_name_is_the_serial_up_to_64_characters_then_prefix_and_digest():
 # --------------------------------------------------------- opening, failures
 
 def test_missing_module_is_transient(token):
-    with pytest.raises(ento.TransientError, match="not there"):
+    with pytest.raises(errors.TransientError, match="not there"):
         open_token(token.settings(library=token.root / "no-such-module.so"))
 
 
 def test_absent_token_label_is_transient(token):
-    with pytest.raises(ento.TransientError, match="no token labelled 'not-up-yet'"):
+    with pytest.raises(errors.TransientError, match="no token labelled 'not-up-yet'"):
         open_token(token.settings(token_label="not-up-yet"))
 
 
 def test_a_file_that_is_not_a_pkcs11_module_is_a_config_error(token):
     bogus = token.root / "bogus.so"
     bogus.write_bytes(b"not an ELF file")
-    with pytest.raises(ento.ConfigError, match="cannot be loaded"):
+    with pytest.raises(errors.ConfigError, match="cannot be loaded"):
         open_token(token.settings(library=bogus))
 
 
 def test_wrong_pin_is_a_config_error_and_is_not_offered_twice_in_a_run(token, caplog):
     caplog.set_level(logging.DEBUG)
     token.pin_file.write_text("0000\n")
-    with pytest.raises(ento.ConfigError, match="refused the PIN") as first:
+    with pytest.raises(errors.ConfigError, match="refused the PIN") as first:
         open_token(token.settings())
-    with pytest.raises(ento.ConfigError, match="earlier in this run") as second:
+    with pytest.raises(errors.ConfigError, match="earlier in this run") as second:
         open_token(token.settings())
     for text in (str(first.value), str(second.value), first.value.hint, caplog.text):
         assert "0000" not in text
@@ -235,14 +235,14 @@ def spy_run(token, tmp_path, pin: str, attempts: int) -> tuple[int, list[str]]:
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {ROOT_DIR!r})
-        import ento
+        from entomologist import errors
         from entomologist.pkcs11_key import TokenSettings, open_token
         settings = TokenSettings({str(SPY_MODULE)!r}, {token.label!r}, {str(token.pin_file)!r})
         for _ in range({attempts}):
             try:
                 open_token(settings).close()
                 print("ok")
-            except ento.EntoError as exc:
+            except errors.EntoError as exc:
                 print(type(exc).__name__)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -295,7 +295,7 @@ def test_a_pin_file_others_can_read_or_others_or_the_group_can_change_is_refused
     path = tmp_path / "pin"
     path.write_text("1234")
     os.chmod(path, mode)
-    with pytest.raises(ento.ConfigError, match="mode") as err:
+    with pytest.raises(errors.ConfigError, match="mode") as err:
         read_pin(path)
     assert "1234" not in str(err.value)
 
@@ -307,14 +307,14 @@ def test_a_pin_file_that_is_not_one_short_line_is_refused(tmp_path, content, pro
     path = tmp_path / "pin"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     os.chmod(path, 0o600)
-    with pytest.raises(ento.ConfigError, match=problem):
+    with pytest.raises(errors.ConfigError, match=problem):
         read_pin(path)
 
 
 def test_a_missing_pin_file_or_a_folder_is_refused(tmp_path):
-    with pytest.raises(ento.ConfigError, match="does not exist"):
+    with pytest.raises(errors.ConfigError, match="does not exist"):
         read_pin(tmp_path / "absent")
-    with pytest.raises(ento.ConfigError, match="not a regular file"):
+    with pytest.raises(errors.ConfigError, match="not a regular file"):
         read_pin(tmp_path)
 
 
@@ -325,7 +325,7 @@ def test_a_pin_file_owned_by_another_user_is_refused(tmp_path):
     path.write_text("1234")
     os.chmod(path, 0o600)
     os.chown(path, 4242, 4242)
-    with pytest.raises(ento.ConfigError, match="owned by uid 4242"):
+    with pytest.raises(errors.ConfigError, match="owned by uid 4242"):
         read_pin(path)
 
 
