@@ -1,6 +1,6 @@
 # Two commands for a fresh Debian / Raspberry Pi OS machine: `make demo`, `make test`.
 # Each installs what is missing first: a venv from the requirements files and
-# Debian's mosquitto (with sudo when not root).
+# Debian's mosquitto, softhsm2 and opensc-pkcs11 (with sudo when not root).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,13 +13,16 @@ PREFIX ?= /opt/entomologist
 UNITDIR ?= /etc/systemd/system
 UNIT := entomologist-provision.service
 INSTALL_PYTHON ?= /usr/bin/python3
+# KEY_STORAGE "pkcs11": PKCS11=softhsm or PKCS11=tpm2 also installs that drop-in,
+# which opens the token's store to the unit's sandbox.
+PKCS11 ?=
 APP_FILES := boot.py update_boot_status.py AmazonRootCA1.pem requirements.txt README.md
 # The scripts' shared package; the stand-in (iot_standin.py, standin/) stays off the device.
 PACKAGE_FILES := $(wildcard entomologist/*.py)
 
-.PHONY: setup mosquitto systemd-analyze demo test bench clean install uninstall
+.PHONY: setup mosquitto softhsm2 systemd-analyze demo test bench clean install uninstall
 
-setup: $(VENV)/.installed mosquitto systemd-analyze
+setup: $(VENV)/.installed mosquitto softhsm2 systemd-analyze
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) python3-venv; }
@@ -29,6 +32,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 mosquitto:
 	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || { $(SUDO) apt-get update -qq && $(APT_INSTALL) mosquitto; }
+
+# The PKCS#11 key storage tests: SoftHSM2 stands in for a TPM or a secure element,
+# and OpenSC's pkcs11-spy (in opensc-pkcs11) records the calls made to it.
+softhsm2:
+	@dpkg -s softhsm2 opensc-pkcs11 >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) softhsm2 opensc-pkcs11; }
 
 # The unit's tests need systemd-analyze (Debian's systemd package); containers may lack it.
 systemd-analyze:
@@ -46,6 +54,7 @@ bench: setup
 	$(PY) bench/round_trips.py
 	$(PY) bench/device_cost.py
 	$(PY) bench/fleet.py
+	$(PY) bench/pkcs11_cost.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
@@ -66,6 +75,10 @@ install:
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)
 	sed 's#/opt/entomologist#$(PREFIX)#g' systemd/$(UNIT) > $(DESTDIR)$(UNITDIR)/$(UNIT)
 	chmod 0644 $(DESTDIR)$(UNITDIR)/$(UNIT)
+ifneq ($(PKCS11),)
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)/$(UNIT).d
+	install -m 0644 systemd/pkcs11-$(PKCS11).conf $(DESTDIR)$(UNITDIR)/$(UNIT).d/pkcs11.conf
+endif
 ifeq ($(DESTDIR),)
 	systemctl daemon-reload
 	systemctl enable $(UNIT)
@@ -81,6 +94,8 @@ ifeq ($(DESTDIR),)
 	-systemctl disable $(UNIT)
 endif
 	rm -f $(DESTDIR)$(UNITDIR)/multi-user.target.wants/$(UNIT) $(DESTDIR)$(UNITDIR)/$(UNIT)
+	rm -f $(DESTDIR)$(UNITDIR)/$(UNIT).d/pkcs11.conf
+	-rmdir $(DESTDIR)$(UNITDIR)/$(UNIT).d 2>/dev/null
 	rm -rf $(DESTDIR)$(PREFIX)
 ifeq ($(DESTDIR),)
 	-systemctl daemon-reload
