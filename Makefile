@@ -51,7 +51,9 @@ test: setup
 # Benchmarks print tables and write bench/results/*.json; they never fail on a slow machine.
 bench: setup
 	@[ -x /usr/bin/time ] || { $(SUDO) apt-get update -qq && $(APT_INSTALL) time; }
-	$(PY) bench/round_trips.py
+	@command -v ip >/dev/null || [ -x /usr/sbin/ip ] || { $(SUDO) apt-get update -qq && $(APT_INSTALL) iproute2; }
+	# Network namespaces and TUN devices: root.
+	$(SUDO) $(PY) bench/delay_line.py
 	$(PY) bench/device_cost.py
 	$(PY) bench/fleet.py
 	$(PY) bench/pkcs11_cost.py

@@ -66,7 +66,7 @@ class StandIn:
     def __init__(self, workdir: Path, serial: str = DEFAULT_SERIAL,
                  template: str = DEFAULT_TEMPLATE, faults: Faults | None = None,
                  key_factory: Callable | None = None, host: str = "127.0.0.1",
-                 overwrite: bool = True):
+                 overwrite: bool = True, tcp_nodelay: bool = True):
         self.workdir = Path(workdir)
         self.dir = self.workdir / "standin"
         self.serial = serial
@@ -75,6 +75,7 @@ class StandIn:
         self.key_factory = key_factory
         self.host = host
         self.overwrite = overwrite
+        self.tcp_nodelay = tcp_nodelay
         self.port = 0
         self.events_path = self.dir / "events.jsonl"
         self.config_path = self.workdir / "ento.conf"
@@ -114,7 +115,8 @@ class StandIn:
         self._responder_files = self.ca.write_pair(self.dir, "responder", "standin-responder")
         self.responder = Responder(self.ca, self.template, self.serial, self.faults,
                                    self.record, self.key_factory)
-        self._broker = Broker(self.dir, self.ca_path, *self._server_files, host=self.host)
+        self._broker = Broker(self.dir, self.ca_path, *self._server_files, host=self.host,
+                              tcp_nodelay=self.tcp_nodelay)
         self.port = self._broker.port
         self.write_device_config()
 

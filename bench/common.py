@@ -29,15 +29,17 @@ class Run:
     stderr: str
 
 
-def run_device(script: list[str], config: Path, *args: str, env=None) -> Run:
+def run_device(script: list[str], config: Path, *args: str, env=None,
+               prefix: list[str] | tuple = ()) -> Run:
     """Run a device script to the end: wall time, and peak memory from /usr/bin/time.
 
     (The child's own rusage would count the pages of this large benchmark
     process it was forked from; /usr/bin/time forks from a small one.)
+    ``prefix`` runs it through another command first (``ip netns exec NS``).
     """
     with tempfile.NamedTemporaryFile("r") as rss:
         started = time.monotonic()
-        proc = subprocess.run(["/usr/bin/time", "-q", "-f", "%M", "-o", rss.name,
+        proc = subprocess.run([*prefix, "/usr/bin/time", "-q", "-f", "%M", "-o", rss.name,
                                sys.executable, *script, "--config", str(config), *args],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, env=env)

@@ -141,8 +141,16 @@ def connect(endpoint: Endpoint, cert: Path, key: Path, client_id: str, timeout: 
         raise ConfigError(f"cannot load the TLS files ({getattr(exc, 'name', type(exc).__name__)})",
                           hint=f"{endpoint.ca}, {cert} and {key}") from None
     link = Link(connection, events)
+    from . import nodelay
     try:
-        _wait(connection.connect(), timeout)
+        # awscrt opens its socket inside connect(); the option must land on it
+        # before the TLS handshake's second flight (see nodelay).
+        with nodelay.after_connect(endpoint.host, endpoint.port, timeout) as watch:
+            connecting = connection.connect()
+        try:
+            _wait(connecting, timeout)
+        finally:
+            watch.stop()
     except FutureTimeout:
         link.close()
         raise TransientError(f"connect to {endpoint.host}:{endpoint.port}: no answer in "

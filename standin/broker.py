@@ -22,7 +22,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class Broker:
     def __init__(self, directory: Path, ca: Path, cert: Path, key: Path,
-                 host: str = "127.0.0.1", port: int = 0):
+                 host: str = "127.0.0.1", port: int = 0, tcp_nodelay: bool = True):
         self.directory = directory
         self.host = host
         self.port = port or free_port(host)
@@ -40,6 +40,10 @@ class Broker:
             "require_certificate true",
             "use_identity_as_username true",
         ]
+        if tcp_nodelay:
+            # AWS IoT is no stock mosquitto: without this the broker's own small
+            # writes wait for the device's delayed ACKs (bench/delay_line.py).
+            lines.append("set_tcp_nodelay true")
         if os.geteuid() == 0:
             # mosquitto drops root for user "mosquitto", which cannot read 0600 keys.
             lines.append("user root")

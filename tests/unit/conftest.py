@@ -1,4 +1,5 @@
 """Unit tests never touch the network: any real connection fails loudly."""
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -23,6 +24,17 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+    real_getaddrinfo = socket.getaddrinfo
+
+    def numeric_only(host, *args, **kwargs):
+        # A numeric address resolves without asking anyone; a name would ask DNS.
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            refuse()
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", numeric_only)
     # The seam: a flow that was not handed the fake builds a real connection.
     monkeypatch.setattr(mqtt, "build_connection", refuse)
     monkeypatch.setattr(crt_mqtt.Connection, "connect", refuse)
