@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from entomologist import certs, clock, files, fleet, keys, logs, mqtt
 from entomologist.config import (DEFAULT_CONFIG, Config, ProvisioningSettings, load_config,
                                  provisioning_settings, rehearse_update)
 from entomologist.credentials import CertDir, Registration
-from entomologist.errors import ConfigError, EntoError, ServiceError, run_main
+from entomologist.errors import ConfigError, EntoError, ServiceError, note_outcome, run_main
 from entomologist.lock import RunLock
 from entomologist.retries import RUN_TIMEOUT, Deadline, positive_seconds, with_retries
 from update_boot_status import update_boot_status
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logs.setup_logging(args.verbose)
-    return run_main(lambda: boot(args.config, Deadline(args.timeout), args.force))
+    code = run_main(lambda: boot(args.config, Deadline(args.timeout), args.force))
+    note_outcome(code, os.environ.get("RUNTIME_DIRECTORY"))
+    return code
 
 
 def boot(config_path: Path, deadline: Deadline, force: bool = False,

@@ -73,3 +73,37 @@ def run_main(body: Callable[[], None]) -> int:
         log.exception("unexpected error (a bug): please report it with this log")
         return os.EX_SOFTWARE
     return os.EX_OK
+
+
+BUG_COUNT_FILE = "consecutive-bugs"
+BUG_LIMIT = 3
+
+
+def note_outcome(code: int, runtime_dir: str | None) -> None:
+    """Count consecutive runs that ended in a bug, in the unit's RuntimeDirectory.
+
+    systemd retries every failure but 78 and 65; a bug (70) may be a passing
+    fault worth a few tries, but retried every minute for ever it only burns
+    power and fills the journal.  The unit's ExecCondition skips the run once
+    the count reaches BUG_LIMIT; /run is emptied at the next boot.
+    """
+    if not runtime_dir:
+        return  # run by hand: nothing to count
+    path = os.path.join(runtime_dir, BUG_COUNT_FILE)
+    try:
+        if code != os.EX_SOFTWARE:
+            if os.path.exists(path):
+                os.unlink(path)
+            return
+        try:
+            with open(path) as f:
+                count = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            count = 0
+        with open(path, "w") as f:
+            f.write(f"{count + 1}\n")
+        if count + 1 >= BUG_LIMIT:
+            log.error("%d runs in a row ended in a bug: no more retries until the next boot "
+                      "(or remove %s and restart the unit)", count + 1, path)
+    except OSError as exc:
+        log.warning("cannot count failed runs in %s: %s", runtime_dir, exc.strerror)

@@ -13,11 +13,12 @@ import queue
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import ConfigError, TransientError
+from .files import read_bounded
 
 log = logging.getLogger("entomologist")
 
@@ -32,23 +33,42 @@ class Endpoint:
     ca: Path
 
 
+@dataclass(frozen=True)
+class Tls:
+    """What a connection presents and trusts, read by us (bounded, never a FIFO)
+    so that the TLS library reads no file itself.  ``key`` is a key file's PEM,
+    or a key held in a token (entomologist.pkcs11_key.TokenKey)."""
+
+    cert_path: Path
+    cert_pem: bytes
+    key: object = field(repr=False)
+    ca_pem: bytes = field(repr=False)
+
+
 def crt_failure(what: str, exc: BaseException) -> TransientError:
     name = getattr(exc, "name", None) or type(exc).__name__
     return TransientError(f"{what} failed: {name}",
                           hint="the network link, ENDPOINT_URL, PORT and ROOT_CA")
 
 
-def build_connection(endpoint: Endpoint, cert: Path, key: Path, client_id: str,
-                     timeout: float, on_interrupted: Callable[..., None]):
-    """A real awscrt ``mqtt.Connection``, not yet connected.  (On port 443 the
-    builder offers the ALPN protocol x-amzn-mqtt-ca, as AWS IoT requires.)"""
+def connection_options(endpoint: Endpoint, tls: Tls, client_id: str, timeout: float,
+                       on_interrupted: Callable[..., None]) -> dict:
+    """What every connection shares, whatever holds its key."""
+    return dict(endpoint=endpoint.host, port=endpoint.port, ca_bytes=tls.ca_pem,
+                client_id=client_id, clean_session=True, keep_alive_secs=KEEP_ALIVE_SECS,
+                tcp_connect_timeout_ms=int(max(timeout, 0.1) * 1000),
+                on_connection_interrupted=on_interrupted, enable_metrics_collection=False)
+
+
+def build_connection(endpoint: Endpoint, tls: Tls, client_id: str, timeout: float,
+                     on_interrupted: Callable[..., None]):
+    """A real awscrt ``mqtt.Connection`` with a key file's key, not yet connected.
+    (On port 443 the builder offers the ALPN protocol x-amzn-mqtt-ca, as AWS IoT
+    requires.)"""
     from awsiot import mqtt_connection_builder
-    return mqtt_connection_builder.mtls_from_path(
-        endpoint=endpoint.host, port=endpoint.port, cert_filepath=str(cert),
-        pri_key_filepath=str(key), ca_filepath=str(endpoint.ca), client_id=client_id,
-        clean_session=True, keep_alive_secs=KEEP_ALIVE_SECS,
-        tcp_connect_timeout_ms=int(max(timeout, 0.1) * 1000),
-        on_connection_interrupted=on_interrupted, enable_metrics_collection=False)
+    return mqtt_connection_builder.mtls_from_bytes(
+        tls.cert_pem, tls.key, **connection_options(endpoint, tls, client_id, timeout,
+                                                    on_interrupted))
 
 
 Builder = Callable[..., object]
@@ -126,17 +146,24 @@ class Link:
             log.debug("disconnect did not complete cleanly")
 
 
-def connect(endpoint: Endpoint, cert: Path, key: Path, client_id: str, timeout: float,
+def connect(endpoint: Endpoint, cert: Path, key, client_id: str, timeout: float,
             build: Builder | None = None) -> Link:
-    """Open a mutual-TLS MQTT connection and wait, bounded, for its CONNACK."""
+    """Open a mutual-TLS MQTT connection and wait, bounded, for its CONNACK.
+
+    ``key`` is a key file's path, or a token key for ``build``.
+    """
     build = build or build_connection
+    hint = "the config's file paths"
+    tls = Tls(cert, read_bounded(cert, "certificate", hint=hint),
+              read_bounded(key, "private key", hint=hint) if isinstance(key, Path) else key,
+              read_bounded(endpoint.ca, "CA file", hint="ROOT_CA in the config"))
     events: queue.Queue = queue.Queue()
 
     def interrupted(connection=None, error=None, **_):
         events.put(crt_failure("the connection", error or RuntimeError("interrupted")))
 
     try:
-        connection = build(endpoint, cert, key, client_id, timeout, interrupted)
+        connection = build(endpoint, tls, client_id, timeout, interrupted)
     except Exception as exc:
         raise ConfigError(f"cannot load the TLS files ({getattr(exc, 'name', type(exc).__name__)})",
                           hint=f"{endpoint.ca}, {cert} and {key}") from None

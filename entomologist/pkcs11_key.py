@@ -510,20 +510,16 @@ def _finalize(lib) -> None:
 
 # ----------------------------------------------------------- connecting
 
-def build_connection(endpoint, cert: Path, key: TokenKey, client_id: str, timeout: float,
-                     on_interrupted):
+def build_connection(endpoint, tls, client_id: str, timeout: float, on_interrupted):
     """mqtt.build_connection's twin for a token key: a real awscrt ``mqtt.Connection``, not
     yet connected, whose private key operations run in the token.  awscrt 0.36.1 offers
     only TLS 1.2 with a PKCS#11 key (one more round trip than TLS 1.3)."""
     from awsiot import mqtt_connection_builder
 
-    from .mqtt import KEEP_ALIVE_SECS
+    from .mqtt import connection_options
     return mqtt_connection_builder.mtls_with_pkcs11(
-        **key.mtls_kwargs(), cert_filepath=str(cert), endpoint=endpoint.host,
-        port=endpoint.port, ca_filepath=str(endpoint.ca), client_id=client_id,
-        clean_session=True, keep_alive_secs=KEEP_ALIVE_SECS,
-        tcp_connect_timeout_ms=int(max(timeout, 0.1) * 1000),
-        on_connection_interrupted=on_interrupted, enable_metrics_collection=False)
+        **tls.key.mtls_kwargs(), cert_bytes=tls.cert_pem,
+        **connection_options(endpoint, tls, client_id, timeout, on_interrupted))
 
 
 def connect(endpoint, cert: Path, key: TokenKey, client_id: str, timeout: float):

@@ -69,6 +69,9 @@ class Faults:
     # Shared rate limit: called with "create" or "register", False means
     # throttle (429 ThrottlingException), as AWS IoT does over its TPS limit.
     limiter: "Callable[[str], bool] | None" = None
+    # Called when a RegisterThing is accepted, before the answer is sent: a test
+    # changes the device's world at the most expensive moment.
+    after_register: "Callable[[], None] | None" = None
     counts: dict = field(default_factory=dict)
 
     def throttled(self, kind: str) -> Rejection | None:
@@ -235,6 +238,8 @@ class Responder:
                                     "the thing name the template makes from SerialNumber is "
                                     "not a valid thing name").body()
         self.record("register-accepted", thingName=thing, certificateId=cert_id)
+        if self.faults.after_register is not None:
+            self.faults.after_register()
         how = self.faults.malformed_register
         if how == "not-json":
             return True, b"not json"

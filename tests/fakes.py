@@ -174,8 +174,9 @@ class FakeCloud:
         self.held: list = []
 
     # The connection builder, passed to the flows as ``build``.
-    def __call__(self, endpoint, cert, key, client_id, timeout, on_interrupted):
-        connection = FakeConnection(self, client_id, Path(cert).name, on_interrupted)
+    def __call__(self, endpoint, tls, client_id, timeout, on_interrupted):
+        connection = FakeConnection(self, client_id, tls.cert_path.name, on_interrupted)
+        connection.tls = tls
         connection.endpoint = endpoint
         self.connections.append(connection)
         return connection

@@ -175,7 +175,9 @@ def test_killed_at_random_instants_within_every_step_the_next_run_always_complet
         reached.append((step, classify(standin, since_events, since_log) if killed
                         else "finished"))
         recover_and_check(standin, state, output)
-    assert all(where != "finished" for _, where in reached), reached
+    # Once installed, a run can end within the random extra instant.
+    early = [where for step, where in reached if step not in RECORDED]
+    assert "finished" not in early, reached
     assert len({where for _, where in reached}) >= 5, reached
 
 

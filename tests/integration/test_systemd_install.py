@@ -211,3 +211,37 @@ def test_port_443_offers_the_aws_iot_alpn(standin, alpn_listener):
     result = run_script("boot.py", standin.config_path, "--timeout", "3")
     assert result.code == 75, result.stderr
     assert alpn_listener == ["x-amzn-mqtt-ca"], result.stderr
+
+
+def test_after_three_bugs_in_a_row_the_unit_skips_its_runs_until_the_next_boot(
+        tmp_path, monkeypatch, device_files):
+    import boot
+    (condition,) = directives()["ExecCondition"]
+    command = condition.replace("/run/entomologist", str(tmp_path))
+    assert command.startswith("/bin/sh -c '") and command.endswith("'")
+
+    def may_run() -> bool:
+        return subprocess.run(["/bin/sh", "-c", command[len("/bin/sh -c '"):-1]]).returncode == 0
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    argv = ["--config", str(device_files.config_path), "--timeout", "1"]
+    real_boot = boot.boot
+    monkeypatch.setattr(boot, "boot", bug)
+    assert may_run() and boot.main(argv) == 70
+    assert may_run() and boot.main(argv) == 70
+    monkeypatch.setattr(boot, "boot", real_boot)
+    assert boot.main(argv) == 75  # nothing listens: transient, and the count starts again
+    monkeypatch.setattr(boot, "boot", bug)
+    for _ in range(3):
+        assert may_run() and boot.main(argv) == 70
+    assert not may_run()
+
+
+def test_the_unit_retries_storage_failures_and_keeps_its_count_across_restarts_only():
+    d = directives()
+    assert d["RestartPreventExitStatus"][0].split() == ["78", "65"]
+    assert d["RuntimeDirectory"] == ["entomologist"]
+    assert d["RuntimeDirectoryPreserve"] == ["yes"]

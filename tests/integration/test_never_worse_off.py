@@ -1,0 +1,244 @@
+"""Never worse off, never wasteful: the device as the unit runs it (root without
+capabilities, so file modes bind), with another user's files, full and read-only
+disks, and a failure at the most expensive moment."""
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from e2e import ROOT, DeviceState, privilege_drop, run_script
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="other owners, modes that bind root, and mounts need root")
+
+
+def run_as_service(standin, script="boot.py", *args):
+    proc = subprocess.run([*privilege_drop(), sys.executable, str(ROOT / script), "--config",
+                           str(standin.config_path), "--timeout", "20", *args],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")]
+    return proc, errors
+
+
+def registers(standin):
+    return len(standin.events("register-request"))
+
+
+@contextmanager
+def tmpfs(path: Path, size: str):
+    path.mkdir(mode=0o700, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(folder: Path) -> None:
+    """Take every free block of the file system under ``folder``."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------- no registration wasted
+
+@needs_root
+def test_a_failure_after_register_thing_is_completed_later_without_asking_again(standin):
+    state = DeviceState(standin)
+    folder = standin.workdir
+    standin.faults.after_register = lambda: os.chmod(folder, 0o555)
+    try:
+        for _ in range(3):  # the unit retries 73: each retry must ask nothing
+            proc, errors = run_as_service(standin)
+            assert proc.returncode == 73, proc.stderr
+            assert len(errors) == 1 and str(folder) in errors[0]
+            state.check([proc.stderr], completed=False)
+    finally:
+        os.chmod(folder, 0o755)
+    assert registers(standin) == 1 and len(standin.events("create-request")) == 1
+    proc, _ = run_as_service(standin)
+    assert proc.returncode == 0, proc.stderr
+    assert registers(standin) == 1
+    assert state.check([proc.stderr], completed=True) == {"installed": True, "status": True}
+
+
+@needs_root
+def test_a_config_whose_group_cannot_be_kept_is_refused_before_anything_is_asked(standin):
+    os.chown(standin.config_path, 0, 4321)
+    state = DeviceState(standin)
+    proc, errors = run_as_service(standin)
+    assert proc.returncode == 73, proc.stderr
+    assert len(errors) == 1 and "owner or group cannot be kept" in errors[0]
+    assert standin.events("create-request") == []
+    assert state.check([proc.stderr], completed=False) == {"installed": False, "status": False}
+    assert os.stat(standin.config_path).st_gid == 4321
+
+
+@needs_root
+def test_a_cert_dir_that_fills_while_register_thing_is_awaited_still_keeps_the_registration(
+        standin):
+    state = DeviceState(standin)
+    with tmpfs(standin.workdir / "cert", "256k") as cert_dir:
+        standin.faults.after_register = lambda: fill(cert_dir)
+        proc, _ = run_as_service(standin)
+        (cert_dir / "filler").unlink()
+        assert registers(standin) == 1
+        if proc.returncode != 0:  # the install itself may not fit: the next run finishes it
+            assert proc.returncode == 73, proc.stderr
+            standin.faults.after_register = None
+            proc, _ = run_as_service(standin)
+        assert proc.returncode == 0, proc.stderr
+        assert registers(standin) == 1
+        assert state.check([proc.stderr], completed=True)["installed"]
+
+
+@needs_root
+def test_a_full_cert_dir_is_found_before_anything_is_asked(standin):
+    with tmpfs(standin.workdir / "cert", "256k") as cert_dir:
+        fill(cert_dir)
+        proc, errors = run_as_service(standin)
+        assert proc.returncode == 73, proc.stderr
+        assert len(errors) == 1 and "No space left" in errors[0]
+        assert standin.events("create-request") == []
+        assert sorted(p.name for p in cert_dir.iterdir()) == ["filler"]
+
+
+# -------------------------------------------- --force never destroys the identity
+
+@needs_root
+def test_force_on_a_full_disk_keeps_the_working_identity(standin):
+    with tmpfs(standin.workdir / "cert", "256k") as cert_dir:
+        assert run_script("boot.py", standin.config_path).code == 0
+        before = {p.name: p.read_bytes() for p in cert_dir.iterdir()}
+        fill(cert_dir)
+        proc, errors = run_as_service(standin, "boot.py", "--force")
+        assert proc.returncode == 73, proc.stderr
+        assert standin.events("create-request")[1:] == []
+        (cert_dir / "filler").unlink()
+        assert {p.name: p.read_bytes() for p in cert_dir.iterdir()} == before
+        proc, _ = run_as_service(standin, "update_boot_status.py")
+        assert proc.returncode == 0, proc.stderr
+
+
+def test_force_refused_by_the_service_keeps_the_working_identity(standin):
+    assert run_script("boot.py", standin.config_path).code == 0
+    cert_dir = standin.workdir / "cert"
+    before = {p.name: p.read_bytes() for p in cert_dir.iterdir()}
+    from iot_standin import Rejection
+    standin.faults.reject_register = Rejection(400, "InvalidParameters", "no")
+    assert run_script("boot.py", standin.config_path, "--force").code == 65
+    assert {p.name: p.read_bytes() for p in cert_dir.iterdir()} == before
+    standin.faults.reject_register = None
+    assert run_script("update_boot_status.py", standin.config_path).code == 0
+
+
+# ------------------------------------------------- nothing others can write
+
+@needs_root
+@pytest.mark.parametrize("what", ["config file", "config folder", "cert dir", "cert dir link"])
+def test_what_another_user_can_write_is_refused_before_anything_is_asked(standin, what,
+                                                                         tmp_path_factory):
+    cert_dir = standin.workdir / "cert"
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    if what == "config file":
+        os.chmod(standin.config_path, 0o662)
+        named = standin.config_path
+    elif what == "config folder":
+        os.chmod(standin.workdir, 0o777)
+        named = standin.workdir
+    elif what == "cert dir":
+        cert_dir.mkdir(mode=0o700)
+        os.chmod(cert_dir, 0o770)
+        named = cert_dir
+    else:
+        os.chmod(elsewhere, 0o777)
+        cert_dir.symlink_to(elsewhere)
+        named = elsewhere
+    try:
+        proc, errors = run_as_service(standin)
+    finally:
+        os.chmod(standin.workdir, 0o755)
+    assert proc.returncode == 78, proc.stderr
+    assert len(errors) == 1 and str(named) in errors[0] and "written by group or others" in \
+        errors[0]
+    assert standin.events("create-request") == []
+    assert list(elsewhere.iterdir()) == []
+    if what == "cert dir link":
+        assert os.stat(elsewhere).st_mode & 0o777 == 0o777  # never "fixed" through the link
+
+
+def test_a_config_linked_into_a_trusted_folder_is_rewritten_at_its_target(standin):
+    real = standin.workdir / "real"
+    real.mkdir()
+    target = real / "ento.conf"
+    doc = json.loads(standin.config_path.read_text())
+    for key in ("CLAIM_CERT", "CLAIM_KEY", "ROOT_CA", "CERT_DIR"):
+        doc["device"][key] = str(standin.workdir / doc["device"][key])
+    target.write_text(json.dumps(doc))
+    os.chmod(target, 0o640)
+    link = standin.workdir / "link.conf"
+    link.symlink_to(target)
+    result = run_script("boot.py", link)
+    assert result.code == 0, result.stderr
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert json.loads(target.read_text())["device"]["PROVISION_STATUS"] == "True"
+
+
+# ------------------------------------------------------- reporting needs no write
+
+@needs_root
+def test_a_provisioned_device_with_a_read_only_config_folder_still_reports_its_boot(standin):
+    assert run_script("boot.py", standin.config_path).code == 0
+    os.chmod(standin.workdir, 0o555)
+    try:
+        for script in ("boot.py", "update_boot_status.py"):
+            proc, _ = run_as_service(standin, script)
+            assert proc.returncode == 0, proc.stderr
+    finally:
+        os.chmod(standin.workdir, 0o755)
+    assert len(standin.wait_for("boot", 3)) == 3
+
+
+# ------------------------------------------------------------- bounded reads
+
+@pytest.mark.parametrize("key", ["ROOT_CA", "CLAIM_CERT", "CLAIM_KEY"])
+def test_a_fifo_where_a_file_belongs_is_a_config_error_not_a_hang(device_files, key):
+    fifo = device_files.workdir / "fifo"
+    os.mkfifo(fifo)
+    doc = json.loads(device_files.config_path.read_text())
+    doc["device"][key] = str(fifo)
+    device_files.config_path.write_text(json.dumps(doc))
+    result = run_script("boot.py", device_files.config_path, "--timeout", "5", timeout=20)
+    assert result.code == 78, result.stderr
+    assert "not a regular file" in result.errors[0]
+
+
+def test_a_fifo_in_place_of_the_installed_ca_does_not_hang_the_boot_report(standin):
+    assert run_script("boot.py", standin.config_path).code == 0
+    ca = standin.workdir / "cert" / "AmazonRootCA1.pem"
+    ca.unlink()
+    os.mkfifo(ca)
+    result = run_script("update_boot_status.py", standin.config_path, "--timeout", "5",
+                        timeout=20)
+    assert result.code in (0, 78), result.stderr
+    assert result.seconds < 10
+
+
+def test_csr_mode_provisions_a_serial_id_longer_than_a_common_name(standin):
+    serial = "S" * 100
+    standin.serial = standin.responder.serial = serial
+    standin.write_device_config(SERIAL_ID=serial, PROVISIONING_API="CreateCertificateFromCsr")
+    result = run_script("boot.py", standin.config_path)
+    assert result.code == 0, result.stderr
+    assert standin.events("boot")[0]["topic"] == f"cameraDevice/{serial}/booted"
