@@ -65,7 +65,7 @@ def boot(config_path: Path, deadline: Deadline, force: bool = False,
         lock.acquire(deadline)
         config = load_config(config_path)
         files.remove_stray_temp_files(config.real_path.parent)
-        cert_dir = CertDir.existing(config.cert_dir)
+        cert_dir = CertDir.existing(config.cert_dir, config.token)
         registration = cert_dir.registration() if cert_dir else None
         if registration is not None:
             # An earlier run registered this pair and did not finish installing it.
@@ -126,12 +126,14 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
     check_claim(settings, config.root_ca)
     clock.check_clock([settings.claim_cert, config.root_ca], now)
     rehearse_update(config)
-    cert_dir = CertDir.open(config.cert_dir, create=True)
+    cert_dir = CertDir.open(config.cert_dir, create=True, token=config.token)
     cert_dir.remove_stray_files()
     cert_dir.reserve()
 
     csr, device_key = None, None
-    if settings.csr_mode:
+    if config.token is not None:
+        device_key, csr = token_key_and_csr(config, settings)
+    elif settings.csr_mode:
         device_key = keys.staged_or_new_key(cert_dir.device_key, settings.key_algorithm)
         csr = keys.make_csr(device_key, config.serial_id)
 
@@ -171,8 +173,29 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
     return registration
 
 
+def token_key_and_csr(config: Config, settings: ProvisioningSettings) -> tuple[bytes, bytes]:
+    """The key pair made (or staged by an interrupted run) inside the token, and a CSR
+    the token signed.  The token is closed again before anything connects: awscrt
+    loads the same module for the device connection and never finalises it."""
+    from entomologist import pkcs11_key
+    with pkcs11_key.open_token(config.token) as token:
+        pair = token.staged_or_new(settings.key_algorithm)
+        return pair.public_key_der(), token.make_csr(pair, config.serial_id)
+
+
 def check_created(created: fleet.Created, cert_dir: CertDir, device_key) -> None:
-    """The new certificate must go with the key that will be installed beside it."""
+    """The new certificate must go with the key that will be installed beside it
+    (``device_key``: a key made here, or a token key's public key DER)."""
+    if isinstance(device_key, bytes):
+        from entomologist import pkcs11_key
+        try:
+            carries = pkcs11_key.certificate_public_key_der(created.certificate_pem) == device_key
+        except ConfigError:
+            carries = False
+        if not carries:
+            raise ServiceError("CreateCertificateFromCsr answered a certificate that does not "
+                               "carry the token's key", hint="the provisioning service")
+        return
     if device_key is not None:
         if not keys.certificate_carries_key(created.certificate_pem, device_key):
             raise ServiceError("CreateCertificateFromCsr answered a certificate that does not "

@@ -51,7 +51,7 @@ def update_boot_status(config: Config, deadline: Deadline,
     ``credentials_checked``: the caller has just checked (or installed) the pair.
     """
     hint = "that boot.py has provisioned this device"
-    cert_dir = CertDir.existing(config.cert_dir)
+    cert_dir = CertDir.existing(config.cert_dir, config.token)
     if cert_dir is None:
         raise ConfigError(f"no device credentials: no folder {config.cert_dir}", hint=hint)
     if cert_dir.registration() is not None:
@@ -65,9 +65,15 @@ def update_boot_status(config: Config, deadline: Deadline,
     client_id = config.thing_name or config.serial_id
     topic = boot_topic(config.serial_id)
 
+    key, builder = cert_dir.key, build
+    if config.token is not None:
+        from entomologist import pkcs11_key
+        key = pkcs11_key.token_key(config.token)
+        builder = build or pkcs11_key.build_connection
+
     def attempt() -> None:
-        link = mqtt.connect(endpoint, cert_dir.cert, cert_dir.key, client_id,
-                            deadline.step("connect with the device certificate"), build)
+        link = mqtt.connect(endpoint, cert_dir.cert, key, client_id,
+                            deadline.step("connect with the device certificate"), builder)
         try:
             link.publish(topic, boot_message(config.serial_id), deadline.step("boot message"))
         finally:

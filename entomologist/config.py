@@ -15,11 +15,14 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 from urllib.parse import urlsplit
 
 from . import files, logs
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .pkcs11_key import TokenSettings
 
 DEFAULT_CONFIG = Path("/etc/entomologist/ento.conf")
 DEFAULT_CERT_DIR = Path("/etc/entomologist/cert")
@@ -30,6 +33,7 @@ SHIPPED_ROOT_CA = Path(__file__).resolve().parent.parent / "AmazonRootCA1.pem"
 
 PROVISIONING_APIS = ("CreateKeysAndCertificate", "CreateCertificateFromCsr")
 KEY_ALGORITHMS = ("EC-P256", "RSA-2048")
+KEY_STORAGES = ("file", "pkcs11")
 OWNED_KEYS = ("THING_NAME", "CERTIFICATE_ID", "PROVISION_STATUS")
 
 DEFAULT_PORT = 8883
@@ -56,6 +60,8 @@ class Config:
     root_ca: Path
     cert_dir: Path
     thing_name: str | None
+    # KEY_STORAGE "pkcs11": the device key lives in this token, not in CERT_DIR.
+    token: "TokenSettings | None" = None
 
 
 @dataclass(frozen=True)
@@ -225,7 +231,34 @@ def load_config(path: Path) -> Config:
         provisioned=provisioned, thing_name=thing_name,
         root_ca=_path(path, device, "ROOT_CA", SHIPPED_ROOT_CA),
         cert_dir=_path(path, device, "CERT_DIR", DEFAULT_CERT_DIR),
+        token=token_settings(path, device),
     )
+
+
+def token_settings(path: Path, device: Mapping) -> "TokenSettings | None":
+    """KEY_STORAGE and the PKCS11_* keys; None for a key file in CERT_DIR."""
+    storage = _string(device, "KEY_STORAGE", "file")
+    if storage not in KEY_STORAGES:
+        raise _bad("KEY_STORAGE", 'must be "file" or "pkcs11"')
+    if storage == "file":
+        return None
+    from .pkcs11_key import DEFAULT_KEY_LABEL, TokenSettings
+    if device.get("PROVISIONING_API") != "CreateCertificateFromCsr":
+        raise _bad("KEY_STORAGE", '"pkcs11" needs PROVISIONING_API "CreateCertificateFromCsr" '
+                                  "(a key the service sends cannot be born in a token)")
+    for key in ("PKCS11_LIBRARY", "PKCS11_TOKEN_LABEL", "PKCS11_PIN_FILE"):
+        if not _string(device, key):
+            raise _bad(key, 'is needed with KEY_STORAGE "pkcs11"')
+    label = _string(device, "PKCS11_TOKEN_LABEL")
+    key_label = _string(device, "PKCS11_KEY_LABEL", DEFAULT_KEY_LABEL)
+    # PKCS#11 labels are 32 bytes, blank-padded.
+    for key, value in (("PKCS11_TOKEN_LABEL", label), ("PKCS11_KEY_LABEL", key_label)):
+        if not value or len(value.encode()) > 32 or not value.isprintable():
+            raise _bad(key, "must be 1 to 32 bytes of printable text")
+    return TokenSettings(library=_path(path, device, "PKCS11_LIBRARY", Path()),
+                         token_label=label,
+                         pin_file=_path(path, device, "PKCS11_PIN_FILE", Path()),
+                         key_label=key_label)
 
 
 def provisioning_settings(config: Config) -> ProvisioningSettings:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import certs, config as configuration, files
+from .errors import StorageError
 
 log = logging.getLogger("entomologist")
 
@@ -40,8 +41,13 @@ class Registration:
 
 
 class CertDir:
-    def __init__(self, path: Path):
+    """``token``: with KEY_STORAGE "pkcs11" the device key lives in that token and
+    CERT_DIR holds no key file; a pair is then the certificate and the token key
+    whose public key it carries."""
+
+    def __init__(self, path: Path, token=None):
         self.path = path
+        self.token = token
         self.cert = path / "certificate.pem.crt"
         self.key = path / "private.pem.key"
         self.ca = path / "AmazonRootCA1.pem"
@@ -53,14 +59,14 @@ class CertDir:
         self.reserve_file = path / "registration.reserve"
 
     @classmethod
-    def open(cls, directory: Path, create: bool = False) -> "CertDir":
+    def open(cls, directory: Path, create: bool = False, token=None) -> "CertDir":
         """CERT_DIR, checked to be writable by nobody but us and root (made 0700 with ``create``)."""
-        return cls(files.trusted_dir(directory, "CERT_DIR", create=create))
+        return cls(files.trusted_dir(directory, "CERT_DIR", create=create), token)
 
     @classmethod
-    def existing(cls, directory: Path) -> "CertDir | None":
+    def existing(cls, directory: Path, token=None) -> "CertDir | None":
         try:
-            return cls.open(directory)
+            return cls.open(directory, token=token)
         except files.FileProblem as exc:
             if exc.missing:
                 return None
@@ -74,11 +80,30 @@ class CertDir:
             cert = files.read_bounded(self.cert, "certificate")
         except files.FileProblem as exc:
             return f"no certificate in {self.path}" if exc.missing else str(exc)
+        if self.token is not None:
+            return self._token_problem(cert)
         try:
             key = files.read_bounded(self.key, "private key")
         except files.FileProblem as exc:
             return str(exc)
         return certs.pair_problem(cert, key)
+
+    def _token_problem(self, cert_pem: bytes) -> str | None:
+        """None if the token holds the key of ``cert_pem`` (given the final label now,
+        if a run was killed before it could), else why not.  Once the installed pair
+        is known, a staged key is stale (no registration waits for it): it goes, so
+        no orphan piles up in the token."""
+        from . import pkcs11_key
+        problem = certs.certificate_problem(cert_pem)
+        if problem:
+            return problem
+        with pkcs11_key.open_token(self.token) as token:
+            pair = token.reconcile(pkcs11_key.certificate_public_key_der(cert_pem))
+            if pair is not None and token.delete_label(self.token.staging_label):
+                log.info("removed a key a run killed before registering left in the token")
+        if pair is None:
+            return f"no key in token {self.token.token_label!r} belongs to the certificate"
+        return None
 
     def ca_for_connection(self, fallback: Path) -> Path:
         return self.ca if self.ca.is_file() else fallback
@@ -117,11 +142,14 @@ class CertDir:
 
     def staged_key_for_cert(self) -> Path | None:
         """The key that belongs to the staged certificate: staged, or already moved
-        into place by a run killed before the certificate followed."""
+        into place by a run killed before the certificate followed (with a token:
+        the token, as ``self.key``, if it holds that key)."""
         try:
             cert = files.read_bounded(self.staged_cert, "staged certificate")
         except files.FileProblem:
             return None
+        if self.token is not None:
+            return self.key if self._token_holds(cert) else None
         for path in (self.staged_key, self.device_key, self.key):
             try:
                 if certs.pair_problem(cert, files.read_bounded(path, "staged key")) is None:
@@ -129,6 +157,14 @@ class CertDir:
             except files.FileProblem:
                 continue
         return None
+
+    def _token_holds(self, cert_pem: bytes) -> bool:
+        from . import pkcs11_key
+        spki = pkcs11_key.certificate_public_key_der(cert_pem)
+        with pkcs11_key.open_token(self.token) as token:
+            return any(pair.public_key_der() == spki
+                       for label in (self.token.staging_label, self.token.key_label)
+                       for pair in token.pairs(label))
 
     def stage_created(self, cert_pem: bytes, key_pem: bytes | None) -> None:
         if key_pem is not None:
@@ -183,6 +219,13 @@ class CertDir:
             if key is not None and key != self.key:
                 files.rename_durably(key, self.key)
             files.rename_durably(self.staged_cert, self.cert)
+        if self.token is not None:
+            # The new pair is installed: give its key the final label, and delete
+            # the key it replaces, last.
+            problem = self._token_problem(files.read_bounded(self.cert, "certificate"))
+            if problem:
+                raise StorageError(f"cannot install the token key: {problem}",
+                                   hint="the token")
         if reg.device_configuration:
             files.write_file_atomic(self.device_configuration,
                                     (json.dumps(reg.device_configuration, indent=2) + "\n"

@@ -83,6 +83,12 @@ class TokenKey:
                 "private_key_label": self.key_label}
 
 
+def token_key(settings: "TokenSettings") -> TokenKey:
+    """What awscrt needs to connect with the final key, the PIN read from its file."""
+    return TokenKey(settings.library, settings.token_label, settings.key_label,
+                    read_pin(settings.pin_file))
+
+
 # ------------------------------------------------------------------ the PIN
 
 def read_pin(path: Path) -> str:

@@ -104,10 +104,11 @@ class DeviceState:
         return {"installed": installed, "status": status}
 
 
-def run_and_kill(standin, trigger, *args: str, limit: float = 30.0):
+def run_and_kill(standin, trigger, *args: str, limit: float = 30.0, env: dict | None = None):
     """Start boot.py, SIGKILL it the moment ``trigger()`` holds; return (killed, stderr)."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "boot.py"), "--config",
                              str(standin.config_path), *args], stdin=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     end = time.monotonic() + limit
     killed = False

@@ -1,0 +1,175 @@
+"""KEY_STORAGE "pkcs11": boot.py and update_boot_status.py as processes, with the device
+key in a SoftHSM2 token of the test's own, against the stand-in."""
+import json
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from e2e import run_and_kill, run_script
+from softhsm import SOFTHSM_MODULE, make_token
+
+FINAL, STAGING = "entomologist-device", "entomologist-device.staging"
+
+
+@pytest.fixture
+def token(tmp_path, monkeypatch):
+    return make_token(tmp_path / "hsm", monkeypatch=monkeypatch)
+
+
+@pytest.fixture
+def device(standin, token):
+    standin.write_device_config(PROVISIONING_API="CreateCertificateFromCsr",
+                                KEY_STORAGE="pkcs11", PKCS11_LIBRARY=str(SOFTHSM_MODULE),
+                                PKCS11_TOKEN_LABEL=token.label,
+                                PKCS11_PIN_FILE=str(token.pin_file))
+    return standin
+
+
+def boot(device, token, *args, script="boot.py"):
+    return run_script(script, device.config_path, *args, env=token.env)
+
+
+def spki(public_key) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def labels(token) -> list[tuple[str, str]]:
+    return [(cls, label) for cls, label, _ in token.objects()]
+
+
+def no_key_files(device) -> None:
+    for path in device.workdir.rglob("*"):
+        if path.is_file() and "standin" not in path.parts and "hsm" not in path.parts:
+            assert b"PRIVATE KEY" not in path.read_bytes() or "claim" in path.parts, path
+
+
+def test_first_boot_makes_the_key_in_the_token_and_writes_no_key_file(device, token):
+    result = boot(device, token)
+    assert result.code == 0, result.stderr
+    assert labels(token) == [("PRIVATE_KEY", FINAL), ("PUBLIC_KEY", FINAL)]
+    attributes = token.private_key_attributes(FINAL)
+    assert attributes["SENSITIVE"] and not attributes["EXTRACTABLE"] and attributes["TOKEN"]
+    cert_dir = device.workdir / "cert"
+    assert sorted(p.name for p in cert_dir.iterdir()) == ["AmazonRootCA1.pem",
+                                                         "certificate.pem.crt"]
+    no_key_files(device)
+    cert = x509.load_pem_x509_certificate((cert_dir / "certificate.pem.crt").read_bytes())
+    (public_der,) = [pub for pub in _token_public_keys(token)]
+    assert spki(cert.public_key()) == public_der
+    assert device.wait_for("boot", 1)
+    assert json.loads(device.config_path.read_text())["device"]["PROVISION_STATUS"] == "True"
+
+
+def _token_public_keys(token):
+    import pkcs11
+    from pkcs11 import Attribute, ObjectClass
+    from pkcs11.util.ec import encode_ec_public_key
+    lib = pkcs11.lib(str(SOFTHSM_MODULE))
+    try:
+        with lib.get_token(token_label=token.label).open(user_pin="4711-test-pin") as s:
+            return [encode_ec_public_key(k) for k in s.get_objects(
+                {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.LABEL: FINAL})]
+    finally:
+        lib.finalize()
+
+
+def test_second_boot_asks_nothing_and_reports_with_the_token_key(device, token):
+    assert boot(device, token).code == 0
+    requests = len([e for e in device.events() if e["event"].endswith("-request")])
+    for script in ("boot.py", "update_boot_status.py"):
+        result = boot(device, token, script=script)
+        assert result.code == 0, result.stderr
+    assert len([e for e in device.events() if e["event"].endswith("-request")]) == requests
+    assert len(device.wait_for("boot", 3)) == 3
+    assert labels(token) == [("PRIVATE_KEY", FINAL), ("PUBLIC_KEY", FINAL)]
+
+
+def test_a_wrong_pin_is_78_and_nothing_is_sent(device, token):
+    token.pin_file.write_text("0000\n")
+    result = boot(device, token)
+    assert result.code == 78, result.stderr
+    assert "0000" not in result.stderr
+    assert [e for e in device.events() if e["event"].endswith("-request")] == []
+
+
+def test_a_missing_module_is_75(device, token, tmp_path):
+    device.write_device_config(PROVISIONING_API="CreateCertificateFromCsr",
+                               KEY_STORAGE="pkcs11", PKCS11_LIBRARY=str(tmp_path / "none.so"),
+                               PKCS11_TOKEN_LABEL=token.label,
+                               PKCS11_PIN_FILE=str(token.pin_file))
+    result = boot(device, token)
+    assert result.code == 75, result.stderr
+
+
+def test_pkcs11_without_csr_mode_is_a_config_error(device, token):
+    doc = json.loads(device.config_path.read_text())
+    doc["device"]["PROVISIONING_API"] = "CreateKeysAndCertificate"
+    device.config_path.write_text(json.dumps(doc))
+    result = boot(device, token)
+    assert result.code == 78 and "PROVISIONING_API" in result.errors[0], result.stderr
+
+
+def test_the_key_object_gone_means_provision_again(device, token):
+    assert boot(device, token).code == 0
+    import pkcs11
+    lib = pkcs11.lib(str(SOFTHSM_MODULE))
+    try:
+        with lib.get_token(token_label=token.label).open(rw=True,
+                                                         user_pin="4711-test-pin") as s:
+            for obj in s.get_objects({pkcs11.Attribute.LABEL: FINAL}):
+                obj.destroy()
+    finally:
+        lib.finalize()
+    result = boot(device, token)
+    assert result.code == 0, result.stderr
+    assert len(device.events("csr-request")) == 2
+    assert labels(token) == [("PRIVATE_KEY", FINAL), ("PUBLIC_KEY", FINAL)]
+
+
+def event_after(standin, name):
+    since = len(standin.events(name))
+    return lambda: len(standin.events(name)) > since
+
+
+def file_after(standin, name):
+    path = standin.workdir / "cert" / name
+    before = path.read_bytes() if path.exists() else None
+    return lambda: path.exists() and path.read_bytes() != before
+
+
+STEPS = {
+    "after the CSR request": (lambda s: event_after(s, "csr-request"), 0.3),
+    "after the register request": (lambda s: event_after(s, "register-request"), 0.3),
+    "after the registration record": (
+        lambda s: lambda: (s.workdir / "cert" / "registration.json.staging").exists(), 0.0),
+    "after installing": (lambda s: file_after(s, "certificate.pem.crt"), 0.0),
+}
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["first boot", "--force"])
+@pytest.mark.parametrize("step", list(STEPS))
+def test_killed_at_each_step_the_next_run_completes_with_one_key_and_no_orphans(
+        device, token, step, force):
+    if force:
+        assert boot(device, token).code == 0
+    make_trigger, delay = STEPS[step]
+    device.faults.delay = delay
+    claim = device.claim_key.read_bytes()
+    killed, output = run_and_kill(device, make_trigger(device),
+                                  *(["--force"] if force else []), env=token.env)
+    assert killed, step
+    device.faults.delay = 0.0
+    result = boot(device, token)
+    assert result.code == 0, output + result.stderr
+    doc = json.loads(device.config_path.read_text())["device"]
+    assert doc["PROVISION_STATUS"] == "True" and device.wait_for("boot", 1 + force)
+    assert device.claim_key.read_bytes() == claim
+    assert sorted(p.name for p in (device.workdir / "cert").iterdir()) == [
+        "AmazonRootCA1.pem", "certificate.pem.crt"]
+    no_key_files(device)
+    assert labels(token) == [("PRIVATE_KEY", FINAL), ("PUBLIC_KEY", FINAL)]
+    cert = x509.load_pem_x509_certificate(
+        (device.workdir / "cert" / "certificate.pem.crt").read_bytes())
+    assert spki(cert.public_key()) == _token_public_keys(token)[0]
