@@ -13,9 +13,19 @@ from . import files
 
 log = logging.getLogger("entomologist")
 
-# X.520 caps a commonName at 64 characters; AWS IoT reads only the CSR's
-# public key, so a longer SERIAL_ID is cut rather than refused.
+# X.520 caps a commonName at 64 characters.
 MAX_COMMON_NAME = 64
+
+
+def csr_common_name(serial_id: str) -> str:
+    """The CSR's CN: the serial ID, or for one longer than a CN may be, its first 47
+    characters, '-' and 16 hex digits of its SHA-256.  AWS IoT reads only the CSR's
+    public key; this keeps the CSR valid, recognisable and distinct per device."""
+    if len(serial_id) <= MAX_COMMON_NAME:
+        return serial_id
+    import hashlib
+    digest = hashlib.sha256(serial_id.encode()).hexdigest()[:16]
+    return f"{serial_id[:MAX_COMMON_NAME - 17]}-{digest}"
 
 
 def algorithm_of(key) -> str | None:
@@ -78,7 +88,7 @@ def make_csr(key, serial_id: str) -> bytes:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509.oid import NameOID
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, serial_id[:MAX_COMMON_NAME])])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, csr_common_name(serial_id))])
     csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
     return csr.public_bytes(serialization.Encoding.PEM)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, TransientError
+from .keys import csr_common_name
 
 log = logging.getLogger("entomologist")
 
@@ -40,8 +41,6 @@ STAGING_SUFFIX = ".staging"
 KEY_ALGORITHMS = ("EC-P256", "RSA-2048")
 # A PIN is a few dozen bytes at most; anything bigger is not a PIN file.
 MAX_PIN_FILE_BYTES = 256
-# X.520 ub-common-name: a CN holds at most 64 characters.
-MAX_COMMON_NAME = 64
 
 # (module realpath, token label, SHA-256 of the PIN) refused by C_Login in this process.
 _refused_pins: set[tuple[str, str, bytes]] = set()
@@ -418,16 +417,6 @@ def certificate_public_key_der(cert_pem: bytes) -> bytes:
     except (ValueError, TypeError):
         raise ConfigError("the installed certificate is not a PEM certificate",
                           hint="the certificate file in CERT_DIR") from None
-
-
-def csr_common_name(serial_id: str) -> str:
-    """The CSR's CN: the serial ID, or for one longer than a CN may be (64), its first 47
-    characters, '-' and 16 hex digits of its SHA-256 (AWS ignores the CSR's subject; this
-    keeps the CSR valid, recognisable and distinct per device)."""
-    if len(serial_id) <= MAX_COMMON_NAME:
-        return serial_id
-    digest = hashlib.sha256(serial_id.encode()).hexdigest()[:16]
-    return f"{serial_id[:MAX_COMMON_NAME - 17]}-{digest}"
 
 
 @contextmanager
