@@ -51,17 +51,20 @@ class Registered:
     device_configuration: dict
 
 
-def claim_policy_hint(operation: str) -> str:
-    topic = ("$aws/certificates/create-from-csr/*" if operation == CREATE_FROM_CSR
-             else "$aws/certificates/create/*")
+def policy_resource(topic: str) -> str:
+    """The claim policy's topic pattern that covers a response topic of the client:
+    .../json/accepted -> .../*."""
+    return topic.split("/json/")[0] + "/*"
+
+
+def claim_policy_hint(resources: list[str]) -> str:
     return (f"the claim certificate, that it is active, and that its policy allows "
-            f"iot:Publish, iot:Receive and iot:Subscribe on {topic}")
+            f"iot:Publish, iot:Receive and iot:Subscribe on {' and '.join(resources)}")
 
 
-def register_hint(template_name: str) -> str:
+def register_hint(template_name: str, resource: str) -> str:
     return (f"TEMPLATE_NAME ({template_name}), TEMPLATE_PARAMETERS, the template's "
-            f"pre-provisioning hook, and that the claim policy allows "
-            f"$aws/provisioning-templates/{template_name}/provision/*")
+            f"pre-provisioning hook, and that the claim policy allows {resource}")
 
 
 class FleetProvisioning:
@@ -78,6 +81,9 @@ class FleetProvisioning:
         self.create_operation = CREATE_FROM_CSR if csr_mode else CREATE_KEYS
         self.deadline = deadline
         self.sleep = sleep
+        # Each operation's claim-policy resource, from the topics the client
+        # subscribed to (the client, not this module, knows the topics).
+        self.resources: dict[str, str] = {}
 
     # -- subscriptions
 
@@ -102,10 +108,11 @@ class FleetProvisioning:
             for outcome, subscribe in (("accepted", accepted), ("rejected", rejected)):
                 future, topic = subscribe(request, qos, self._deliver(operation, outcome))
                 pending.append((topic, future))
+                self.resources[operation] = policy_resource(topic)
         self.link.wait_subscribed(
             pending, self.deadline.step("subscribe"),
-            refused_hint=f"{claim_policy_hint(self.create_operation)} and "
-                         f"$aws/provisioning-templates/{self.template_name}/provision/*")
+            refused_hint=claim_policy_hint([self.resources[self.create_operation],
+                                            self.resources[REGISTER]]))
 
     def _deliver(self, operation: str, outcome: str):
         def deliver(answer) -> None:
@@ -206,12 +213,12 @@ class FleetProvisioning:
         message = getattr(answer, "error_message", None)
         text = (f"{operation} rejected: statusCode={logs.shown(status, 8)} "
                 f"errorCode={logs.shown(code, 64)} errorMessage='{logs.shown(message)}'")
-        busy = (isinstance(status, int) and not isinstance(status, bool)
-                and (status == 429 or status >= 500)) or (isinstance(code, str) and code in RETRYABLE_ERROR_CODES)
-        if busy:
+        busy_status = (isinstance(status, int) and not isinstance(status, bool)
+                       and (status == 429 or status >= 500))
+        if busy_status or (isinstance(code, str) and code in RETRYABLE_ERROR_CODES):
             return ServiceBusy(text, hint="nothing: the service is busy; retrying")
-        hint = (register_hint(self.template_name) if operation == REGISTER
-                else claim_policy_hint(operation))
+        hint = (register_hint(self.template_name, self.resources[REGISTER])
+                if operation == REGISTER else claim_policy_hint([self.resources[operation]]))
         return ServiceError(text, hint=hint)
 
 
