@@ -47,7 +47,11 @@ def watch_forever(host: str, port: int) -> None:
 def main() -> int:
     mode, script, *rest = sys.argv[1:]
     if mode == "--nagle":
-        nodelay.after_connect = lambda *a, **k: contextlib.nullcontext()
+        class NoWatch:
+            def stop(self) -> None:
+                pass
+
+        nodelay.after_connect = lambda *a, **k: contextlib.nullcontext(NoWatch())
     elif mode == "--nodelay":
         config = Path(rest[rest.index("--config") + 1])
         device = json.loads(config.read_text())["device"]
