@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import files
 from .errors import ConfigError, TransientError
 from .keys import csr_common_name
 
@@ -91,32 +92,14 @@ def token_key(settings: "TokenSettings") -> TokenKey:
 # ------------------------------------------------------------------ the PIN
 
 def read_pin(path: Path) -> str:
-    """The user PIN from its file: a small regular file that only root or we can change."""
+    """The user PIN from its file: a small regular file that only root or we can change
+    (checked up the whole path, as for every file we trust), that others cannot read."""
     where, hint = f"PIN file {path}", "PKCS11_PIN_FILE and the file's owner and mode"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise ConfigError(f"{where} does not exist", hint=hint) from None
-    except OSError as exc:
-        raise ConfigError(f"{where} cannot be opened: {exc.strerror}", hint=hint) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{where} is not a regular file", hint=hint)
-        if st.st_uid not in (0, os.geteuid()):
-            raise ConfigError(f"{where} is owned by uid {st.st_uid}, not root", hint=hint)
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH | stat.S_IROTH):
-            raise ConfigError(f"{where} has mode {stat.S_IMODE(st.st_mode):04o}: others may "
-                              "read it or others or the group may change it (use 0600 or 0640)",
-                              hint=hint)
-        if st.st_size > MAX_PIN_FILE_BYTES:
-            raise ConfigError(f"{where} is too large ({st.st_size} bytes, at most "
-                              f"{MAX_PIN_FILE_BYTES})", hint=hint)
-        raw = os.read(fd, MAX_PIN_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{where} cannot be read: {exc.strerror}", hint=hint) from None
-    finally:
-        os.close(fd)
+    real = files.trusted_path(path, "PIN file", hint=hint)
+    if os.stat(real).st_mode & stat.S_IROTH:
+        raise ConfigError(f"{where} has mode {stat.S_IMODE(os.stat(real).st_mode):04o}: "
+                          "others may read it (use 0600 or 0640)", hint=hint)
+    raw = files.read_bounded(real, "PIN file", MAX_PIN_FILE_BYTES, hint=hint)
     # One trailing line end is what `echo PIN > file` leaves; it is not part of the PIN.
     for ending in (b"\r\n", b"\n"):
         if raw.endswith(ending):
