@@ -30,7 +30,7 @@ from typing import Callable
 
 from entomologist import certs, clock, files, fleet, keys, logs, mqtt
 from entomologist.config import (DEFAULT_CONFIG, Config, ProvisioningSettings, load_config,
-                                 provisioning_settings, rehearse_update)
+                                 provisioning_settings, rehearse_update, update_device_config)
 from entomologist.credentials import CertDir, Registration
 from entomologist.errors import ConfigError, EntoError, ServiceError, note_outcome, run_main
 from entomologist.lock import RunLock
@@ -61,27 +61,31 @@ def boot(config_path: Path, deadline: Deadline, force: bool = False,
          sleep: Callable[[float], None] = time.sleep,
          now: Callable[[], float] = time.time) -> None:
     """The whole boot-time job, under the run lock."""
-    with RunLock(config_path) as lock:
+    config = load_config(config_path)
+    # CERT_DIR holds the lock, so it exists (0700) before anything else happens.
+    cert_dir = CertDir.open(config.cert_dir, create=True, token=config.token)
+    with RunLock(cert_dir.path) as lock:
         lock.acquire(deadline)
-        config = load_config(config_path)
+        config = load_config(config_path)  # as the run before us may have left it
         files.remove_stray_temp_files(config.real_path.parent)
-        cert_dir = CertDir.existing(config.cert_dir, config.token)
-        registration = cert_dir.registration() if cert_dir else None
+        cert_dir.remove_stray_files()
+        registration = cert_dir.registration()
         if registration is not None:
             # An earlier run registered this pair and did not finish installing it.
             log.info("installing thing %s, registered by an earlier run", registration.thing_name)
             cert_dir.install(config, registration, config.root_ca)
             config = load_config(config_path)
         elif force or needs_provisioning(config, cert_dir):
-            provision(config, provisioning_settings(config), deadline, build, sleep, now)
+            provision(config, provisioning_settings(config), deadline, build, sleep, now,
+                      lost=not force)
             config = load_config(config_path)
         # The pair was just found sound or just installed from checked files.
         update_boot_status(config, deadline, build, sleep, now, credentials_checked=True)
 
 
-def needs_provisioning(config: Config, cert_dir: CertDir | None) -> bool:
+def needs_provisioning(config: Config, cert_dir: CertDir) -> bool:
     """Installed credentials, not PROVISION_STATUS, decide: only registered ones are installed."""
-    problem = cert_dir.installed_problem() if cert_dir else f"no folder {config.cert_dir}"
+    problem = cert_dir.installed_problem()
     if problem is None:
         cert_dir.remove_stray_files()
         # What a --force run killed before it registered left behind.
@@ -115,8 +119,11 @@ def check_claim(settings: ProvisioningSettings, root_ca: Path) -> None:
 def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline,
               build: mqtt.Builder | None = None,
               sleep: Callable[[float], None] = time.sleep,
-              now: Callable[[], float] = time.time) -> Registration:
+              now: Callable[[], float] = time.time, lost: bool = False) -> Registration:
     """Fleet provisioning by claim, retried from scratch on transient failures.
+
+    ``lost``: the installed credentials are gone or broken (not --force), so a
+    PROVISION_STATUS of True no longer holds and is set False first.
 
     Everything that can fail here is checked before the first request; every
     file is staged as soon as its content exists; once RegisterThing is
@@ -126,6 +133,8 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
     check_claim(settings, config.root_ca)
     clock.check_clock([settings.claim_cert, config.root_ca], now)
     rehearse_update(config)
+    if lost and config.provisioned:
+        update_device_config(config, {"PROVISION_STATUS": "False"})
     cert_dir = CertDir.open(config.cert_dir, create=True, token=config.token)
     cert_dir.remove_stray_files()
     cert_dir.reserve()

@@ -96,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         deadline = Deadline(args.timeout)
-        with RunLock(args.config) as lock:
+        config = load_config(args.config)
+        cert_dir = CertDir.existing(config.cert_dir, config.token)
+        if cert_dir is None:
+            raise ConfigError(f"no device credentials: no folder {config.cert_dir}",
+                              hint="that boot.py has provisioned this device")
+        with RunLock(cert_dir.path) as lock:
             lock.acquire(deadline)
             config = load_config(args.config)
             files.remove_stray_temp_files(config.real_path.parent)

@@ -156,13 +156,14 @@ def _string(device: Mapping, key: str, default: str | None = None) -> str | None
 
 
 def _path(config_path: Path, device: Mapping, key: str, default: Path) -> Path:
+    """``config_path`` is the real file: a relative path is taken from its folder,
+    so that a config and its files move together (the stand-in does) and a run
+    through a symlinked config finds the same files as a run through its target."""
     value = _string(device, key)
     if value is None:
         return default
     if not value or "\0" in value:
         raise _bad(key, "must be a non-empty path")
-    # A relative path is taken from the config file's folder, so that a
-    # config and its files can be moved together (the local stand-in does).
     return (config_path.parent / value) if not os.path.isabs(value) else Path(value)
 
 
@@ -229,9 +230,9 @@ def load_config(path: Path) -> Config:
     return Config(
         path=path, real_path=real, device=device, serial_id=serial, host=host, port=port,
         provisioned=provisioned, thing_name=thing_name,
-        root_ca=_path(path, device, "ROOT_CA", SHIPPED_ROOT_CA),
-        cert_dir=_path(path, device, "CERT_DIR", DEFAULT_CERT_DIR),
-        token=token_settings(path, device),
+        root_ca=_path(real, device, "ROOT_CA", SHIPPED_ROOT_CA),
+        cert_dir=_path(real, device, "CERT_DIR", DEFAULT_CERT_DIR),
+        token=token_settings(real, device),
     )
 
 
@@ -284,8 +285,8 @@ def provisioning_settings(config: Config) -> ProvisioningSettings:
         raise _bad("KEY_ALGORITHM", f"must be one of {', '.join(KEY_ALGORITHMS)}")
     return ProvisioningSettings(
         template_name=name, template_parameters=dict(params),
-        claim_cert=_path(config.path, device, "CLAIM_CERT", DEFAULT_CLAIM_CERT),
-        claim_key=_path(config.path, device, "CLAIM_KEY", DEFAULT_CLAIM_KEY),
+        claim_cert=_path(config.real_path, device, "CLAIM_CERT", DEFAULT_CLAIM_CERT),
+        claim_key=_path(config.real_path, device, "CLAIM_KEY", DEFAULT_CLAIM_KEY),
         api=api, key_algorithm=algorithm,
     )
 

@@ -86,43 +86,77 @@ def _untrusted(path: Path, st: os.stat_result, allow_sticky: bool) -> str | None
     return None
 
 
+MAX_SYMLINKS = 40  # as the kernel's path walk
+
+
 def trusted_path(path: Path, what: str, hint: str | None = None) -> Path:
     """The real path of an existing ``path`` after checking that nobody else can change it.
 
-    Symlinks are resolved first and the real path is the one checked and
-    used: a link into a folder we trust is legitimate (read-only root images
-    link /etc files), a link elsewhere is refused.
+    The path is walked one component at a time, as the kernel walks it: every
+    folder passed through and the final entry must be trusted, and every
+    symlink followed must belong to root or to us.  So a link into a folder we
+    trust is legitimate (read-only root images link /etc files), while a link
+    another user planted, even in a sticky folder, is refused: realpath()
+    would follow it blindly.  The real path is returned and used from then on.
     """
-    real = Path(os.path.realpath(path))
-    for index, part in enumerate([real, *real.parents]):
+    pending = list(Path(os.path.join(os.getcwd(), path)).parts[1:])
+    current, links = Path("/"), 0
+    _check(path, current, os.lstat(current), what, hint, final=False)
+    while pending:
+        name = pending.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = current.parent
+            continue
+        candidate = current / name
         try:
-            st = os.lstat(part)
+            st = os.lstat(candidate)
         except FileNotFoundError:
             raise FileProblem(f"{what} {path} does not exist", hint=hint, missing=True) from None
         except OSError as exc:
-            raise FileProblem(f"{what} {path}: cannot check {part}: {exc.strerror}",
+            raise FileProblem(f"{what} {path}: cannot check {candidate}: {exc.strerror}",
                               hint=hint) from None
-        if index == 0 and stat.S_ISLNK(st.st_mode):
-            raise FileProblem(f"{what} {path} cannot be opened: a symlink loop", hint=hint)
-        problem = _untrusted(part, st, allow_sticky=index > 0)
-        if problem:
-            shown = part if part == path else f"{part} (for {path})"
-            raise ConfigError(
-                f"refusing {what} {shown}: it {problem}",
-                hint=hint or f"chown root {part} and chmod go-w {part}")
-    return real
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise FileProblem(f"{what} {path} cannot be opened: a symlink loop", hint=hint)
+            if not _owner_ok(st):
+                raise ConfigError(f"refusing {what} {path}: the symlink {candidate} belongs to "
+                                  f"uid {st.st_uid}, neither root nor this user",
+                                  hint=hint or f"remove {candidate}")
+            target = os.readlink(candidate)
+            if os.path.isabs(target):
+                current = Path("/")
+            pending = [part for part in Path(target).parts if part != "/"] + pending
+            continue
+        _check(path, candidate, st, what, hint, final=not pending)
+        current = candidate
+    return current
+
+
+def _check(path: Path, part: Path, st: os.stat_result, what: str, hint: str | None,
+           final: bool) -> None:
+    problem = _untrusted(part, st, allow_sticky=not final)
+    if problem:
+        shown = part if part == path else f"{part} (for {path})"
+        raise ConfigError(f"refusing {what} {shown}: it {problem}",
+                          hint=hint or f"chown root {part} and chmod go-w {part}")
 
 
 def trusted_dir(directory: Path, what: str, create: bool = False) -> Path:
     """Like ``trusted_path`` for a folder; with ``create``, a missing one is made 0700
-    in a trusted parent, and an existing one of ours is narrowed to 0700."""
+    in a trusted parent.  An existing folder's mode is never changed: it may be
+    one we did not make (a CERT_DIR set to /etc by mistake), and the key in it
+    is 0600 whatever the folder's mode."""
     try:
         real = trusted_path(directory, what)
     except FileProblem as exc:
         if not (create and exc.missing):
             raise
-        parent = trusted_path(Path(os.path.realpath(directory)).parent, f"the folder of {what}")
-        real = parent / Path(os.path.realpath(directory)).name
+        parent = trusted_path(Path(os.path.join(os.getcwd(), directory)).parent,
+                              f"the folder of {what}")
+        real = parent / Path(directory).name
         try:
             os.mkdir(real, 0o700)
             fsync_dir(parent)
@@ -134,13 +168,6 @@ def trusted_dir(directory: Path, what: str, create: bool = False) -> Path:
         real = trusted_path(real, what)
     if not os.path.isdir(real):
         raise ConfigError(f"{what} {directory} is not a folder")
-    if create and stat.S_IMODE(os.stat(real).st_mode) != 0o700:
-        # Ours and writable by nobody else (checked above): narrowing is safe.
-        try:
-            os.chmod(real, 0o700)
-        except OSError as exc:
-            raise StorageError(f"cannot make {real} private: {exc.strerror}",
-                               hint=f"the owner of {real}") from None
     return real
 
 

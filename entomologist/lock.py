@@ -1,9 +1,14 @@
-"""One run at a time: an exclusive flock on the config's real folder.
+"""One run at a time: an exclusive flock on ``CERT_DIR/run.lock``.
 
-Locking the folder rather than a lock file needs no write (a provisioned
-device with a read-only config folder still reports its boot), and a run
-through a symlinked config and a run through its target lock the same folder.
-The folder's inode, unlike the config's, survives the config's rewrites.
+The lock lives in CERT_DIR because nobody but root and us can write there
+(checked before use), and the file is 0600: another local user can neither
+open it nor hold the lock to block every boot (a flock on a folder anyone can
+read, such as /etc/entomologist, could be held by anyone).  A provisioned
+device whose folders are read-only still locks: the file, made at the first
+boot, is opened read-only then, and a missing one falls back to the folder
+itself (0700 when this product made it).  A run through a symlinked config and
+a run through its target find the same real CERT_DIR, so they exclude each
+other.
 """
 from __future__ import annotations
 
@@ -11,26 +16,47 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 
-from .errors import ConfigError, TransientError
+from .errors import ConfigError, StorageError, TransientError
 from .retries import Deadline
 
 log = logging.getLogger("entomologist")
 
+LOCK_NAME = "run.lock"
+
 
 class RunLock:
-    def __init__(self, config_path: Path):
-        self.path = Path(os.path.realpath(config_path)).parent
+    def __init__(self, cert_dir: Path):
+        self.path = cert_dir / LOCK_NAME
         self._fd: int | None = None
+
+    def _open(self) -> int:
+        flags = os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            return os.open(self.path, flags | os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
+                raise
+        try:
+            return os.open(self.path, flags | os.O_RDONLY)
+        except FileNotFoundError:
+            return os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def acquire(self, deadline: Deadline, poll: float = 0.1) -> None:
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._fd = self._open()
         except OSError as exc:
-            raise ConfigError(f"config folder {self.path} cannot be opened: {exc.strerror}",
-                              hint="--config") from None
+            raise StorageError(f"cannot open the lock {self.path}: {exc.strerror}",
+                               hint=f"the owner and mode of {self.path.parent}") from None
+        st = os.fstat(self._fd)
+        if st.st_uid not in (0, os.geteuid()) or (
+                stat.S_ISREG(st.st_mode) and st.st_mode & 0o077):
+            self.release()
+            raise ConfigError(f"refusing the lock {self.path}: it is not a 0600 file of root "
+                              f"or this user", hint=f"remove {self.path}")
         announced = False
         while True:
             try:
@@ -40,7 +66,7 @@ class RunLock:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise
             if not announced:
-                log.info("another run holds the lock on %s; waiting for it", self.path)
+                log.info("another run holds the lock %s; waiting for it", self.path)
                 announced = True
             if deadline.remaining() <= poll:
                 raise TransientError("another run still holds the lock at the time limit",

@@ -178,7 +178,7 @@ def test_killed_at_random_instants_within_every_step_the_next_run_always_complet
     # Once installed, a run can end within the random extra instant.
     early = [where for step, where in reached if step not in RECORDED]
     assert "finished" not in early, reached
-    assert len({where for _, where in reached}) >= 5, reached
+    assert len({where for _, where in reached}) >= 4, reached
 
 
 def test_killed_twice_in_a_row_the_third_run_completes(standin):

@@ -111,7 +111,7 @@ def test_a_full_cert_dir_is_found_before_anything_is_asked(standin):
         assert proc.returncode == 73, proc.stderr
         assert len(errors) == 1 and "No space left" in errors[0]
         assert standin.events("create-request") == []
-        assert sorted(p.name for p in cert_dir.iterdir()) == ["filler"]
+        assert sorted(p.name for p in cert_dir.iterdir()) == ["filler", "run.lock"]
 
 
 # -------------------------------------------- --force never destroys the identity

@@ -15,6 +15,7 @@ from fakes import CREATE, crt_error
 
 REGISTER = "$aws/provisioning-templates/Fleet/provision/json"
 CERT, KEY, CA = "certificate.pem.crt", "private.pem.key", "AmazonRootCA1.pem"
+LOCK = "run.lock"
 VALID_ID = "ab" * 32
 
 
@@ -44,7 +45,7 @@ def test_first_boot_installs_credentials_with_their_modes(device, cloud):
     assert (cert_dir / CERT).read_text() == issued["certificatePem"]
     assert (cert_dir / KEY).read_text() == issued["privateKey"]
     assert (cert_dir / CA).read_text() == cloud.ca.pem
-    assert sorted(os.listdir(cert_dir)) == [CA, CERT, KEY]
+    assert sorted(os.listdir(cert_dir)) == [CA, CERT, KEY, LOCK]
 
 
 def test_first_boot_records_thing_certificate_and_status_keeping_other_keys(device, cloud):
@@ -118,7 +119,7 @@ def test_new_key_and_certificate_are_staged_durably_before_register_thing_is_sen
     run(device, cloud)
     assert seen == {"key_mode": 0o600, "key": cloud.issued[0]["privateKey"],
                     "cert": cloud.issued[0]["certificatePem"], "installed": False}
-    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY]
+    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY, LOCK]
 
 
 def test_boot_message_uses_device_certificate_and_thing_name(device, cloud):
@@ -196,7 +197,7 @@ def test_force_provisions_again_and_replaces_the_credentials(device, cloud):
     assert len(cloud.issued) == 2
     assert (device.cert_dir / CERT).read_text() == cloud.issued[1]["certificatePem"]
     assert device.device["CERTIFICATE_ID"] == cloud.issued[1]["certificateId"]
-    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY]
+    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY, LOCK]
 
 
 def test_force_keeps_the_old_credentials_when_registration_is_refused(device, cloud):
@@ -209,7 +210,7 @@ def test_force_keeps_the_old_credentials_when_registration_is_refused(device, cl
     assert (device.cert_dir / CERT).read_bytes() == old_cert
     assert CertDir.open(device.cert_dir).installed_problem() is None
     assert device.device["PROVISION_STATUS"] == "True"
-    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY]
+    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY, LOCK]
 
 
 def test_a_staged_key_left_by_a_killed_force_run_is_cleaned_on_a_normal_boot(device, cloud):
@@ -232,7 +233,7 @@ def test_register_rejected_with_4xx_is_final_and_installs_nothing(device, cloud)
     assert_no_credentials(device)
     assert device.device["PROVISION_STATUS"] == "False"
     assert len(cloud.issued) == 1
-    assert sorted(os.listdir(device.cert_dir)) == []
+    assert sorted(os.listdir(device.cert_dir)) == [LOCK]
 
 
 def test_create_rejected_with_403_is_final_and_points_at_the_claim_policy(device, cloud):
@@ -416,11 +417,15 @@ def test_stray_temporary_files_from_a_killed_run_are_removed_by_name_only(device
     assert kept.exists()
 
 
-def test_an_existing_cert_dir_of_ours_with_a_loose_mode_is_tightened(device, cloud):
-    device.cert_dir.mkdir(mode=0o755)
-    os.chmod(device.cert_dir, 0o755)
+def test_a_new_cert_dir_is_0700_and_an_existing_one_keeps_its_mode(device, cloud):
     run(device, cloud)
     assert mode(device.cert_dir) == 0o700
+    # A folder we did not make (CERT_DIR set to a shared folder by mistake)
+    # is never chmodded; the key in it is 0600 whatever the folder's mode.
+    os.chmod(device.cert_dir, 0o755)
+    run(device, cloud, force=True)
+    assert mode(device.cert_dir) == 0o755
+    assert mode(device.cert_dir / KEY) == 0o600
 
 
 def test_provisioning_needs_template_and_claim_files_only_when_needed(device, cloud):

@@ -149,47 +149,34 @@ def test_a_config_that_would_grow_too_large_is_refused_before_anything(tmp_path)
 
 
 def test_a_second_run_waits_for_the_lock_then_proceeds(tmp_path):
-    config = tmp_path / "ento.conf"
-    first = lock.RunLock(config)
+    first = lock.RunLock(tmp_path)
     first.acquire(retries.Deadline(1))
     threading.Timer(0.3, first.release).start()
     started = time.monotonic()
-    with lock.RunLock(config) as second:
+    with lock.RunLock(tmp_path) as second:
         second.acquire(retries.Deadline(5))
     assert 0.2 < time.monotonic() - started < 3
 
 
 def test_waiting_for_the_lock_is_bounded_by_the_run_deadline(tmp_path):
-    config = tmp_path / "ento.conf"
-    with lock.RunLock(config) as first:
+    with lock.RunLock(tmp_path) as first:
         first.acquire(retries.Deadline(1))
         with pytest.raises(errors.TransientError, match="lock"):
-            lock.RunLock(config).acquire(retries.Deadline(0.3))
+            lock.RunLock(tmp_path).acquire(retries.Deadline(0.3))
 
 
-def test_the_lock_is_the_config_folder_itself_and_needs_no_write(tmp_path):
-    folder = tmp_path / "etc"
-    folder.mkdir()
-    (folder / "ento.conf").write_text("{}")
-    os.chmod(folder, 0o555)
-    try:
-        with lock.RunLock(folder / "ento.conf") as held:
-            held.acquire(retries.Deadline(1))
-        assert os.listdir(folder) == ["ento.conf"]
-    finally:
-        os.chmod(folder, 0o755)
+def test_the_lock_is_a_0600_file_in_cert_dir_that_others_cannot_open(tmp_path):
+    with lock.RunLock(tmp_path) as held:
+        held.acquire(retries.Deadline(1))
+    assert os.listdir(tmp_path) == ["run.lock"]
+    assert mode(tmp_path / "run.lock") == 0o600
 
 
-def test_a_run_through_a_symlinked_config_and_one_through_its_target_exclude_each_other(
-        tmp_path):
-    real = tmp_path / "real"
-    real.mkdir()
-    (real / "ento.conf").write_text("{}")
-    (tmp_path / "link.conf").symlink_to(real / "ento.conf")
-    with lock.RunLock(tmp_path / "link.conf") as first:
-        first.acquire(retries.Deadline(1))
-        with pytest.raises(errors.TransientError, match="lock"):
-            lock.RunLock(real / "ento.conf").acquire(retries.Deadline(0.3))
+def test_a_lock_file_others_could_open_is_refused(tmp_path):
+    (tmp_path / "run.lock").touch()
+    os.chmod(tmp_path / "run.lock", 0o644)
+    with pytest.raises(errors.ConfigError, match="not a 0600 file"):
+        lock.RunLock(tmp_path).acquire(retries.Deadline(1))
 
 
 @pytest.mark.parametrize("error,code", [
