@@ -164,7 +164,7 @@ def connect(endpoint: Endpoint, cert: Path, key, client_id: str, timeout: float,
     build = build or build_connection
     if proxy is not None:
         endpoint = replace(endpoint, proxy=proxy)
-        log.info("through the HTTP proxy %s", proxy)
+        log.info("tunnelling through the HTTP proxy %s", proxy)
     else:
         http_proxy.note_environment()
     hint = "the config's file paths"

@@ -174,7 +174,8 @@ def refusal(proxy: Proxy, host: str, port: int, status: int) -> EntoError:
         if proxy.username is None:
             return ConfigError(f"{where} asks for credentials (HTTP {status}) to CONNECT to "
                                f"{host}:{port}",
-                               hint=f"add user:password@ to {KEY} ({FORM})")
+                               hint=f"that {KEY} carries the proxy's user name and "
+                                    f"password ({FORM})")
         return ConfigError(f"{where} refused the credentials in {KEY} (HTTP {status}) to "
                            f"CONNECT to {host}:{port}",
                            hint=f"the user name and password in {KEY} (percent-encode "
