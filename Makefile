@@ -1,6 +1,6 @@
 # Two commands for a fresh Debian / Raspberry Pi OS machine: `make demo`, `make test`.
 # Each installs what is missing first: a venv from the requirements files and
-# Debian's mosquitto, softhsm2 and opensc-pkcs11 (with sudo when not root).
+# Debian's mosquitto, tinyproxy, softhsm2 and opensc-pkcs11 (with sudo when not root).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -20,9 +20,9 @@ APP_FILES := boot.py update_boot_status.py AmazonRootCA1.pem requirements.txt RE
 # The scripts' shared package; the stand-in (iot_standin.py, standin/) stays off the device.
 PACKAGE_FILES := $(wildcard entomologist/*.py)
 
-.PHONY: setup mosquitto softhsm2 systemd-analyze demo test bench clean install uninstall
+.PHONY: setup mosquitto tinyproxy softhsm2 systemd-analyze demo test bench clean install uninstall
 
-setup: $(VENV)/.installed mosquitto softhsm2 systemd-analyze
+setup: $(VENV)/.installed mosquitto tinyproxy softhsm2 systemd-analyze
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) python3-venv; }
@@ -32,6 +32,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 mosquitto:
 	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || { $(SUDO) apt-get update -qq && $(APT_INSTALL) mosquitto; }
+
+# The HTTP_PROXY tests start their own tinyproxy in the foreground. The package
+# also starts one as a service on port 8888 where there is an init; the tests
+# do not use it.
+tinyproxy:
+	@command -v tinyproxy >/dev/null || [ -x /usr/sbin/tinyproxy ] || { $(SUDO) apt-get update -qq && $(APT_INSTALL) tinyproxy; }
 
 # The PKCS#11 key storage tests: SoftHSM2 stands in for a TPM or a secure element,
 # and OpenSC's pkcs11-spy (in opensc-pkcs11) records the calls made to it.

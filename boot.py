@@ -151,7 +151,8 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
                  config.host, config.port, config.serial_id)
         link = mqtt.connect(mqtt.Endpoint(config.host, config.port, config.root_ca),
                             settings.claim_cert, settings.claim_key, config.serial_id,
-                            deadline.step("connect with the claim certificate"), build)
+                            deadline.step("connect with the claim certificate"), build,
+                            proxy=config.proxy)
         try:
             service = fleet.FleetProvisioning(link, settings.template_name, settings.csr_mode,
                                               deadline, sleep)

@@ -73,7 +73,8 @@ def update_boot_status(config: Config, deadline: Deadline,
 
     def attempt() -> None:
         link = mqtt.connect(endpoint, cert_dir.cert, key, client_id,
-                            deadline.step("connect with the device certificate"), builder)
+                            deadline.step("connect with the device certificate"), builder,
+                            proxy=config.proxy)
         try:
             link.publish(topic, boot_message(config.serial_id), deadline.step("boot message"))
         finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 from . import files, logs
 from .errors import ConfigError
+from .proxy import Proxy
+from .proxy import parse as parse_proxy
 
 if TYPE_CHECKING:
     from .pkcs11_key import TokenSettings
@@ -52,7 +54,7 @@ CONFIG_HINT = "the config file"
 class Config:
     path: Path          # as given (named in messages)
     real_path: Path     # the checked file behind any symlink (read, locked, rewritten)
-    device: Mapping[str, object]
+    device: Mapping[str, object] = field(repr=False)  # HTTP_PROXY may hold a password
     serial_id: str
     host: str
     port: int
@@ -62,6 +64,7 @@ class Config:
     thing_name: str | None
     # KEY_STORAGE "pkcs11": the device key lives in this token, not in CERT_DIR.
     token: "TokenSettings | None" = None
+    proxy: Proxy | None = None  # HTTP_PROXY (entomologist.proxy)
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,7 @@ def load_config(path: Path) -> Config:
         root_ca=_path(real, device, "ROOT_CA", SHIPPED_ROOT_CA),
         cert_dir=_path(real, device, "CERT_DIR", DEFAULT_CERT_DIR),
         token=token_settings(real, device),
+        proxy=parse_proxy(device.get("HTTP_PROXY")),
     )
 
 

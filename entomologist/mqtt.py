@@ -13,12 +13,14 @@ import queue
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+from . import proxy as http_proxy
 from .errors import ConfigError, TransientError
 from .files import read_bounded
+from .proxy import Proxy
 
 log = logging.getLogger("entomologist")
 
@@ -31,6 +33,7 @@ class Endpoint:
     host: str
     port: int
     ca: Path
+    proxy: Proxy | None = None  # an HTTP CONNECT proxy on the way (HTTP_PROXY)
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,15 @@ def crt_failure(what: str, exc: BaseException) -> TransientError:
 def connection_options(endpoint: Endpoint, tls: Tls, client_id: str, timeout: float,
                        on_interrupted: Callable[..., None]) -> dict:
     """What every connection shares, whatever holds its key."""
-    return dict(endpoint=endpoint.host, port=endpoint.port, ca_bytes=tls.ca_pem,
-                client_id=client_id, clean_session=True, keep_alive_secs=KEEP_ALIVE_SECS,
-                tcp_connect_timeout_ms=int(max(timeout, 0.1) * 1000),
-                on_connection_interrupted=on_interrupted, enable_metrics_collection=False)
+    options = dict(endpoint=endpoint.host, port=endpoint.port, ca_bytes=tls.ca_pem,
+                   client_id=client_id, clean_session=True, keep_alive_secs=KEEP_ALIVE_SECS,
+                   tcp_connect_timeout_ms=int(max(timeout, 0.1) * 1000),
+                   on_connection_interrupted=on_interrupted, enable_metrics_collection=False)
+    if endpoint.proxy is not None:
+        # The builder still chooses ALPN by endpoint.port (x-amzn-mqtt-ca on
+        # 443): the TLS session runs with the broker, inside the tunnel.
+        options["http_proxy_options"] = http_proxy.crt_options(endpoint.proxy)
+    return options
 
 
 def build_connection(endpoint: Endpoint, tls: Tls, client_id: str, timeout: float,
@@ -147,12 +155,18 @@ class Link:
 
 
 def connect(endpoint: Endpoint, cert: Path, key, client_id: str, timeout: float,
-            build: Builder | None = None) -> Link:
+            build: Builder | None = None, proxy: Proxy | None = None) -> Link:
     """Open a mutual-TLS MQTT connection and wait, bounded, for its CONNACK.
 
-    ``key`` is a key file's path, or a token key for ``build``.
+    ``key`` is a key file's path, or a token key for ``build``; ``proxy``, an
+    HTTP proxy to tunnel through (every builder sees it on the endpoint).
     """
     build = build or build_connection
+    if proxy is not None:
+        endpoint = replace(endpoint, proxy=proxy)
+        log.info("tunnelling through the HTTP proxy %s", proxy)
+    else:
+        http_proxy.note_environment()
     hint = "the config's file paths"
     tls = Tls(cert, read_bounded(cert, "certificate", hint=hint),
               read_bounded(key, "private key", hint=hint) if isinstance(key, Path) else key,
@@ -169,10 +183,14 @@ def connect(endpoint: Endpoint, cert: Path, key, client_id: str, timeout: float,
                           hint=f"{endpoint.ca}, {cert} and {key}") from None
     link = Link(connection, events)
     from . import nodelay
+    # Through a proxy, awscrt's one socket goes to the proxy.
+    peer = endpoint.proxy or endpoint
+    via = f" through the HTTP proxy {endpoint.proxy}" if endpoint.proxy else ""
+    started = time.monotonic()
     try:
         # awscrt opens its socket inside connect(); the option must land on it
         # before the TLS handshake's second flight (see nodelay).
-        with nodelay.after_connect(endpoint.host, endpoint.port, timeout) as watch:
+        with nodelay.after_connect(peer.host, peer.port, timeout) as watch:
             connecting = connection.connect()
         try:
             _wait(connecting, timeout)
@@ -180,8 +198,11 @@ def connect(endpoint: Endpoint, cert: Path, key, client_id: str, timeout: float,
             watch.stop()
     except FutureTimeout:
         link.close()
-        raise TransientError(f"connect to {endpoint.host}:{endpoint.port}: no answer in "
+        raise TransientError(f"connect to {endpoint.host}:{endpoint.port}{via}: no answer in "
                              f"{timeout:.0f} s", hint="the network link") from None
     except Exception as exc:
+        if endpoint.proxy is not None:
+            raise http_proxy.failure(endpoint.proxy, endpoint.host, endpoint.port, exc,
+                                     timeout - (time.monotonic() - started)) from None
         raise crt_failure(f"connect to {endpoint.host}:{endpoint.port}", exc) from None
     return link

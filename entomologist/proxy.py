@@ -1,0 +1,218 @@
+"""An HTTP CONNECT proxy for sites that let devices out only through one.
+
+``HTTP_PROXY`` in the config: ``http://[user:password@]host:port``.  Both
+connections (claim and device) open a tunnel through it with CONNECT; the
+TLS handshake and MQTT then run end to end with the broker, so the proxy
+sees neither the certificates nor the messages.
+
+The password is a secret: it is kept out of every repr, registered with the
+log filter, and no message here ever quotes the configured value (a bad
+value is described, never echoed).
+
+awscrt 0.36.1 reports every answer to CONNECT but 200 as one error,
+AWS_ERROR_HTTP_PROXY_CONNECT_FAILED: a 403 (the proxy's rules forbid that
+port), a 401 or 407 (credentials) and a 500 or 502 (the proxy could not
+reach the endpoint) look alike.  The first two are the site's configuration
+and retrying cannot help; the last is an outage that retrying should ride
+out.  So after that error ``failure`` asks the proxy itself, with one CONNECT
+of its own, which status it answers, and decides from that.
+"""
+from __future__ import annotations
+
+import base64
+import ipaddress
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from http.client import HTTPException, HTTPResponse
+from typing import Mapping
+from urllib.parse import unquote, urlsplit
+
+from . import logs
+from .errors import ConfigError, EntoError, TransientError
+
+log = logging.getLogger("entomologist")
+
+KEY = "HTTP_PROXY"
+FORM = "http://[user:password@]host:port"
+CONFIG_HINT = "the config file"
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+# Before the tunnel exists the only socket is the one to the proxy: these
+# errors are about reaching the proxy, not the endpoint.
+_UNREACHABLE = ("AWS_IO_SOCKET_", "AWS_IO_DNS_")
+CONNECT_FAILED = "AWS_ERROR_HTTP_PROXY_CONNECT_FAILED"
+PROBE_LIMIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Proxy:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        """How messages name the proxy: its address, never its credentials."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _bad(problem: str) -> ConfigError:
+    return ConfigError(f"config key {KEY!r} {problem}", hint=CONFIG_HINT)
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    return 0 < len(host) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
+
+
+def parse(value: object) -> Proxy | None:
+    """HTTP_PROXY's value as a Proxy; None when absent, null or "".  Raises ConfigError.
+
+    No message quotes the value: it may hold the password.
+    """
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _bad(f"must be a string like {FORM}, not {type(value).__name__}")
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise _bad(f"must be a URL like {FORM}, without spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise _bad(f"has an invalid host or port; the form is {FORM}") from None
+    if "://" not in value or parts.scheme.lower() != "http":
+        raise _bad(f"must start with http:// (a proxy reached over plain HTTP; the tunnel "
+                   f"it opens carries TLS end to end); the form is {FORM}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise _bad(f"must not have a path, query or fragment; the form is {FORM}")
+    host = parts.hostname or ""
+    if not _valid_host(host):
+        raise _bad(f"does not name a valid proxy host; the form is {FORM}")
+    if not port:
+        raise _bad(f"must give the proxy's port (1 to 65535); the form is {FORM}")
+    username = password = None
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rpartition("@")[0]
+        raw_user, colon, raw_password = userinfo.partition(":")
+        # A URL carries ':', '@' and '%' in credentials percent-encoded.
+        username, password = unquote(raw_user), unquote(raw_password)
+        logs.redact(password)
+        logs.redact(raw_password)
+        if not username or not colon:
+            raise _bad(f"has credentials without a user name or a password; the form is {FORM}")
+    if ":" not in host:  # a name, not an IPv6 address
+        host = host.rstrip(".").lower()
+    return Proxy(host, port, username, password)
+
+
+ENVIRONMENT = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+_noted: list[str] = []
+
+
+def note_environment(env: Mapping[str, str] | None = None) -> str | None:
+    """Say, once per run, that a proxy variable of the environment is not used.
+
+    The unit's environment has none; honouring one only in a by-hand run
+    would make that run test a path the boot never takes.  Its value is
+    never shown (it may hold a password).  Returns the variable's name.
+    """
+    env = os.environ if env is None else env
+    name = next((n for n in ENVIRONMENT if env.get(n)), None)
+    if name and name not in _noted:
+        _noted.append(name)
+        log.warning("%s is set in the environment but not used: the connection goes "
+                    "direct; set %s in the config to use a proxy", name, KEY)
+    return name
+
+
+def crt_options(proxy: Proxy):
+    """awscrt's HttpProxyOptions for a tunnel (CONNECT) through ``proxy``."""
+    from awscrt import http
+    basic = proxy.username is not None
+    return http.HttpProxyOptions(
+        proxy.host, proxy.port,
+        auth_type=(http.HttpProxyAuthenticationType.Basic if basic
+                   else http.HttpProxyAuthenticationType.Nothing),
+        auth_username=proxy.username, auth_password=proxy.password,
+        connection_type=http.HttpProxyConnectionType.Tunneling)
+
+
+def connect_status(proxy: Proxy, host: str, port: int, timeout: float) -> int:
+    """The status ``proxy`` answers to CONNECT host:port, as awscrt asks it.
+
+    Raises OSError or HTTPException when it cannot be asked or answers nonsense.
+    """
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+    if proxy.username is not None:
+        token = base64.b64encode(f"{proxy.username}:{proxy.password}".encode()).decode("ascii")
+        lines.append(f"Proxy-Authorization: Basic {token}")
+    with socket.create_connection((proxy.host, proxy.port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
+        response = HTTPResponse(sock, method="CONNECT")
+        try:
+            response.begin()
+            return response.status
+        finally:
+            response.close()
+
+
+def refusal(proxy: Proxy, host: str, port: int, status: int) -> EntoError:
+    """What a status other than 200 to our CONNECT means, and what to check."""
+    where = f"the HTTP proxy {proxy}"
+    if status in (401, 407):
+        if proxy.username is None:
+            return ConfigError(f"{where} asks for credentials (HTTP {status}) to CONNECT to "
+                               f"{host}:{port}",
+                               hint=f"that {KEY} carries the proxy's user name and "
+                                    f"password ({FORM})")
+        return ConfigError(f"{where} refused the credentials in {KEY} (HTTP {status}) to "
+                           f"CONNECT to {host}:{port}",
+                           hint=f"the user name and password in {KEY} (percent-encode "
+                                f"':', '@' and '%' in them) and the proxy's user list")
+    if status in (408, 429) or status >= 500:
+        return TransientError(f"{where} could not open a tunnel to {host}:{port} "
+                              f"(HTTP {status})",
+                              hint="that the proxy can resolve and reach ENDPOINT_URL; "
+                                   "the endpoint may be down")
+    return ConfigError(f"{where} refused to CONNECT to {host}:{port} (HTTP {status})",
+                       hint=f"that the proxy's rules allow CONNECT to port {port} (tinyproxy: "
+                            f"ConnectPort; squid: SSL_ports), or use PORT 443, which proxies "
+                            f"allow for HTTPS")
+
+
+def failure(proxy: Proxy, host: str, port: int, exc: BaseException,
+            timeout: float) -> EntoError:
+    """The error to raise when connecting to host:port through ``proxy`` failed with ``exc``."""
+    name = getattr(exc, "name", None) or type(exc).__name__
+    where = f"the HTTP proxy {proxy}"
+    if name.startswith(_UNREACHABLE):
+        return TransientError(f"cannot reach {where}: {name}",
+                              hint=f"that the proxy is running and reachable, and {KEY}")
+    if name == "AWS_ERROR_HTTP_PROTOCOL_ERROR":
+        return TransientError(f"{where} did not answer CONNECT as an HTTP proxy: {name}",
+                              hint=f"that {KEY} names an HTTP proxy's host and port")
+    if name != CONNECT_FAILED:
+        return TransientError(f"connect to {host}:{port} through {where} failed: {name}",
+                              hint="the network link, the proxy, ENDPOINT_URL, PORT and ROOT_CA")
+    try:
+        status = connect_status(proxy, host, port, min(max(timeout, 0.1), PROBE_LIMIT_S))
+    except (OSError, HTTPException) as exc2:
+        return TransientError(f"{where} refused or dropped the tunnel to {host}:{port}, and "
+                              f"asking it again failed ({type(exc2).__name__})",
+                              hint=f"that the proxy is running and reachable, and {KEY}")
+    if status == 200:
+        return TransientError(f"{where} refused the tunnel to {host}:{port} once, then "
+                              f"allowed it when asked again",
+                              hint="the proxy's logs")
+    return refusal(proxy, host, port, status)

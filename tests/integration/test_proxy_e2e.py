@@ -1,0 +1,212 @@
+"""HTTP_PROXY: the scripts through Debian's tinyproxy, started per test on a free loopback port."""
+import base64
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+
+from e2e import device_doc, run_script
+from standin.broker import free_port
+
+SECRET = "Tr0ub4dor-and-3"
+
+
+def find_tinyproxy():
+    return shutil.which("tinyproxy") or shutil.which("tinyproxy", path="/usr/sbin:/usr/bin")
+
+
+class Tinyproxy:
+    """tinyproxy in the foreground with its own config: CONNECT only to ``connect_ports``."""
+
+    def __init__(self, directory, connect_ports, basic_auth=None):
+        self.port = free_port()
+        self.conf = directory / "tinyproxy.conf"
+        self.log_path = directory / "tinyproxy.log"
+        lines = [f"Port {self.port}", "Listen 127.0.0.1", "Allow 127.0.0.1", "Timeout 10",
+                 "MaxClients 10", "LogLevel Info"]
+        lines += [f"ConnectPort {port}" for port in connect_ports]
+        if basic_auth:
+            lines.append("BasicAuth {} {}".format(*basic_auth))
+        if os.geteuid() == 0:
+            lines += ["User nobody", "Group nogroup"]
+        self.conf.write_text("\n".join(lines) + "\n")
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen([find_tinyproxy(), "-d", "-c", str(self.conf)],
+                                        stdout=self._log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+        end = time.monotonic() + 5
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > end:
+                    self.stop()
+                    raise RuntimeError(f"tinyproxy did not start: {self.log()}")
+                time.sleep(0.01)
+
+    def url(self, credentials=""):
+        return f"http://{credentials}127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def connects(self, port) -> int:
+        """The CONNECT requests to localhost:``port`` tinyproxy logged."""
+        return self.log().count(f": CONNECT localhost:{port} HTTP/1.1")
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tinyproxy_installed():
+    if not find_tinyproxy():
+        pytest.fail("tinyproxy is not installed: run `make test`, which installs it")
+
+
+@pytest.fixture
+def tinyproxy(tmp_path):
+    started = []
+
+    def start(connect_ports, basic_auth=None):
+        proxy = Tinyproxy(tmp_path, connect_ports, basic_auth)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+def test_first_and_later_boot_go_through_the_proxy(standin, tinyproxy):
+    proxy = tinyproxy([standin.port])
+    standin.write_device_config(HTTP_PROXY=proxy.url())
+    first = run_script("boot.py", standin.config_path, "-v")
+    assert first.code == 0, first.stderr
+    assert len(standin.wait_for("boot")) == 1
+    # The claim connection, then the device connection: both tunnelled.
+    assert proxy.connects(standin.port) == 2, proxy.log()
+    assert f"tunnelling through the HTTP proxy 127.0.0.1:{proxy.port}" in first.stderr
+    # awscrt's one socket goes to the proxy: that is where TCP_NODELAY lands.
+    assert first.stderr.count(f"-> 127.0.0.1:{proxy.port} (") == 2, first.stderr
+    assert device_doc(standin)["device"]["PROVISION_STATUS"] == "True"
+
+    later = run_script("boot.py", standin.config_path)
+    assert later.code == 0, later.stderr
+    assert len(standin.wait_for("boot", 2)) == 2
+    assert proxy.connects(standin.port) == 3, proxy.log()
+
+
+def test_a_proxy_that_is_down_is_transient_and_named(device_files):
+    port = free_port()
+    device_files.write_device_config(HTTP_PROXY=f"http://camera:{SECRET}@127.0.0.1:{port}")
+    result = run_script("boot.py", device_files.config_path, "--timeout", "1", "-v")
+    assert result.code == 75, result.stderr
+    assert (f"cannot reach the HTTP proxy 127.0.0.1:{port}: AWS_IO_SOCKET_CONNECTION_REFUSED"
+            in result.errors[-1]), result.stderr
+    assert SECRET not in result.stderr
+
+
+def test_a_proxy_that_cannot_reach_the_endpoint_is_transient_not_a_refusal(
+        device_files, tinyproxy):
+    # tinyproxy answers 500; awscrt reports it exactly as it reports a 403.
+    proxy = tinyproxy([])
+    port = free_port()
+    device_files.write_device_config(PORT=port, HTTP_PROXY=proxy.url())
+    result = run_script("boot.py", device_files.config_path, "--timeout", "1")
+    assert result.code == 75, result.stderr
+    assert (f"the HTTP proxy 127.0.0.1:{proxy.port} could not open a tunnel to "
+            f"localhost:{port} (HTTP 500)") in result.errors[-1], result.stderr
+
+
+def test_a_proxy_that_refuses_connect_to_the_port_is_a_config_error(standin, tinyproxy):
+    # Debian's tinyproxy documents ConnectPort 443 and 563 (for HTTPS) in its config.
+    proxy = tinyproxy([443, 563])
+    standin.write_device_config(HTTP_PROXY=proxy.url())
+    result = run_script("boot.py", standin.config_path)
+    assert result.code == 78, result.stderr
+    (error,) = result.errors
+    assert (f"the HTTP proxy 127.0.0.1:{proxy.port} refused to CONNECT to "
+            f"localhost:{standin.port} (HTTP 403)") in error
+    assert f"allow CONNECT to port {standin.port}" in error and "PORT 443" in error
+    assert f"Refused CONNECT method on port {standin.port}" in proxy.log()
+    assert standin.events("boot") == []
+
+
+def test_basic_credentials_work_and_never_reach_the_log(standin, tinyproxy):
+    proxy = tinyproxy([standin.port], basic_auth=("camera", SECRET))
+    standin.write_device_config(HTTP_PROXY=proxy.url(f"camera:{SECRET}@"))
+    result = run_script("boot.py", standin.config_path, "-v")
+    assert result.code == 0, result.stderr
+    assert proxy.connects(standin.port) == 2, proxy.log()
+    assert len(standin.wait_for("boot")) == 1
+    basic = base64.b64encode(f"camera:{SECRET}".encode()).decode()
+    assert SECRET not in result.stderr and basic not in result.stderr
+
+
+def test_wrong_credentials_are_refused_with_their_own_message(standin, tinyproxy):
+    proxy = tinyproxy([standin.port], basic_auth=("camera", SECRET))
+    standin.write_device_config(HTTP_PROXY=proxy.url("camera:not-the-password@"))
+    result = run_script("boot.py", standin.config_path, "-v")
+    assert result.code == 78, result.stderr
+    (error,) = result.errors
+    # tinyproxy answers wrong credentials with 401, none at all with 407.
+    assert (f"the HTTP proxy 127.0.0.1:{proxy.port} refused the credentials in HTTP_PROXY "
+            f"(HTTP 401)") in error
+    assert "not-the-password" not in result.stderr
+    assert standin.events("boot") == []
+
+
+@pytest.fixture
+def alpn_listener(standin):
+    """A TLS listener on 127.0.0.1:443 that records the ALPN the client offered."""
+    if os.geteuid() != 0:
+        pytest.skip("binding port 443 needs root")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(standin.dir / "server.pem.crt", standin.dir / "server.private.pem.key")
+    ctx.set_alpn_protocols(["x-amzn-mqtt-ca", "mqtt"])
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(standin.ca_path)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", 443))
+    except OSError as exc:
+        pytest.skip(f"port 443 is taken here: {exc}")
+    sock.listen()
+    offered = []
+
+    def serve():
+        try:
+            conn, _ = sock.accept()
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                offered.append(tls.selected_alpn_protocol())
+        except OSError as exc:
+            offered.append(exc)
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield offered
+    sock.close()
+
+
+def test_port_443_through_a_proxy_allowing_only_443_offers_the_aws_iot_alpn(
+        standin, tinyproxy, alpn_listener):
+    proxy = tinyproxy([443, 563])
+    standin.write_device_config(PORT=443, HTTP_PROXY=proxy.url())
+    result = run_script("boot.py", standin.config_path, "--timeout", "2")
+    assert result.code == 75, result.stderr
+    assert alpn_listener == ["x-amzn-mqtt-ca"], result.stderr
+    assert proxy.connects(443) >= 1, proxy.log()

@@ -1,0 +1,229 @@
+"""HTTP_PROXY: parsing it, handing it to awscrt, and what each proxy failure means."""
+import io
+import json
+import logging
+
+import pytest
+from awscrt import http
+
+from entomologist import config as configuration, errors, logs, mqtt, proxy
+from entomologist.retries import Deadline
+from fakes import crt_error
+
+import boot
+import update_boot_status
+
+GOOD = {"SERIAL_ID": "CAM-1", "ENDPOINT_URL": "abc123-ats.iot.eu-west-1.amazonaws.com"}
+SECRET = "s3cr3t-Pa55"
+
+
+def load(tmp_path, value):
+    path = tmp_path / "ento.conf"
+    path.write_text(json.dumps({"device": {**GOOD, "HTTP_PROXY": value}}))
+    return configuration.load_config(path)
+
+
+@pytest.mark.parametrize("value,host,port,user,password", [
+    ("http://proxy.example.com:3128", "proxy.example.com", 3128, None, None),
+    ("http://Proxy.Example.COM.:8888/", "proxy.example.com", 8888, None, None),
+    ("HTTP://10.1.2.3:8080", "10.1.2.3", 8080, None, None),
+    ("http://[fd00::1]:3128", "fd00::1", 3128, None, None),
+    (f"http://camera:{SECRET}@proxy.example.com:3128", "proxy.example.com", 3128, "camera",
+     SECRET),
+    # ':', '@' and '%' travel percent-encoded in a URL's credentials.
+    ("http://cam%40site:p%3Aw%40rd%25@10.0.0.1:80", "10.0.0.1", 80, "cam@site", "p:w@rd%"),
+    ("http://camera:@proxy.example.com:3128", "proxy.example.com", 3128, "camera", ""),
+])
+def test_a_good_http_proxy_is_parsed_into_host_port_and_credentials(
+        tmp_path, value, host, port, user, password):
+    config = load(tmp_path, value)
+    assert config.proxy == proxy.Proxy(host, port, user, password)
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_no_http_proxy_or_an_empty_one_means_a_direct_connection(tmp_path, value):
+    assert load(tmp_path, value).proxy is None
+    path = tmp_path / "ento.conf"
+    path.write_text(json.dumps({"device": GOOD}))
+    assert configuration.load_config(path).proxy is None
+
+
+@pytest.mark.parametrize("value,problem", [
+    (f"http://camera:{SECRET}@proxy.example.com", "port"),
+    (f"https://camera:{SECRET}@proxy.example.com:3128", "http://"),
+    (f"socks5://camera:{SECRET}@proxy.example.com:1080", "http://"),
+    (f"camera:{SECRET}@proxy.example.com:3128", "http://"),
+    ("proxy.example.com:3128", "http://"),
+    (f"http://camera:{SECRET}@proxy.example.com:99999", "port"),
+    (f"http://camera:{SECRET}@proxy.example.com:0", "port"),
+    (f"http://camera:{SECRET}@proxy.example.com:3128/path", "path"),
+    (f"http://camera:{SECRET}@proxy.example.com:3128/?q=1", "path"),
+    (f"http://camera:{SECRET}/x@proxy.example.com:3128", "invalid host or port"),
+    (f"http://:{SECRET}@proxy.example.com:3128", "user name"),
+    ("http://camera@proxy.example.com:3128", "password"),
+    (f"http://camera:{SECRET}@bad_host!:3128", "host"),
+    (f"http://camera:{SECRET}@:3128", "host"),
+    (f"http://camera:{SECRET} @proxy.example.com:3128", "spaces"),
+    (f"http://camera:{SECRET}\n@proxy.example.com:3128", "control"),
+    (3128, "string"),
+    ({"host": "proxy", "password": SECRET}, "string"),
+])
+def test_a_bad_http_proxy_is_a_config_error_naming_the_key_never_the_password(
+        tmp_path, value, problem):
+    with pytest.raises(errors.ConfigError) as caught:
+        load(tmp_path, value)
+    message = f"{caught.value} {caught.value.hint}"
+    assert "'HTTP_PROXY'" in message and problem in message
+    assert SECRET not in message and "camera" not in message
+    assert errors.exit_code(caught.value) == 78
+
+
+def test_the_password_is_in_no_repr_or_str_of_the_proxy_or_the_config(tmp_path):
+    config = load(tmp_path, f"http://camera:{SECRET}@proxy.example.com:3128")
+    assert config.proxy.password == SECRET
+    for text in (repr(config.proxy), str(config.proxy), repr(config)):
+        assert SECRET not in text
+    assert str(config.proxy) == "proxy.example.com:3128"
+    assert str(proxy.Proxy("fd00::1", 3128)) == "[fd00::1]:3128"
+
+
+def test_the_password_is_redacted_from_any_log_line_once_the_config_is_read(tmp_path):
+    load(tmp_path, f"http://camera:{SECRET}@proxy.example.com:3128")
+    stream = io.StringIO()
+    logs.setup_logging(stream=stream)
+    logging.getLogger("entomologist").error("the proxy said %s", f"no to {SECRET}!")
+    assert SECRET not in stream.getvalue() and "no to [redacted]!" in stream.getvalue()
+
+
+def test_the_connection_options_carry_a_tunnel_with_basic_credentials():
+    tls = mqtt.Tls(None, b"", b"", b"ca")
+    endpoint = mqtt.Endpoint("iot.example.com", 443, None,
+                             proxy.Proxy("proxy.example.com", 3128, "camera", SECRET))
+    options = mqtt.connection_options(endpoint, tls, "CAM-1", 5, None)
+    crt = options["http_proxy_options"]
+    assert (crt.host_name, crt.port) == ("proxy.example.com", 3128)
+    assert crt.auth_type == http.HttpProxyAuthenticationType.Basic
+    assert (crt.auth_username, crt.auth_password) == ("camera", SECRET)
+    assert crt.connection_type == http.HttpProxyConnectionType.Tunneling
+    # The broker's port, not the proxy's, chooses ALPN in the builder.
+    assert (options["endpoint"], options["port"]) == ("iot.example.com", 443)
+
+
+def test_no_proxy_means_no_proxy_options_and_no_credentials_without_a_user():
+    tls = mqtt.Tls(None, b"", b"", b"ca")
+    assert "http_proxy_options" not in mqtt.connection_options(
+        mqtt.Endpoint("iot.example.com", 8883, None), tls, "CAM-1", 5, None)
+    crt = proxy.crt_options(proxy.Proxy("10.0.0.1", 8888))
+    assert crt.auth_type == http.HttpProxyAuthenticationType.Nothing
+    assert crt.auth_username is None and crt.auth_password is None
+
+
+def test_both_connections_of_a_first_boot_go_through_the_proxy(device, cloud):
+    device.update(HTTP_PROXY=f"http://camera:{SECRET}@10.0.0.1:3128")
+    boot.boot(device.config_path, Deadline(60, step_limit=0.2), build=cloud, sleep=lambda s: None)
+    assert len(cloud.connections) == 2
+    expected = proxy.Proxy("10.0.0.1", 3128, "camera", SECRET)
+    assert [c.endpoint.proxy for c in cloud.connections] == [expected, expected]
+    assert device.device["PROVISION_STATUS"] == "True"
+
+
+def test_a_later_boot_goes_through_the_proxy(device, cloud):
+    boot.boot(device.config_path, Deadline(60, step_limit=0.2), build=cloud, sleep=lambda s: None)
+    device.update(HTTP_PROXY="http://10.0.0.1:3128")
+    cloud.connections.clear()
+    update_boot_status.update_boot_status(device.config(), Deadline(60, step_limit=0.2),
+                                          build=cloud, sleep=lambda s: None)
+    assert [c.endpoint.proxy for c in cloud.connections] == [proxy.Proxy("10.0.0.1", 3128)]
+
+
+# -- failures
+
+PROXY = proxy.Proxy("proxy.example.com", 3128, "camera", SECRET)
+
+
+def failure(name, status=None, monkeypatch=None, probe_error=None):
+    if monkeypatch is not None:
+        def connect_status(p, host, port, timeout):
+            assert (p, host, port) == (PROXY, "iot.example.com", 443)
+            if probe_error:
+                raise probe_error
+            return status
+        monkeypatch.setattr(proxy, "connect_status", connect_status)
+    return proxy.failure(PROXY, "iot.example.com", 443, crt_error(name), 5.0)
+
+
+def no_secret(exc):
+    assert SECRET not in f"{exc} {exc.hint}"
+    return exc
+
+
+@pytest.mark.parametrize("name", ["AWS_IO_SOCKET_CONNECTION_REFUSED", "AWS_IO_SOCKET_TIMEOUT",
+                                  "AWS_IO_SOCKET_CLOSED", "AWS_IO_DNS_INVALID_NAME"])
+def test_an_unreachable_proxy_is_transient_and_named(name):
+    exc = no_secret(failure(name))
+    assert isinstance(exc, errors.TransientError) and errors.exit_code(exc) == 75
+    assert f"cannot reach the HTTP proxy proxy.example.com:3128: {name}" == str(exc)
+
+
+def test_something_else_than_a_proxy_on_that_port_is_transient_and_says_so():
+    exc = no_secret(failure("AWS_ERROR_HTTP_PROTOCOL_ERROR"))
+    assert errors.exit_code(exc) == 75 and "did not answer CONNECT as an HTTP proxy" in str(exc)
+
+
+def test_a_tls_failure_inside_the_tunnel_names_the_endpoint_and_the_proxy():
+    exc = no_secret(failure("AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE"))
+    assert errors.exit_code(exc) == 75
+    assert str(exc) == ("connect to iot.example.com:443 through the HTTP proxy "
+                        "proxy.example.com:3128 failed: AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE")
+
+
+def test_a_forbidden_connect_is_a_config_error_saying_what_to_check(monkeypatch):
+    exc = no_secret(failure(proxy.CONNECT_FAILED, 403, monkeypatch))
+    assert errors.exit_code(exc) == 78
+    assert str(exc) == ("the HTTP proxy proxy.example.com:3128 refused to CONNECT to "
+                        "iot.example.com:443 (HTTP 403)")
+    assert "allow CONNECT to port 443" in exc.hint and "ConnectPort" in exc.hint
+
+
+@pytest.mark.parametrize("status", [401, 407])
+def test_refused_credentials_are_a_config_error_pointing_at_the_credentials(monkeypatch, status):
+    exc = no_secret(failure(proxy.CONNECT_FAILED, status, monkeypatch))
+    assert errors.exit_code(exc) == 78
+    assert f"refused the credentials in HTTP_PROXY (HTTP {status})" in str(exc)
+    assert "user name and password" in exc.hint
+
+
+def test_credentials_asked_for_but_not_configured_say_to_add_them(monkeypatch):
+    monkeypatch.setattr(proxy, "connect_status", lambda *a: 407)
+    exc = proxy.failure(proxy.Proxy("10.0.0.1", 8888), "iot.example.com", 443,
+                        crt_error(proxy.CONNECT_FAILED), 5.0)
+    assert errors.exit_code(exc) == 78 and "asks for credentials (HTTP 407)" in str(exc)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 408, 429])
+def test_a_proxy_that_cannot_reach_the_endpoint_is_transient(monkeypatch, status):
+    # awscrt reports these exactly like a 403: retrying must not stop for them.
+    exc = no_secret(failure(proxy.CONNECT_FAILED, status, monkeypatch))
+    assert errors.exit_code(exc) == 75 and f"(HTTP {status})" in str(exc)
+
+
+def test_a_refusal_that_is_gone_when_asked_again_is_transient(monkeypatch):
+    exc = no_secret(failure(proxy.CONNECT_FAILED, 200, monkeypatch))
+    assert errors.exit_code(exc) == 75 and "allowed it when asked again" in str(exc)
+
+
+def test_a_refusal_that_cannot_be_asked_about_again_is_transient(monkeypatch):
+    exc = no_secret(failure(proxy.CONNECT_FAILED, None, monkeypatch,
+                            probe_error=ConnectionResetError()))
+    assert errors.exit_code(exc) == 75 and "ConnectionResetError" in str(exc)
+
+
+def test_the_https_proxy_variable_is_noted_once_and_its_value_never_shown(caplog, monkeypatch):
+    monkeypatch.setattr(proxy, "_noted", [])
+    env = {"https_proxy": f"http://camera:{SECRET}@proxy.example.com:3128"}
+    with caplog.at_level(logging.WARNING):
+        assert proxy.note_environment(env) == "https_proxy"
+        assert proxy.note_environment(env) == "https_proxy"
+    assert len(caplog.records) == 1 and SECRET not in caplog.text
+    assert "https_proxy is set in the environment but not used" in caplog.text
+    assert proxy.note_environment({}) is None
