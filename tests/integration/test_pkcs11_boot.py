@@ -52,8 +52,8 @@ def test_first_boot_makes_the_key_in_the_token_and_writes_no_key_file(device, to
     attributes = token.private_key_attributes(FINAL)
     assert attributes["SENSITIVE"] and not attributes["EXTRACTABLE"] and attributes["TOKEN"]
     cert_dir = device.workdir / "cert"
-    assert sorted(p.name for p in cert_dir.iterdir()) == ["AmazonRootCA1.pem", "run.lock",
-                                                         "certificate.pem.crt"]
+    assert sorted(p.name for p in cert_dir.iterdir()) == ["AmazonRootCA1.pem",
+                                                         "certificate.pem.crt", "run.lock"]
     no_key_files(device)
     cert = x509.load_pem_x509_certificate((cert_dir / "certificate.pem.crt").read_bytes())
     (public_der,) = [pub for pub in _token_public_keys(token)]
