@@ -109,13 +109,34 @@ def _depth(value: object, limit: int) -> None:
             stack.extend((child, depth + 1) for child in children)
 
 
+class _Int(int):
+    """An integer that remembers how it was written (-0 stays -0)."""
+    text: str
+
+    def __new__(cls, text: str):
+        self = super().__new__(cls, text)
+        self.text = text
+        return self
+
+
+class _Number(Decimal):
+    """A fraction or an exponent, kept as written (6e1 stays 6e1, 1e400 is no Infinity)."""
+    text: str
+
+    def __new__(cls, text: str):
+        self = super().__new__(cls, text)
+        self.text = text
+        return self
+
+
 def parse_document(text: str, where: str) -> dict:
     if text.startswith("\ufeff"):
         raise ConfigError(f"{where} starts with a byte-order mark; save it as plain UTF-8",
                           hint=CONFIG_HINT)
     try:
         doc = json.loads(text, object_pairs_hook=_reject_duplicates,
-                         parse_constant=_reject_constant, parse_float=Decimal)
+                         parse_constant=_reject_constant, parse_float=_Number,
+                         parse_int=_Int)
         _depth(doc, MAX_DEPTH)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} "
@@ -145,6 +166,16 @@ def read_document(real_path: Path, shown_path: Path | None = None) -> dict:
     return parse_document(text, where)
 
 
+def _json_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, Decimal)):
+        return "a number"
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "an array"}.get(type(value), type(value).__name__)
+
+
 def _bad(key: str, problem: str) -> ConfigError:
     return ConfigError(f"config key {key!r} {problem}", hint=CONFIG_HINT)
 
@@ -154,7 +185,7 @@ def _string(device: Mapping, key: str, default: str | None = None) -> str | None
     if value is None:
         return None
     if not isinstance(value, str):
-        raise _bad(key, f"must be a string, not {type(value).__name__}")
+        raise _bad(key, f"must be a string, not {_json_type(value)}")
     return value
 
 
@@ -185,7 +216,7 @@ def parse_port(value: object) -> int:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise _bad("PORT", "must be an integer from 1 to 65535")
-    return value
+    return int(value)
 
 
 def parse_endpoint(value: object) -> tuple[str, int | None]:
@@ -280,7 +311,7 @@ def provisioning_settings(config: Config) -> ProvisioningSettings:
     for key, value in params.items():
         if not isinstance(value, str):
             raise _bad(f"TEMPLATE_PARAMETERS.{logs.shown(key, 40)}",
-                       f"must be a string, not {type(value).__name__}")
+                       f"must be a string, not {_json_type(value)}")
     api = _string(device, "PROVISIONING_API", PROVISIONING_APIS[0])
     if api not in PROVISIONING_APIS:
         raise _bad("PROVISIONING_API", f"must be one of {', '.join(PROVISIONING_APIS)}")
@@ -321,6 +352,8 @@ def render(value: object, level: int = 0) -> str:
         return _json_string(value)
     if value is True or value is False or value is None:
         return json.dumps(value)
+    if isinstance(value, (_Int, _Number)):
+        return value.text
     if isinstance(value, (int, Decimal)):
         return str(value)
     raise TypeError(f"not a JSON value: {type(value).__name__}")

@@ -12,6 +12,7 @@ object is ever logged.
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -182,12 +183,31 @@ class FleetProvisioning:
         from awscrt import mqtt
 
         def once():
+            self._discard_unasked(operation)
             future = publish(mqtt.QoS.AT_LEAST_ONCE)
             self.link.wait_published(operation, future, self.deadline.step(operation))
             return self._await(operation)
 
         return with_retries(once, self.deadline, operation, BUSY_BACKOFF, self.sleep,
                             retry_on=ServiceBusy)
+
+    def _discard_unasked(self, operation: str) -> None:
+        """Answers to ``operation`` that came before it was asked are not ours (a
+        misbehaving broker, another device's, or a late one to an earlier try):
+        acting on them could install someone else's thing or give up on an
+        accepted registration.  A lost connection stays queued."""
+        kept = []
+        while True:
+            try:
+                item = self.link.events.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, tuple) and item[0] == operation:
+                log.warning("ignoring a %s answer that came before the request", operation)
+            else:
+                kept.append(item)
+        for item in kept:
+            self.link.events.put(item)
 
     def _await(self, operation: str):
         end = time.monotonic() + self.deadline.step(operation)

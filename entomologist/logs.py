@@ -17,14 +17,9 @@ SHOWN_LIMIT = 160
 _PEM = re.compile(r"-----BEGIN [A-Z0-9 ]+-----.*?(-----END [A-Z0-9 ]+-----|\Z)", re.S)
 
 
-def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
-    """``value`` as one printable, bounded line, PEM text redacted."""
-    text = value if isinstance(value, str) else repr(value)
-    text = _PEM.sub("[PEM text redacted]", text)
-    if len(text) > limit:
-        text = text[:limit] + f"...[{len(text) - limit} more characters]"
-    # unicode_escape turns newlines, escapes and other controls into \n, \x1b.
-    return text.encode("unicode_escape").decode("ascii")
+# A service that echoes part of a secret leaks that part: any run of this many
+# characters of a secret is redacted too.
+SECRET_FRAGMENT = 16
 
 
 class _Redactor(logging.Filter):
@@ -32,18 +27,39 @@ class _Redactor(logging.Filter):
         super().__init__()
         self.secrets: set[str] = set()
 
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "[redacted]")
+            if len(secret) >= 2 * SECRET_FRAGMENT:
+                for start in range(0, len(secret) - SECRET_FRAGMENT + 1, SECRET_FRAGMENT // 2):
+                    fragment = secret[start:start + SECRET_FRAGMENT]
+                    if fragment in text:
+                        text = text.replace(fragment, "[redacted]")
+        return text
+
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
             text = record.getMessage()
-            redacted = text
-            for secret in self.secrets:
-                redacted = redacted.replace(secret, "[redacted]")
+            redacted = self.redact(text)
             if redacted != text:
                 record.msg, record.args = redacted, None
         return True
 
 
 _REDACTOR = _Redactor()
+
+
+def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
+    """``value`` as one printable, bounded line, PEM text and secrets redacted (before
+    the cut: a cut secret would no longer match the log filter)."""
+    text = value if isinstance(value, str) else repr(value)
+    text = _PEM.sub("[PEM text redacted]", text)
+    text = _REDACTOR.redact(text)
+    if len(text) > limit:
+        text = text[:limit] + f"...[{len(text) - limit} more characters]"
+    # unicode_escape turns newlines, escapes and other controls into \n, \x1b.
+    return text.encode("unicode_escape").decode("ascii")
 
 
 def redact(secret: str | None) -> None:

@@ -242,3 +242,76 @@ def test_csr_mode_provisions_a_serial_id_longer_than_a_common_name(standin):
     result = run_script("boot.py", standin.config_path)
     assert result.code == 0, result.stderr
     assert standin.events("boot")[0]["topic"] == f"cameraDevice/{serial}/booted"
+
+
+# ------------------------------------------------- what the hostile review found
+
+HOSTILE = ["setpriv", "--reuid=4321", "--regid=4321", "--clear-groups"]
+
+
+@pytest.fixture
+def open_standin():
+    """A stand-in device in a folder other users can reach, as /etc/entomologist is."""
+    import shutil
+    import tempfile
+    from iot_standin import StandIn
+    root = Path(tempfile.mkdtemp(prefix="ento-open-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    try:
+        with StandIn(root) as s:
+            yield s
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@needs_root
+def test_another_user_holding_a_lock_on_the_config_folder_blocks_nothing(open_standin):
+    holder = subprocess.Popen([*HOSTILE, "flock", "-x", str(open_standin.workdir),
+                               "sleep", "30"])
+    try:
+        proc, _ = run_as_service(open_standin)
+        assert proc.returncode == 0, proc.stderr
+        # Nor can that user open the real lock, in CERT_DIR.
+        attempt = subprocess.run([*HOSTILE, "flock", "-n", "-x",
+                                  str(open_standin.workdir / "cert" / "run.lock"), "true"],
+                                 capture_output=True)
+        assert attempt.returncode != 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_symlinked_config_with_relative_paths_is_one_device_with_one_registration(standin):
+    data = standin.workdir / "data"
+    data.mkdir()
+    doc = json.loads(standin.config_path.read_text())
+    for key in ("CLAIM_CERT", "CLAIM_KEY", "ROOT_CA"):
+        doc["device"][key] = "../" + doc["device"][key]
+    (data / "ento.conf").write_text(json.dumps(doc))  # CERT_DIR "cert": data/cert
+    os.chmod(data / "ento.conf", 0o640)
+    etc = standin.workdir / "etc"
+    etc.mkdir()
+    (etc / "ento.conf").symlink_to(data / "ento.conf")
+    for config in (etc / "ento.conf", data / "ento.conf", etc / "ento.conf"):
+        result = run_script("boot.py", config)
+        assert result.code == 0, result.stderr
+    assert registers(standin) == 1
+    assert (data / "cert" / "certificate.pem.crt").exists() and not (etc / "cert").exists()
+
+
+@needs_root
+def test_a_symlink_another_user_planted_in_a_sticky_folder_is_refused(standin,
+                                                                     tmp_path_factory):
+    sticky = tmp_path_factory.mktemp("sticky")
+    os.chmod(sticky, 0o1777)
+    victim = tmp_path_factory.mktemp("victim")
+    os.chmod(victim, 0o755)
+    link = sticky / "cert"
+    link.symlink_to(victim)
+    os.lchown(link, 4321, 4321)
+    standin.write_device_config(CERT_DIR=str(link))
+    proc, errors = run_as_service(standin)
+    assert proc.returncode == 78, proc.stderr
+    assert len(errors) == 1 and "belongs to uid 4321" in errors[0]
+    assert os.stat(victim).st_mode & 0o777 == 0o755 and list(victim.iterdir()) == []
+    assert standin.events("create-request") == []

@@ -467,3 +467,43 @@ def test_claim_files_are_never_modified(device, cloud):
     run(device, cloud)
     run(device, cloud, force=True)
     assert {p.name: (p.read_bytes(), os.stat(p).st_mode) for p in claim.iterdir()} == before
+
+
+def test_a_long_token_echoed_by_the_service_never_reaches_the_error_even_in_part(device, cloud):
+    cert, key = cloud.ca.pair()
+    token = "T0k" + "".join(f"{i:03d}" for i in range(350))  # about 1 KB, as AWS's
+    cloud.create_answers.append(("accepted", _create(pair=(cert, key),
+                                                     certificateOwnershipToken=token)))
+    cloud.register_answers.append(("rejected", {"statusCode": 400, "errorCode": token,
+                                                "errorMessage": f"bad token {token[100:400]}"}))
+    with pytest.raises(errors.ServiceError) as err:
+        run(device, cloud)
+    text = f"{err.value} {err.value.hint}"
+    assert not any(token[i:i + 23] in text for i in range(len(token) - 23))
+
+
+@pytest.mark.parametrize("outcome", ["accepted", "rejected"])
+def test_an_answer_that_came_before_its_request_is_ignored(device, cloud, outcome):
+    # A misbehaving broker answers RegisterThing before the device asked.
+    original = cloud.respond
+    early = {"accepted": {"thingName": "someone-else"},
+             "rejected": {"statusCode": 400, "errorCode": "Early", "errorMessage": "x"}}[outcome]
+
+    def respond(connection, topic, payload):
+        original(connection, topic, payload)
+        if topic == CREATE:
+            connection.deliver(f"{REGISTER}/{outcome}", json.dumps(early).encode())
+
+    cloud.respond = respond
+    run(device, cloud)
+    assert device.device["THING_NAME"] == "thing-CAM-42"
+
+
+def test_a_lost_pair_makes_the_status_false_before_provisioning_again(device, cloud):
+    run(device, cloud)
+    (device.cert_dir / CERT).unlink()
+    cloud.create_answers.append(("rejected", {"statusCode": 403, "errorCode": "Forbidden",
+                                              "errorMessage": "no"}))
+    with pytest.raises(errors.ServiceError):
+        run(device, cloud)
+    assert device.device["PROVISION_STATUS"] == "False"
