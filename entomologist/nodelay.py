@@ -65,7 +65,7 @@ def socket_fds() -> dict[int, int]:
     return found
 
 
-def _address(text: str) -> tuple[str, int]:
+def parse_address(text: str) -> tuple[str, int]:
     """One address of /proc/net/tcp{,6}: 32-bit words in host order, then the port."""
     hexaddr, hexport = text.split(":")
     raw = b"".join(struct.pack("=I", int(hexaddr[i:i + 8], 16))
@@ -89,7 +89,7 @@ def tcp_table() -> dict[int, tuple[tuple[str, int], tuple[str, int], str]]:
             fields = line.split()
             inode = int(fields[9])
             if inode:
-                table[inode] = (_address(fields[1]), _address(fields[2]),
+                table[inode] = (parse_address(fields[1]), parse_address(fields[2]),
                                 STATES.get(int(fields[3], 16), fields[3]))
     return table
 

@@ -158,9 +158,9 @@ def test_the_kernel_table_shows_the_connection_with_both_ends(listener):
 
 def test_ipv6_and_ipv4_mapped_addresses_are_read_from_the_kernel_format():
     # /proc/net/tcp6 prints four 32-bit words in host order (little-endian here).
-    assert nodelay._address("00000000000000000000000001000000:22B3") == ("::1", 8883)
-    assert nodelay._address("0000000000000000FFFF00000100007F:01BB") == ("127.0.0.1", 443)
-    assert nodelay._address("0100007F:22B3") == ("127.0.0.1", 8883)
+    assert nodelay.parse_address("00000000000000000000000001000000:22B3") == ("::1", 8883)
+    assert nodelay.parse_address("0000000000000000FFFF00000100007F:01BB") == ("127.0.0.1", 443)
+    assert nodelay.parse_address("0100007F:22B3") == ("127.0.0.1", 8883)
 
 
 def test_the_pinned_awscrt_still_has_no_tcp_nodelay_option():
