@@ -4,12 +4,20 @@ It starts Debian's mosquitto with mutual TLS on a free loopback port, with a
 test CA it generates, and a responder that answers the fleet provisioning MQTT
 API ($aws/certificates/create/json, $aws/certificates/create-from-csr/json,
 $aws/provisioning-templates/<name>/provision/json) with real certificates
-signed by that CA.  Every request, answer and boot message is recorded as a
+signed by that CA.  It applies cloud/stack.yaml, the stack an operator deploys
+(or --stack FILE): RegisterThing evaluates its fleet provisioning template
+(standin/template.py), the claim certificate is held to the claim policy of
+the stack's ProvisioningMode (or --mode) and each device certificate to the
+template's device policy (standin/policy.py renders them as mosquitto's
+acl_file; standin/enforce.py enforces the rest from mosquitto's log, and
+records each denial as a "denied" event).  Every request, answer and boot message is recorded as a
 JSON line in <dir>/standin/events.jsonl.  It writes a ready ento.conf and claim
 files for one simulated device into <dir> (and refuses to replace a device's
 files that are already there, unless told --overwrite).
 
     python iot_standin.py run --dir DIR [--overwrite] [--serial ID] [--template NAME]
+                              [--stack FILE] [--mode CreateKeysAndCertificate|
+                                              CreateCertificateFromCsr|Both]
                               [--reject-create STATUS:CODE[:MESSAGE]]
                               [--reject-register STATUS:CODE[:MESSAGE]]
                               [--reject-times K] [--no-answer] [--delay SECONDS]
@@ -24,8 +32,8 @@ boot.py and shows what it wrote.  A broker delivers $aws/.../accepted to
 every subscriber (AWS answers only the requester), so provision one device
 at a time per stand-in.
 
-Exit codes: 0 done; 2 usage (a malformed option); 69 mosquitto is missing or
-would not start; 73 the device's files exist already; 1 the demo's boot.py
+Exit codes: 0 done; 2 usage (a malformed option); 78 the stack cannot be
+used (an unsupported function, ...); 69 mosquitto is missing or would not start; 73 the device's files exist already; 1 the demo's boot.py
 run failed.
 """
 from __future__ import annotations
@@ -45,8 +53,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from standin.broker import Broker, find_mosquitto
+from standin import policy
+from standin import template as templates
+from standin.broker import Broker, find_mosquitto, free_port
 from standin.ca import StandInCA, write_new
+from standin.enforce import Enforcer, Identity, Relay
 from standin.responder import (BOOT_PREFIX, CREATE, CREATE_CSR, MALFORMED_CREATE,
                                MALFORMED_REGISTER, REGISTER_PREFIX, REGISTER_SUFFIX, Answer,
                                Drop, Faults, Rejection, Responder)
@@ -57,20 +68,42 @@ log = logging.getLogger("iot_standin")
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SERIAL = "CAM-0001"
-DEFAULT_TEMPLATE = "EntoFleetTemplate"
+CLAIM_CN = "ento-fleet-claim"
+RESPONDER_CN = "standin-responder"
+MODES = ("CreateKeysAndCertificate", "CreateCertificateFromCsr", "Both")
+# The stand-in's own client answers every request and hears every boot message.
+RESPONDER_ACL = "topic readwrite #\ntopic readwrite $aws/#\n"
 
 
 class StandIn:
-    """mosquitto plus the fleet provisioning responder, in ``workdir``."""
+    """mosquitto plus the fleet provisioning responder, in ``workdir``.
+
+    ``stack``: a stack file, or a templates.Stack a test has changed (default
+    cloud/stack.yaml); ``mode``: its ProvisioningMode (default the stack's);
+    ``template``: the template's name (default the stack's); ``policies``
+    False: no claim or device policy (any certificate the CA signed may do
+    anything), for tests of something else that bring certificates of their own.
+    """
 
     def __init__(self, workdir: Path, serial: str = DEFAULT_SERIAL,
-                 template: str = DEFAULT_TEMPLATE, faults: Faults | None = None,
+                 template: str | None = None, faults: Faults | None = None,
                  key_factory: Callable | None = None, host: str = "127.0.0.1",
-                 overwrite: bool = True, tcp_nodelay: bool = True):
+                 overwrite: bool = True, tcp_nodelay: bool = True,
+                 stack: "templates.Stack | Path | str | None" = None,
+                 mode: str | None = None, policies: bool = True):
         self.workdir = Path(workdir)
         self.dir = self.workdir / "standin"
         self.serial = serial
-        self.template = template
+        if isinstance(stack, templates.Stack):
+            if mode is not None and mode != stack.parameters.get("ProvisioningMode"):
+                raise ValueError("give a Stack loaded with the mode wanted")
+            self.stack = stack
+        else:
+            self.stack = templates.load_stack(stack or templates.STACK,
+                                              {"ProvisioningMode": mode} if mode else None)
+        self.mode = self.stack.parameters.get("ProvisioningMode", MODES[0])
+        self.template = template or self.stack.template_name
+        self.policies = policies
         self.faults = faults or Faults()
         self.key_factory = key_factory
         self.host = host
@@ -82,6 +115,9 @@ class StandIn:
         self.claim_cert = self.workdir / "claim" / "claim.pem.crt"
         self.claim_key = self.workdir / "claim" / "claim.private.pem.key"
         self._broker: Broker | None = None
+        self._relay: Relay | None = None
+        self.enforcer: Enforcer | None = None
+        self.acl_path = self.dir / "acl"
         self._connection = None
         self.responder: Responder | None = None
         self._lock = threading.Lock()
@@ -111,14 +147,80 @@ class StandIn:
         hosts = tuple(dict.fromkeys(("localhost", "127.0.0.1", self.host)))
         self._server_files = self.ca.write_pair(self.dir, "server", "localhost", server=True,
                                                 hosts=hosts)
-        self.ca.write_pair(self.workdir / "claim", "claim", "fleet-claim")
-        self._responder_files = self.ca.write_pair(self.dir, "responder", "standin-responder")
+        self.ca.write_pair(self.workdir / "claim", "claim", CLAIM_CN)
+        self._responder_files = self.ca.write_pair(self.dir, "responder", RESPONDER_CN)
         self.responder = Responder(self.ca, self.template, self.serial, self.faults,
-                                   self.record, self.key_factory)
-        self._broker = Broker(self.dir, self.ca_path, *self._server_files, host=self.host,
-                              tcp_nodelay=self.tcp_nodelay)
-        self.port = self._broker.port
+                                   self.record, self.key_factory,
+                                   provisioning=self.stack.template,
+                                   on_registered=self._registered if self.policies else None)
+        if self.policies:
+            # mosquitto on a loopback port of its own; devices reach it through
+            # the relay, which holds back what a denial must never let through.
+            self._broker = Broker(self.dir, self.ca_path, *self._server_files,
+                                  host="127.0.0.1", tcp_nodelay=self.tcp_nodelay,
+                                  acl_file=self.acl_path)
+            self.port = free_port(self.host)
+            self.enforcer = Enforcer(self._broker.log_path, self.record)
+            self.enforcer.add(Identity(RESPONDER_CN, "service", acl=RESPONDER_ACL))
+            self.enforcer.add(self._claim_identity())
+            self._write_acl()
+        else:
+            self._broker = Broker(self.dir, self.ca_path, *self._server_files, host=self.host,
+                                  tcp_nodelay=self.tcp_nodelay)
+            self.port = self._broker.port
         self.write_device_config()
+
+    # -- policies
+
+    def _claim_identity(self) -> Identity:
+        context = self.stack.context()
+        rendering = policy.render_acl(CLAIM_CN, self.stack.claim_policies, context)
+        return Identity(CLAIM_CN, "claim", list(self.stack.claim_policies),
+                        f"claim policy for ProvisioningMode {self.mode}", context,
+                        acl="\n".join(rendering.lines) + "\n", notes=rendering.notes)
+
+    def _registered(self, registration: templates.Registration, common_name: str) -> None:
+        """The device certificate's policies, in force before RegisterThing answers."""
+        documents = [p.document for p in registration.policies if p.document is not None]
+        named = [p.name for p in registration.policies if p.document is None]
+        context = self.stack.context(thing_name=registration.thing_name,
+                                     thing_type=registration.thing_type,
+                                     attributes=dict(registration.attributes), is_attached=True)
+        serial = registration.parameters.get("SerialNumber", self.serial)
+        rendering = policy.render_acl(common_name, documents, context,
+                                      topics=[f"{BOOT_PREFIX}{serial}/booted"])
+        notes = rendering.notes + [f"policy {n} is named, not defined in the template; the "
+                                   "stand-in has no registry and grants nothing for it"
+                                   for n in named]
+        label = f"device policy of thing {registration.thing_name} (template {self.template})"
+        self.enforcer.add(Identity(common_name, "device", documents, label, context,
+                                   active=registration.certificate_status == "ACTIVE",
+                                   acl="\n".join(rendering.lines) + "\n", notes=notes))
+        self.record("policy-applied", username=common_name, thingName=registration.thing_name,
+                    acl=rendering.lines, notes=notes)
+        self._write_acl()
+        self._reload()
+
+    def _write_acl(self) -> None:
+        text = "".join(f"user {i.username}\n{i.acl}\n"
+                       for i in self.enforcer.identities.values())
+        tmp = self.acl_path.with_suffix(".tmp")
+        write_new(tmp, text.encode(), 0o644)
+        os.replace(tmp, self.acl_path)
+
+    def _reload(self, limit: float = 3.0) -> None:
+        """SIGHUP, and wait until mosquitto says it re-read its files."""
+        if self._broker is None or not self._broker.running:
+            return
+        before = self.enforcer.reloads
+        self._broker.reload()
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            self.enforcer.catch_up()
+            if self.enforcer.reloads > before:
+                return
+            time.sleep(0.005)
+        log.warning("mosquitto did not confirm the acl_file reload in %.0f s", limit)
 
     def start(self) -> None:
         if not find_mosquitto():
@@ -126,6 +228,10 @@ class StandIn:
         self.prepare()
         self._broker.start()
         try:
+            if self.policies:
+                self._relay = Relay(self.host, self.port, ("127.0.0.1", self._broker.port),
+                                    self.enforcer, self.tcp_nodelay)
+                self._relay.start()
             self._connect_responder()
         except Exception:
             self.stop()
@@ -135,8 +241,10 @@ class StandIn:
     def _client(self, client_id: str):
         from awsiot import mqtt_connection_builder
         cert, key = self._responder_files
+        # Straight to mosquitto: the stand-in's own connections pass no policy.
+        host = "127.0.0.1" if self.policies else self.host
         return mqtt_connection_builder.mtls_from_path(
-            endpoint=self.host, port=self.port, cert_filepath=str(cert),
+            endpoint=host, port=self._broker.port, cert_filepath=str(cert),
             pri_key_filepath=str(key), ca_filepath=str(self.ca_path), client_id=client_id,
             clean_session=True, keep_alive_secs=30, enable_metrics_collection=False)
 
@@ -158,6 +266,9 @@ class StandIn:
             except Exception:
                 pass
             self._connection = None
+        if self._relay is not None:
+            self._relay.stop()
+            self._relay = None
         if self._broker is not None:
             self._broker.stop()
             self._broker = None
@@ -179,6 +290,8 @@ class StandIn:
             "PORT": self.port,
             "PROVISION_STATUS": "False",
             "TEMPLATE_NAME": self.template,
+            **({"PROVISIONING_API": self.mode} if self.mode != MODES[0] and
+               self.mode in MODES[:2] else {}),
             "CLAIM_CERT": "claim/claim.pem.crt",
             "CLAIM_KEY": "claim/claim.private.pem.key",
             "ROOT_CA": "standin/ca.pem",
@@ -246,8 +359,8 @@ class StandIn:
     def _kick(self, client_id: str) -> None:
         """Drop a device's connection: MQTT lets a new client take over its client ID."""
         def takeover() -> None:
-            conn = self._client(client_id)
             try:
+                conn = self._client(client_id)
                 conn.connect().result(5)
                 self.record("dropped", client_id=client_id)
                 conn.disconnect().result(5)
@@ -288,8 +401,13 @@ def _serve(args) -> int:
         reject_times=args.reject_times, no_answer=args.no_answer, delay=args.delay,
         malformed_create=args.malformed_create, malformed_register=args.malformed_register,
         drop_after=args.drop_after)
-    standin = StandIn(Path(args.dir), serial=args.serial, template=args.template, faults=faults,
-                      overwrite=args.overwrite)
+    try:
+        standin = StandIn(Path(args.dir), serial=args.serial, template=args.template,
+                          faults=faults, overwrite=args.overwrite, stack=args.stack,
+                          mode=args.mode)
+    except (templates.TemplateError, OSError) as exc:
+        log.error("cannot use the stack: %s", exc)
+        return os.EX_CONFIG
     stop = threading.Event()
     # SIGTERM (systemd, kill, a test harness) must stop mosquitto too.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -333,7 +451,9 @@ def _demo(args) -> int:
         root = Path(tmp)
         out = sys.stdout
         out.write(f"Stand-in for AWS IoT on localhost:{standin.port} (mosquitto, mutual TLS)\n")
-        out.write(f"Simulated device {standin.serial} in {root}\n\n")
+        out.write(f"Simulated device {standin.serial} in {root}\n")
+        out.write(f"Applying {templates.STACK.relative_to(HERE)}: template {standin.template}, "
+                  f"claim policy for ProvisioningMode {standin.mode}\n\n")
         for label in ("First boot (provisions)", "Second boot (reports only)"):
             out.write(f"== {label}: boot.py --config {standin.config_path}\n")
             out.flush()
@@ -353,6 +473,15 @@ def _demo(args) -> int:
             out.write(f"  {event['topic']}  {event['payload']}\n")
         requests = [e["event"] for e in standin.events() if e["event"].endswith("-request")]
         out.write(f"\nProvisioning requests the service saw: {', '.join(requests)}\n")
+        registered, = standin.events("register-accepted")
+        out.write(f"RegisterThing through template {standin.template}: thing "
+                  f"{registered['thingName']}, attributes {json.dumps(registered['attributes'])}, "
+                  f"deviceConfiguration {json.dumps(registered['deviceConfiguration'])}\n")
+        applied, = standin.events("policy-applied")
+        out.write(f"Device policy as mosquitto rules for certificate {applied['username']}: "
+                  f"{'; '.join(applied['acl'])}\n")
+        denied = standin.events("denied")
+        out.write(f"Policy denials: {len(denied)}\n")
         out.write(f"Demo finished in {time.monotonic() - started:.2f} s\n")
         out.flush()
     return 0
@@ -366,7 +495,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--overwrite", action="store_true",
                      help="replace a device's config and claim files already in --dir")
     run.add_argument("--serial", default=DEFAULT_SERIAL)
-    run.add_argument("--template", default=DEFAULT_TEMPLATE)
+    run.add_argument("--template", help="the template's name (default: the stack's)")
+    run.add_argument("--stack", type=Path, default=templates.STACK,
+                     help="the CloudFormation stack to apply (default %(default)s)")
+    run.add_argument("--mode", choices=MODES,
+                     help="the stack's ProvisioningMode: which claim policy applies "
+                          "(default: the stack's default)")
     run.add_argument("--reject-create", type=_rejection, metavar="STATUS:CODE[:MESSAGE]")
     run.add_argument("--reject-register", type=_rejection, metavar="STATUS:CODE[:MESSAGE]")
     run.add_argument("--reject-times", type=_count, metavar="K",

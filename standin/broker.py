@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -21,11 +22,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class Broker:
+    """``acl_file``: enforce it, and log what standin.enforce reads (every
+    connect, subscribe and denied publish; the debug level is the only one that
+    has the last)."""
+
     def __init__(self, directory: Path, ca: Path, cert: Path, key: Path,
-                 host: str = "127.0.0.1", port: int = 0, tcp_nodelay: bool = True):
+                 host: str = "127.0.0.1", port: int = 0, tcp_nodelay: bool = True,
+                 acl_file: Path | None = None):
         self.directory = directory
         self.host = host
         self.port = port or free_port(host)
+        self.acl_file = acl_file
         self.conf = directory / "mosquitto.conf"
         self.log_path = directory / "mosquitto.log"
         lines = [
@@ -40,6 +47,8 @@ class Broker:
             "require_certificate true",
             "use_identity_as_username true",
         ]
+        if acl_file is not None:
+            lines += ["log_type subscribe", "log_type debug", f"acl_file {acl_file}"]
         if tcp_nodelay:
             # AWS IoT is no stock mosquitto: without this the broker's own small
             # writes wait for the device's delayed ACKs (bench/delay_line.py).
@@ -69,6 +78,11 @@ class Broker:
                 time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"mosquitto did not listen on {self.port}")
+
+    def reload(self) -> None:
+        """Re-read the acl_file (mosquitto applies it to clients already connected)."""
+        if self.running:
+            self._process.send_signal(signal.SIGHUP)
 
     @property
     def running(self) -> bool:

@@ -4,11 +4,17 @@ and the faults the stand-in can be told to commit.
 ``Responder.handle(topic, payload)`` returns what to do (answer on a topic,
 after a delay; or drop the device's connection); the stand-in carries it out
 on the broker.  Nothing here needs a broker, so it is tested on its own.
+
+RegisterThing evaluates the provisioning template (by default the one in
+cloud/stack.yaml, through standin.template): its parameters, thing name,
+attributes, certificate status, policies and deviceConfiguration.  Each device
+certificate gets a common name of its own (``ento-device-<16 hex>``: the
+certificate ID cannot be its CN, being the hash of the certificate), so that
+mosquitto's use_identity_as_username tells one certificate from another.
 """
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -18,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from . import template as templates
 from .ca import StandInCA, certificate_id, pem_key, public_key_id
 
 CREATE = "$aws/certificates/create/json"
@@ -25,7 +32,6 @@ CREATE_CSR = "$aws/certificates/create-from-csr/json"
 REGISTER_PREFIX = "$aws/provisioning-templates/"
 REGISTER_SUFFIX = "/provision/json"
 BOOT_PREFIX = "cameraDevice/"
-THING_NAME_RE = re.compile(r"[A-Za-z0-9_\-:]{1,128}")
 MALFORMED_CREATE = ("not-json", "missing-cert", "bad-pem", "wrong-key")
 MALFORMED_REGISTER = ("not-json", "empty-thing")
 
@@ -109,9 +115,16 @@ class Responder:
 
     def __init__(self, ca: StandInCA, template: str, serial: str, faults: Faults,
                  record: Callable[..., None],
-                 key_factory: "Callable[[], rsa.RSAPrivateKey] | None" = None):
+                 key_factory: "Callable[[], rsa.RSAPrivateKey] | None" = None,
+                 provisioning: "templates.ProvisioningTemplate | None" = None,
+                 on_registered: "Callable[[templates.Registration, str], None] | None" = None):
         self.ca = ca
         self.template = template
+        self.provisioning = provisioning or templates.load_stack().template
+        # Called with the registration and the certificate's CN before the
+        # answer goes out: the device's policies apply from its first connection.
+        self.on_registered = on_registered
+        self.common_names: dict[str, str] = {}
         self.serial = serial
         self.faults = faults
         self.record = record
@@ -178,8 +191,10 @@ class Responder:
                 return False, Rejection(400, "InvalidCsr",
                                         "the certificate signing request is invalid").body()
             public_key = csr.public_key()
-        cert = self.ca.issue(public_key, "AWS IoT Certificate")
+        common_name = f"ento-device-{secrets.token_hex(8)}"
+        cert = self.ca.issue(public_key, common_name)
         cert_id = certificate_id(cert)
+        self.common_names[cert_id] = common_name
         token = secrets.token_urlsafe(32)
         self.tokens[token] = cert_id
         body = {"certificateId": cert_id,
@@ -227,17 +242,18 @@ class Responder:
         if cert_id is None:
             return False, Rejection(400, "InvalidCertificateOwnershipToken",
                                     "the ownership token is not valid").body()
-        serial = params.get("SerialNumber")
-        if not isinstance(serial, str) or not serial:
-            return False, Rejection(400, "InvalidParameters",
-                                    "parameter SerialNumber is required").body()
-        thing = f"ento-{serial}"
-        if not THING_NAME_RE.fullmatch(thing):
-            # AWS refuses to create a thing whose name breaks its pattern.
-            return False, Rejection(400, "InvalidRequestException",
-                                    "the thing name the template makes from SerialNumber is "
-                                    "not a valid thing name").body()
-        self.record("register-accepted", thingName=thing, certificateId=cert_id)
+        try:
+            registration = self.provisioning.register(params, cert_id)
+        except templates.Rejection as exc:
+            self.record("register-rejected", statusCode=exc.status, errorCode=exc.code,
+                        errorMessage=exc.message)
+            return False, exc.payload()
+        thing = registration.thing_name or ""
+        self.record("register-accepted", thingName=thing, certificateId=cert_id,
+                    attributes=registration.attributes,
+                    deviceConfiguration=registration.device_configuration)
+        if self.on_registered is not None:
+            self.on_registered(registration, self.common_names[cert_id])
         if self.faults.after_register is not None:
             self.faults.after_register()
         how = self.faults.malformed_register
@@ -245,4 +261,4 @@ class Responder:
             return True, b"not json"
         if how == "empty-thing":
             thing = ""
-        return True, {"deviceConfiguration": {}, "thingName": thing}
+        return True, {**registration.accepted(), "thingName": thing}
