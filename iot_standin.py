@@ -39,6 +39,7 @@ run failed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -62,7 +63,7 @@ from standin.responder import (BOOT_PREFIX, CREATE, CREATE_CSR, MALFORMED_CREATE
                                MALFORMED_REGISTER, REGISTER_PREFIX, REGISTER_SUFFIX, Answer,
                                Drop, Faults, Rejection, Responder)
 
-__all__ = ["StandIn", "Faults", "Rejection", "find_mosquitto", "main"]
+__all__ = ["StandIn", "Faults", "Rejection", "find_mosquitto", "stack_with", "main"]
 
 log = logging.getLogger("iot_standin")
 
@@ -73,6 +74,16 @@ RESPONDER_CN = "standin-responder"
 MODES = ("CreateKeysAndCertificate", "CreateCertificateFromCsr", "Both")
 # The stand-in's own client answers every request and hears every boot message.
 RESPONDER_ACL = "topic readwrite #\ntopic readwrite $aws/#\n"
+
+
+def stack_with(edit: Callable[[dict], None], mode: str | None = None) -> templates.Stack:
+    """cloud/stack.yaml with its template body changed by ``edit`` (a test's variant:
+    another device policy, another parameter); change ``claim_policies`` directly."""
+    stack = templates.load_stack(parameters={"ProvisioningMode": mode} if mode else None)
+    body = copy.deepcopy(stack.template.body)
+    edit(body)
+    stack.template = templates.ProvisioningTemplate.from_body(body, stack.template_name)
+    return stack
 
 
 class StandIn:

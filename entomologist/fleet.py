@@ -85,6 +85,8 @@ class FleetProvisioning:
         # Each operation's claim-policy resource, from the topics the client
         # subscribed to (the client, not this module, knows the topics).
         self.resources: dict[str, str] = {}
+        # Each operation's request topic: its response topics less /accepted.
+        self.request_topics: dict[str, str] = {}
 
     # -- subscriptions
 
@@ -110,6 +112,7 @@ class FleetProvisioning:
                 future, topic = subscribe(request, qos, self._deliver(operation, outcome))
                 pending.append((topic, future))
                 self.resources[operation] = policy_resource(topic)
+                self.request_topics[operation] = topic.rsplit("/", 1)[0]
         self.link.wait_subscribed(
             pending, self.deadline.step("subscribe"),
             refused_hint=claim_policy_hint([self.resources[self.create_operation],
@@ -182,10 +185,13 @@ class FleetProvisioning:
         """
         from awscrt import mqtt
 
+        topic = self.request_topics.get(operation, operation)
+
         def once():
             self._discard_unasked(operation)
+            self.link.note_sent("iot:Publish", topic)
             future = publish(mqtt.QoS.AT_LEAST_ONCE)
-            self.link.wait_published(operation, future, self.deadline.step(operation))
+            self.link.wait_published(topic, future, self.deadline.step(operation))
             return self._await(operation)
 
         return with_retries(once, self.deadline, operation, BUSY_BACKOFF, self.sleep,

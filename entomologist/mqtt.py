@@ -26,6 +26,15 @@ log = logging.getLogger("entomologist")
 
 KEEP_ALIVE_SECS = 44
 CLOSE_WAIT = 2.0
+NETWORK_HINT = "the network link, ENDPOINT_URL, PORT and ROOT_CA"
+# AWS IoT closes the connection of a client whose publish its policy denies
+# (no PUBACK), and may do the same to a denied subscribe: a connection lost
+# this soon after one may be the policy, not the network.
+POLICY_SUSPECT_SECS = 3.0
+
+
+def policy_hint(network_hint: str, action: str, topic: str) -> str:
+    return f"{network_hint} (or the certificate's policy may not allow {action} on {topic})"
 
 
 @dataclass(frozen=True)
@@ -48,10 +57,9 @@ class Tls:
     ca_pem: bytes = field(repr=False)
 
 
-def crt_failure(what: str, exc: BaseException) -> TransientError:
+def crt_failure(what: str, exc: BaseException, hint: str = NETWORK_HINT) -> TransientError:
     name = getattr(exc, "name", None) or type(exc).__name__
-    return TransientError(f"{what} failed: {name}",
-                          hint="the network link, ENDPOINT_URL, PORT and ROOT_CA")
+    return TransientError(f"{what} failed: {name}", hint=hint)
 
 
 def connection_options(endpoint: Endpoint, tls: Tls, client_id: str, timeout: float,
@@ -99,6 +107,19 @@ class Link:
     def __init__(self, connection, events: "queue.Queue"):
         self.connection = connection
         self.events = events
+        # (action, topic, when) of the last publish or subscribe sent
+        self.last_sent: tuple[str, str, float] | None = None
+
+    def note_sent(self, action: str, topic: str) -> None:
+        """Call before sending: a loss may be reported before the send returns."""
+        self.last_sent = (action, topic, time.monotonic())
+
+    def loss_hint(self) -> str:
+        """The hint for a lost connection: the policy too, if it closed right after a send."""
+        sent = self.last_sent
+        if sent and time.monotonic() - sent[2] < POLICY_SUSPECT_SECS:
+            return policy_hint(NETWORK_HINT, sent[0], sent[1])
+        return NETWORK_HINT
 
     def next_event(self, timeout: float):
         try:
@@ -116,16 +137,20 @@ class Link:
         """Wait for the SUBACK of every subscription already sent (one round trip)."""
         end = time.monotonic() + timeout
         for topic, future in pending:
+            # The first one unacknowledged is the one a lost connection points at.
+            self.note_sent("iot:Subscribe", topic)
             try:
                 granted = _wait(future, end - time.monotonic())
             except FutureTimeout:
                 raise TransientError(f"subscribe to {topic}: no SUBACK in {timeout:.0f} s",
-                                     hint="the network link") from None
+                                     hint=policy_hint("the network link", "iot:Subscribe",
+                                                      topic)) from None
             except Exception as exc:
                 if type(exc).__name__ == "SubscribeError":  # awscrt 0.36.1: a refused SUBACK
                     granted = None
                 else:
-                    raise crt_failure(f"subscribe to {topic}", exc) from None
+                    raise crt_failure(f"subscribe to {topic}", exc,
+                                      policy_hint(NETWORK_HINT, "iot:Subscribe", topic)) from None
             if isinstance(granted, dict):
                 granted = granted.get("qos")
             if granted is None:
@@ -137,13 +162,16 @@ class Link:
             _wait(future, timeout)
         except FutureTimeout:
             raise TransientError(f"publish to {topic}: no PUBACK in {timeout:.0f} s",
-                                 hint="the network link") from None
+                                 hint=policy_hint("the network link", "iot:Publish",
+                                                  topic)) from None
         except Exception as exc:
-            raise crt_failure(f"publish to {topic}", exc) from None
+            raise crt_failure(f"publish to {topic}", exc,
+                              policy_hint(NETWORK_HINT, "iot:Publish", topic)) from None
 
     def publish(self, topic: str, payload: bytes, timeout: float) -> None:
         """Publish with QoS 1 and wait for the PUBACK."""
         from awscrt import mqtt
+        self.note_sent("iot:Publish", topic)
         future, _ = self.connection.publish(topic, payload, mqtt.QoS.AT_LEAST_ONCE)
         self.wait_published(topic, future, timeout)
 
@@ -172,9 +200,11 @@ def connect(endpoint: Endpoint, cert: Path, key, client_id: str, timeout: float,
               read_bounded(key, "private key", hint=hint) if isinstance(key, Path) else key,
               read_bounded(endpoint.ca, "CA file", hint="ROOT_CA in the config"))
     events: queue.Queue = queue.Queue()
+    links: list[Link] = []
 
     def interrupted(connection=None, error=None, **_):
-        events.put(crt_failure("the connection", error or RuntimeError("interrupted")))
+        hint = links[0].loss_hint() if links else NETWORK_HINT
+        events.put(crt_failure("the connection", error or RuntimeError("interrupted"), hint))
 
     try:
         connection = build(endpoint, tls, client_id, timeout, interrupted)
@@ -182,6 +212,7 @@ def connect(endpoint: Endpoint, cert: Path, key, client_id: str, timeout: float,
         raise ConfigError(f"cannot load the TLS files ({getattr(exc, 'name', type(exc).__name__)})",
                           hint=f"{endpoint.ca}, {cert} and {key}") from None
     link = Link(connection, events)
+    links.append(link)
     from . import nodelay
     # Through a proxy, awscrt's one socket goes to the proxy.
     peer = endpoint.proxy or endpoint

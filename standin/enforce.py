@@ -290,6 +290,12 @@ class Relay:
     def stop(self) -> None:
         self._stopped.set()
         if self._listener is not None:
+            # close() alone leaves the port listening while accept() blocks in
+            # another thread; shutdown() wakes it and stops the listening at once.
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._listener.close()
             self._listener = None
         for port in list(self._conns):

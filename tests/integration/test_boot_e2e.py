@@ -23,8 +23,11 @@ def test_first_boot_provisions_installs_and_reports(standin):
     assert mode(cert_dir / "certificate.pem.crt") == 0o644
     assert mode(cert_dir / "private.pem.key") == 0o600
     assert mode(cert_dir / "AmazonRootCA1.pem") == 0o644
+    # The stack's template returns a deviceConfiguration; it is kept beside the pair.
+    assert mode(cert_dir / "device-configuration.json") == 0o644
     assert sorted(os.listdir(cert_dir)) == ["AmazonRootCA1.pem", "certificate.pem.crt",
-                                           "private.pem.key", "run.lock"]
+                                           "device-configuration.json", "private.pem.key",
+                                           "run.lock"]
     cert = x509.load_pem_x509_certificate((cert_dir / "certificate.pem.crt").read_bytes())
     key = load_pem_private_key((cert_dir / "private.pem.key").read_bytes(), None)
     assert public_keys_equal(cert.public_key(), key.public_key())

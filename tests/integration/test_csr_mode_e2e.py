@@ -1,10 +1,18 @@
 """CreateCertificateFromCsr mode end to end: the private key never crosses the network."""
+import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from e2e import DeviceState, device_doc, run_and_kill, run_script
-from iot_standin import Rejection
+from iot_standin import Rejection, StandIn
 from standin.ca import public_key_id
 
+
+@pytest.fixture
+def standin(tmp_path):
+    """The stack deployed with ProvisioningMode Both: its claim policy allows either
+    mode (test_the_record_does_show_a_private_key_in_the_default_mode uses the other)."""
+    with StandIn(tmp_path, mode="Both") as s:
+        yield s
 
 
 def csr_mode(standin, **extra):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from e2e import ROOT, DeviceState, privilege_drop, run_script
+from e2e import ROOT, DeviceState, device_doc, privilege_drop, run_script
+from iot_standin import StandIn
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="other owners, modes that bind root, and mounts need root")
@@ -235,13 +236,13 @@ def test_a_fifo_in_place_of_the_installed_ca_does_not_hang_the_boot_report(stand
     assert result.seconds < 10
 
 
-def test_csr_mode_provisions_a_serial_id_longer_than_a_common_name(standin):
+def test_csr_mode_provisions_a_serial_id_longer_than_a_common_name(tmp_path):
     serial = "S" * 100
-    standin.serial = standin.responder.serial = serial
-    standin.write_device_config(SERIAL_ID=serial, PROVISIONING_API="CreateCertificateFromCsr")
-    result = run_script("boot.py", standin.config_path)
-    assert result.code == 0, result.stderr
-    assert standin.events("boot")[0]["topic"] == f"cameraDevice/{serial}/booted"
+    with StandIn(tmp_path, serial=serial, mode="CreateCertificateFromCsr") as standin:
+        assert device_doc(standin)["device"]["PROVISIONING_API"] == "CreateCertificateFromCsr"
+        result = run_script("boot.py", standin.config_path)
+        assert result.code == 0, result.stderr
+        assert standin.wait_for("boot")[0]["topic"] == f"cameraDevice/{serial}/booted"
 
 
 # ------------------------------------------------- what the hostile review found

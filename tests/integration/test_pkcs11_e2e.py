@@ -17,10 +17,19 @@ from entomologist import mqtt
 from bench.tls_sniff import SniffProxy, server_hello_version
 from e2e import ROOT
 from entomologist.pkcs11_key import certificate_public_key_der, open_token
-from iot_standin import CREATE_CSR
+from iot_standin import CREATE_CSR, StandIn
 from softhsm import SOFTHSM_MODULE, make_token
 
 FINAL = "entomologist-device"
+
+
+@pytest.fixture
+def standin(tmp_path):
+    """Without the stack's policies: these tests connect with certificates they
+    have the stand-in's CA sign directly, which no RegisterThing attached to a
+    thing (AWS would refuse them too)."""
+    with StandIn(tmp_path, policies=False) as s:
+        yield s
 
 
 @pytest.fixture

@@ -58,6 +58,33 @@ def test_demo_shows_files_and_boot_messages():
     assert "600    " in proc.stdout and "cert/private.pem.key" in proc.stdout
     assert proc.stdout.count('cameraDevice/CAM-0001/booted  {"serialID": "CAM-0001", '
                              '"bootStatus": true}') == 2
+    # Through the stack an operator deploys: its template, its claim and device policies.
+    assert "Applying cloud/stack.yaml: template ento-fleet-template, claim policy for " \
+           "ProvisioningMode CreateKeysAndCertificate" in proc.stdout
+    assert ('RegisterThing through template ento-fleet-template: thing ento-CAM-0001, '
+            'attributes {"serialNumber": "CAM-0001"}, deviceConfiguration '
+            '{"BootTopic": "cameraDevice/CAM-0001/booted"}') in proc.stdout
+    assert "topic write cameraDevice/CAM-0001/booted" in proc.stdout
+    assert "644      50  cert/device-configuration.json" in proc.stdout
+    assert "Policy denials: 0" in proc.stdout
+
+
+def test_run_applies_the_mode_and_the_stack_given(tmp_path):
+    proc = start(tmp_path, "--mode", "CreateCertificateFromCsr")
+    try:
+        assert json.loads((tmp_path / "ento.conf").read_text())["device"][
+            "PROVISIONING_API"] == "CreateCertificateFromCsr"
+        result = run_script("boot.py", tmp_path / "ento.conf", "--timeout", "20")
+    finally:
+        stop(proc)
+    assert result.code == 0, result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "cloud" / "stack.yaml").read_text().replace(
+        '{"Ref": "SerialNumber"}]]', '{"Fn::GetAtt": ["thing", "Name"]}]]'))
+    proc = subprocess.run([sys.executable, str(ROOT / "iot_standin.py"), "run", "--dir",
+                           str(tmp_path / "other"), "--stack", str(bad)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 78 and "Fn::GetAtt is not supported" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("options", [

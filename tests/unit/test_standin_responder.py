@@ -11,6 +11,7 @@ from fakes import public_keys_equal
 from standin.ca import StandInCA
 from standin.responder import (CREATE, CREATE_CSR, Answer, Drop, Faults, Rejection,
                                Responder)
+from standin.template import ProvisioningTemplate, load_stack
 
 REGISTER = "$aws/provisioning-templates/T/provision/json"
 ca = StandInCA()
@@ -77,26 +78,77 @@ def test_an_invalid_csr_is_rejected_400(responder, payload):
         .body())
 
 
-def test_register_names_the_thing_from_the_serial(responder, events):
+def test_register_evaluates_the_stacks_template_by_default(responder, events):
     outcome, body = register(responder, created(responder)["certificateOwnershipToken"])
-    assert (outcome, body["thingName"]) == ("accepted", "ento-CAM-1")
-    assert ("register-accepted", {"thingName": "ento-CAM-1",
-                                  "certificateId": events[-1][1]["certificateId"]}) in events
+    assert outcome == "accepted"
+    assert body == {"thingName": "ento-CAM-1",
+                    "deviceConfiguration": {"BootTopic": "cameraDevice/CAM-1/booted"}}
+    name, fields = events[-1]
+    assert name == "register-accepted"
+    assert fields == {"thingName": "ento-CAM-1", "certificateId": fields["certificateId"],
+                      "attributes": {"serialNumber": "CAM-1"},
+                      "deviceConfiguration": {"BootTopic": "cameraDevice/CAM-1/booted"}}
 
 
-@pytest.mark.parametrize("params,status", [({"SerialNumber": "CAM.1"}, 400), ({}, 400),
-                                           ({"SerialNumber": ""}, 400)])
-def test_a_serial_the_template_cannot_name_a_thing_after_is_rejected(responder, params, status):
+@pytest.mark.parametrize("params,code", [({"SerialNumber": "CAM.1"}, "InvalidRequest"),
+                                         ({}, "InvalidParameters"),
+                                         ({"Serial": "CAM-1"}, "InvalidParameters")])
+def test_a_serial_the_template_cannot_name_a_thing_after_is_rejected(responder, events,
+                                                                     params, code):
     token = created(responder)["certificateOwnershipToken"]
     body = {"certificateOwnershipToken": token, "parameters": params}
     outcome, answer_body = answer(responder.handle(REGISTER, json.dumps(body).encode()))
-    assert outcome == "rejected" and answer_body["statusCode"] == status
+    assert (outcome, answer_body["statusCode"], answer_body["errorCode"]) == (
+        "rejected", 400, code)
+    assert events[-1][0] == "register-rejected"
+    assert "register-accepted" not in [e for e, _ in events]
+
+
+def site_template(default=None):
+    body = load_stack().template.body
+    body["Parameters"]["Site"] = {"Type": "String", **({"Default": default} if default else {})}
+    body["Resources"]["thing"]["Properties"]["AttributePayload"]["site"] = {"Ref": "Site"}
+    return ProvisioningTemplate.from_body(body, "T")
+
+
+def test_a_declared_parameter_the_device_does_not_send_is_a_400_naming_it(events):
+    responder = Responder(ca, "T", "CAM-1", Faults(), lambda e, **f: events.append((e, f)),
+                          provisioning=site_template())
+    outcome, body = register(responder, created(responder)["certificateOwnershipToken"])
+    assert (outcome, body["statusCode"], body["errorCode"]) == (
+        "rejected", 400, "InvalidParameters")
+    assert "Site" in body["errorMessage"] and "without a Default" in body["errorMessage"]
+
+
+def test_a_parameter_with_a_default_need_not_be_sent(events):
+    responder = Responder(ca, "T", "CAM-1", Faults(), lambda e, **f: events.append((e, f)),
+                          provisioning=site_template(default="north"))
+    assert register(responder, created(responder)["certificateOwnershipToken"])[0] == "accepted"
+    assert events[-1][1]["attributes"] == {"serialNumber": "CAM-1", "site": "north"}
+
+
+def test_each_certificate_has_a_common_name_of_its_own_and_is_announced_before_the_answer(
+        events):
+    seen = []
+    responder = Responder(ca, "T", "CAM-1", Faults(), lambda e, **f: events.append((e, f)),
+                          on_registered=lambda reg, cn: seen.append((reg, cn, len(events))))
+    first, second = created(responder), created(responder)
+    names = {x509.load_pem_x509_certificate(b["certificatePem"].encode()).subject
+             .get_attributes_for_oid(NameOID.COMMON_NAME)[0].value for b in (first, second)}
+    assert len(names) == 2 and all(n.startswith("ento-device-") for n in names)
+    register(responder, second["certificateOwnershipToken"])
+    (registration, cn, when), = seen
+    assert cn == responder.common_names[second["certificateId"]] and cn in names
+    assert registration.thing_name == "ento-CAM-1"
+    assert registration.policies and registration.policies[0].document["Statement"]
+    assert events[when - 1][0] == "register-accepted"
 
 
 def test_an_unknown_token_or_template_is_rejected(responder):
     assert register(responder, "forged")[1]["errorCode"] == "InvalidCertificateOwnershipToken"
     token = created(responder)["certificateOwnershipToken"]
-    body = json.dumps({"certificateOwnershipToken": token, "parameters": {}}).encode()
+    body = json.dumps({"certificateOwnershipToken": token,
+                       "parameters": {"SerialNumber": "CAM-1"}}).encode()
     outcome, err = answer(responder.handle("$aws/provisioning-templates/X/provision/json", body))
     assert err["statusCode"] == 404
 
