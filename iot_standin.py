@@ -33,8 +33,8 @@ every subscriber (AWS answers only the requester), so provision one device
 at a time per stand-in.
 
 Exit codes: 0 done; 2 usage (a malformed option); 78 the stack cannot be
-used (an unsupported function, ...); 69 mosquitto is missing or would not start; 73 the device's files exist already; 1 the demo's boot.py
-run failed.
+used (an unsupported function, ...); 69 mosquitto is missing or would not
+start; 73 the device's files exist already; 1 the demo's boot.py run failed.
 """
 from __future__ import annotations
 

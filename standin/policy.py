@@ -69,20 +69,23 @@ Subscribe one to one; acl_file has only read / write / deny, so:
     its SUBACK; not tried here.)
   * The acl_file user is the certificate's CN (use_identity_as_username), so
     one identity per certificate needs one CN per certificate: the stand-in
-    should issue device certificates with CN = the certificate ID (AWS's
-    own say CN=AWS IoT Certificate) and keep one CN for the shared claim
-    certificate.
+    issues device certificates with CN=ento-device-<16 hex> (the certificate
+    ID cannot be the CN: it is the hash of the certificate; AWS's own say
+    CN=AWS IoT Certificate) and gives the shared claim certificate
+    CN=ento-fleet-claim.
   * What mosquitto does not enforce, the stand-in can observe in the broker's
     log and act on: "New client connected from … as <client id> (…,
     u'<username>')" (log_type notice) for iot:Connect, "<client id> <qos>
     <filter>" (log_type subscribe) for iot:Subscribe, and "Denied PUBLISH
     from <client id> (… '<topic>', …)" (log_type debug only) for iot:Publish.
     For each, decide with connect_allowed() / decide(), record the denial as
-    an event, and take the client ID over to disconnect the client, as the
-    stand-in already does to drop a connection.  The client has been
-    connected, or its SUBSCRIBE acknowledged, for an instant before that:
-    the one difference left, and the reason the device must treat "closed
-    right after a publish or subscribe" as a possible policy denial.
+    an event, and disconnect the client.  Done in standin/enforce.py, with
+    one change found on the way: mosquitto sends the PUBACK of a denied
+    publish (and the SUBACK, and the CONNACK) right after its log line, so a
+    client-ID takeover comes too late; device connections pass through a
+    relay that reads the log before it forwards anything mosquitto sends,
+    and closes a denied client's connection instead.  See enforce.py for
+    the differences left.
 """
 from __future__ import annotations
 
