@@ -73,8 +73,6 @@ def boot(config_path: Path, deadline: Deadline, force: bool = False,
         if registration is not None:
             # An earlier run registered this pair and did not finish installing it.
             log.info("installing thing %s, registered by an earlier run", registration.thing_name)
-            # The earlier run may have been killed while writing one of them.
-            cert_dir.remove_stray_files()
             cert_dir.install(config, registration, config.root_ca)
             config = load_config(config_path)
         elif force or needs_provisioning(config, cert_dir):

@@ -7,9 +7,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from e2e import run_and_kill, run_script
+from iot_standin import StandIn
 from softhsm import SOFTHSM_MODULE, make_token
 
 FINAL, STAGING = "entomologist-device", "entomologist-device.staging"
+
+
+@pytest.fixture
+def standin(tmp_path):
+    """The stack deployed for CSR mode, the only mode a token key can use."""
+    with StandIn(tmp_path, mode="CreateCertificateFromCsr") as s:
+        yield s
 
 
 @pytest.fixture
