@@ -37,7 +37,14 @@ def exists(standin, name):
 def changed(standin, name):
     path = cert_dir(standin) / name
     before = path.read_bytes() if path.exists() else None
-    return lambda: path.exists() and path.read_bytes() != before
+
+    def check():
+        # The pair is swapped by renames: the file may vanish between two looks.
+        try:
+            return path.read_bytes() != before
+        except FileNotFoundError:
+            return False
+    return check
 
 
 CREATE_ANSWER = "$aws/certificates/create/json/accepted"
