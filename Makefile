@@ -109,7 +109,7 @@ image-tools:
 		{ $(SUDO) apt-get update -qq && $(APT_INSTALL) debootstrap qemu-user-static; }
 
 image-test: setup image-tools
-	$(SUDO) $(PY) image/image_test.py $(IMAGE_TEST_ARGS)
+	$(SUDO) $(PY) image/imagetest.py $(IMAGE_TEST_ARGS)
 
 # Never touches /etc/entomologist: the config and the device's credentials stay.
 uninstall:

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -112,10 +113,10 @@ def apt_mirror(sources: Path = Path("/etc/apt")) -> str:
                     return fields["uris"][0]
         else:
             for line in text.splitlines():
-                words = line.split("#", 1)[0].split()
+                words = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0]).split()
                 if words[:1] != ["deb"]:
                     continue
-                words = [w for w in words[1:] if not w.startswith("[")]
+                words = words[1:]
                 if len(words) >= 3 and words[1] == SUITE and "main" in words[2:]:
                     return words[0]
     return DEFAULT_MIRROR
@@ -138,11 +139,14 @@ def mount(stack: ExitStack, args: list[str], target: Path) -> None:
 
 
 def umount(target: Path) -> None:
-    if run(["umount", str(target)], check=False).returncode != 0:
-        # Something still holds it (a process we could not stop): detach it
-        # rather than leave it mounted.
-        log.warning("%s is busy; detaching it (umount -l)", target)
-        run(["umount", "-l", str(target)])
+    for _ in range(20):
+        if run(["umount", str(target)], check=False, stderr=subprocess.DEVNULL).returncode == 0:
+            return
+        time.sleep(0.25)
+    # Something still holds it (a process we could not stop): detach it rather
+    # than leave it mounted.
+    log.warning("%s is busy; detaching it (umount -l)", target)
+    run(["umount", "-l", str(target)])
 
 
 def emulation(stack: ExitStack, arch: str) -> None:
@@ -250,9 +254,41 @@ def chroot_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def gone(pgid: int, limit: float = 10.0) -> None:
+    """Wait, bounded, until no process of the group is left holding the root."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+
+
 def in_chroot(root: Path, cmd: list[str], extra_env: dict[str, str] | None = None,
-              **kw) -> subprocess.CompletedProcess:
-    return run(["chroot", str(root), *cmd], env=chroot_env(extra_env), **kw)
+              check: bool = True, capture_output: bool = False, umask: int = -1,
+              timeout: float | None = None) -> subprocess.CompletedProcess:
+    """cmd in the image; on any way out, its whole process group goes with it.
+
+    make starts pip, pip starts compilers: killing only the first would leave
+    the others running in the root and its mounts busy.
+    """
+    args = ["chroot", str(root), *cmd]
+    log.debug("$ %s", shlex.join(args))
+    pipe = subprocess.PIPE if capture_output else None
+    with subprocess.Popen(args, env=chroot_env(extra_env), stdout=pipe, stderr=pipe,
+                          text=True, umask=umask, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            gone(proc.pid)
+            raise
+    done = subprocess.CompletedProcess(args, proc.returncode, out, err)
+    if check:
+        done.check_returncode()
+    return done
 
 
 def elf_machine(path: Path) -> int:
@@ -300,16 +336,16 @@ def check_install(root: Path, arch: str) -> str:
             if l.startswith("Tag:")]
     out = in_chroot(root, ["/opt/entomologist/venv/bin/python", "-c",
                            "import platform, awscrt, awsiot, cryptography; "
-                           "print(platform.machine())"], capture_output=True, text=True)
-    if out.stdout.strip() != ARCHES[arch][0] and arch != "armhf":
+                           "print(platform.machine())"], capture_output=True)
+    if out.stdout.strip() != ARCHES[arch][0]:
         raise Failed(f"the venv's python runs as {out.stdout.strip()!r}")
     return ", ".join(tags)
 
 
 def boot(root: Path, exec_start: list[str], umask: int) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.monotonic()
-    proc = in_chroot(root, exec_start, check=False, capture_output=True, text=True,
-                     umask=umask, timeout=300)
+    proc = in_chroot(root, exec_start, check=False, capture_output=True, umask=umask,
+                     timeout=300)
     return time.monotonic() - t0, proc
 
 
@@ -355,7 +391,7 @@ def reference_run(tmp: Path, umask: int) -> dict[str, int]:
 
 def verify_unit(root: Path) -> str:
     proc = in_chroot(root, ["systemd-analyze", "verify", f"{UNITDIR}/{UNIT}"], check=False,
-                     capture_output=True, text=True)
+                     capture_output=True)
     output = (proc.stdout + proc.stderr).strip()
     if proc.returncode != 0 or output:
         raise Failed(f"systemd-analyze verify in the image: exit {proc.returncode}\n{output}")
@@ -366,6 +402,7 @@ def verify_unit(root: Path) -> str:
 
 def image_test(args: argparse.Namespace) -> dict:
     from iot_standin import StandIn
+    started = time.monotonic()
     timings: dict[str, float] = {}
     disk: dict[str, int] = {}
     mirror = args.mirror or apt_mirror()
@@ -434,6 +471,7 @@ def image_test(args: argparse.Namespace) -> dict:
         verify = verify_unit(root)
         log.info("systemd-analyze verify %s in the image: %s", UNIT, verify)
         disk["run overlay"] = du(upper)
+    timings["total"] = time.monotonic() - started
     return {"arch": args.arch, "cache": "warm" if warm else "cold", "mirror": mirror,
             "seconds": timings, "bytes": disk, "awscrt_wheel": tags}
 
@@ -444,7 +482,7 @@ def report(result: dict) -> str:
             ("install", s["install"], f"/opt/entomologist {mib(b['install'])}, "
                                       f"pip cache {mib(b['pip cache'])}"),
             ("first boot", s["boot 1"], ""), ("second boot", s["boot 2"], ""),
-            ("", None, f"this run's overlay {mib(b['run overlay'])} (removed)")]
+            ("total", s["total"], f"this run's overlay {mib(b['run overlay'])} (removed)")]
     lines = [f"image test {result['arch']}, {result['cache']} cache: passed"]
     lines += [f"  {name:<12} {'' if sec is None else f'{sec:7.1f} s'}  {note}"
               for name, sec, note in rows]
@@ -491,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     except subprocess.CalledProcessError as exc:
         log.error("FAILED: %s exited %s", shlex.join(map(str, exc.cmd)), exc.returncode)
+        code = 1
+    except subprocess.TimeoutExpired as exc:
+        log.error("FAILED: %s still running after %s s", shlex.join(map(str, exc.cmd)),
+                  exc.timeout)
         code = 1
     finally:
         left = mount_points() - mounts_before
