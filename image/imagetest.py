@@ -22,6 +22,7 @@ Run as root: make image-test (see README, Tests).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -184,19 +185,24 @@ def unregister(entry: Path) -> None:
 def base_root(cache: Path, arch: str, mirror: str) -> tuple[Path, bool]:
     """The debootstrapped root, made once per (suite, arch, mirror, packages)."""
     base = cache / f"{SUITE}-{arch}"
-    root, stamp = base / "root", base / "stamp.json"
+    base.mkdir(parents=True, exist_ok=True)
     want = {"suite": SUITE, "arch": arch, "mirror": mirror, "include": list(INCLUDE)}
     try:
-        if root.is_dir() and json.loads(stamp.read_text()) == want:
-            return root, True
+        if (base / "root").is_dir() and json.loads((base / "stamp.json").read_text()) == want:
+            return base / "root", True
     except (OSError, ValueError):
         pass
+    make_base_root(base, arch, mirror, want)
+    return base / "root", False
+
+
+def make_base_root(base: Path, arch: str, mirror: str, want: dict) -> None:
+    root, stamp = base / "root", base / "stamp.json"
     # A half-made root is never used: it is built aside and renamed when complete.
     partial = base / "root.partial"
     for old in (partial, root):
         if old.exists():
             shutil.rmtree(old)
-    base.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     log.info("debootstrap %s %s from %s (a few minutes under emulation)", SUITE, arch, mirror)
     try:
@@ -208,7 +214,6 @@ def base_root(cache: Path, arch: str, mirror: str) -> tuple[Path, bool]:
         raise
     partial.rename(root)
     stamp.write_text(json.dumps(want) + "\n")
-    return root, False
 
 
 def project_files(src: Path) -> list[str]:
@@ -402,12 +407,11 @@ def verify_unit(root: Path) -> str:
 
 def image_test(args: argparse.Namespace) -> dict:
     from iot_standin import StandIn
-    started = time.monotonic()
     timings: dict[str, float] = {}
     disk: dict[str, int] = {}
     mirror = args.mirror or apt_mirror()
     cache = args.cache
-    cache.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
     with ExitStack() as stack:
         emulation(stack, args.arch)
 
@@ -517,6 +521,15 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
 
+    args.cache.mkdir(parents=True, exist_ok=True)
+    lock = open(args.cache / "lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        # One run at a time on this machine: a second run would find the first
+        # one's qemu handler registered, and lose it when the first unregisters it.
+        log.info("waiting for another image test on this machine to finish")
+        fcntl.flock(lock, fcntl.LOCK_EX)
     mounts_before, binfmt_before = mount_points(), binfmt_entries()
     code = 0
     try:
@@ -540,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         if left or extra:
             log.error("left behind: mounts %s, binfmt handlers %s", sorted(left), sorted(extra))
             code = code or 1
+        lock.close()
     return code
 
 
