@@ -157,6 +157,7 @@ def emulation(stack: ExitStack, arch: str) -> None:
         return
     if not (BINFMT / "register").exists():
         mount(stack, ["-t", "binfmt_misc", "binfmt_misc"], BINFMT)
+        log.info("binfmt_misc: mounted for this run")
     entry = BINFMT / handler
     if entry.exists():
         lines = entry.read_text().splitlines()
