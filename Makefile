@@ -20,8 +20,8 @@ APP_FILES := boot.py update_boot_status.py AmazonRootCA1.pem requirements.txt RE
 # The scripts' shared package; the stand-in (iot_standin.py, standin/) stays off the device.
 PACKAGE_FILES := $(wildcard entomologist/*.py)
 
-# PyPI has no awscrt wheel for 32-bit ARM (armhf, armv6): pip then compiles it,
-# which needs these (see README, "32-bit boards").
+# PyPI has no awscrt (nor python-pkcs11) wheel for 32-bit ARM (armhf, armv6): pip
+# then compiles them, which needs these (see README, "32-bit boards").
 BUILD_DEPS := build-essential cmake python3-dev
 
 .PHONY: setup mosquitto softhsm2 systemd-analyze demo test bench clean install uninstall image-tools image-test
@@ -76,8 +76,9 @@ install:
 		--dry-run --only-binary=:all: --no-deps -r requirements.txt 2>&1); \
 	missing=$$(printf '%s\n' "$$out" | sed -n 's/.*satisfies the requirement \([^ ]*\).*/\1/p'); \
 	if [ -n "$$missing" ] && ! printf '%s\n' "$$out" | grep -q -e Retrying -e 'Could not fetch'; then \
-		echo "make install: no prebuilt wheel of $$missing for this machine ($$(uname -m));" \
-			"pip will compile it, which needs $(BUILD_DEPS): installing them first." \
+		echo "make install: no prebuilt wheel of $$missing (and perhaps others) for this" \
+			"machine ($$(uname -m)); pip will compile it, which needs $(BUILD_DEPS):" \
+			"installing them first." \
 			"The build takes long on a board; see README, 32-bit boards." >&2; \
 		{ $(SUDO) apt-get update -qq && $(APT_INSTALL) $(BUILD_DEPS); } || exit 1; \
 	fi
