@@ -20,9 +20,9 @@ APP_FILES := boot.py update_boot_status.py AmazonRootCA1.pem requirements.txt RE
 # The scripts' shared package; the stand-in (iot_standin.py, standin/) stays off the device.
 PACKAGE_FILES := $(wildcard entomologist/*.py)
 
-# PyPI has no awscrt (nor python-pkcs11) wheel for 32-bit ARM (armhf, armv6): pip
+# PyPI has no awscrt (nor python-pkcs11, cffi) wheel for 32-bit ARM (armhf, armv6): pip
 # then compiles them, which needs these (see README, "32-bit boards").
-BUILD_DEPS := build-essential cmake python3-dev
+BUILD_DEPS := build-essential cmake python3-dev libffi-dev
 
 .PHONY: setup mosquitto softhsm2 systemd-analyze demo test bench clean install uninstall image-tools image-test
 
