@@ -20,7 +20,11 @@ APP_FILES := boot.py update_boot_status.py AmazonRootCA1.pem requirements.txt RE
 # The scripts' shared package; the stand-in (iot_standin.py, standin/) stays off the device.
 PACKAGE_FILES := $(wildcard entomologist/*.py)
 
-.PHONY: setup mosquitto tinyproxy softhsm2 systemd-analyze demo test bench clean install uninstall
+# PyPI has no awscrt (nor python-pkcs11, cffi) wheel for 32-bit ARM (armhf, armv6): pip
+# then compiles them, which needs these (see README, "32-bit boards").
+BUILD_DEPS := build-essential cmake python3-dev libffi-dev
+
+.PHONY: setup mosquitto tinyproxy softhsm2 systemd-analyze demo test bench clean install uninstall image-tools image-test
 
 setup: $(VENV)/.installed mosquitto tinyproxy softhsm2 systemd-analyze
 
@@ -74,6 +78,16 @@ install:
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/entomologist
 	install -m 0644 $(PACKAGE_FILES) $(DESTDIR)$(PREFIX)/entomologist/
 	$(INSTALL_PYTHON) -m venv $(DESTDIR)$(PREFIX)/venv
+	@out=$$($(DESTDIR)$(PREFIX)/venv/bin/python -m pip install -q --disable-pip-version-check \
+		--dry-run --only-binary=:all: --no-deps -r requirements.txt 2>&1); \
+	missing=$$(printf '%s\n' "$$out" | sed -n 's/.*satisfies the requirement \([^ ]*\).*/\1/p'); \
+	if [ -n "$$missing" ] && ! printf '%s\n' "$$out" | grep -q -e Retrying -e 'Could not fetch'; then \
+		echo "make install: no prebuilt wheel of $$missing (and perhaps others) for this" \
+			"machine ($$(uname -m)); pip will compile it, which needs $(BUILD_DEPS):" \
+			"installing them first." \
+			"The build takes long on a board; see README, 32-bit boards." >&2; \
+		{ $(SUDO) apt-get update -qq && $(APT_INSTALL) $(BUILD_DEPS); } || exit 1; \
+	fi
 	$(DESTDIR)$(PREFIX)/venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 	# The unit's file system is read-only: without these the scripts would be
 	# compiled again at every boot.
@@ -94,6 +108,15 @@ else
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)/multi-user.target.wants
 	ln -sfn $(UNITDIR)/$(UNIT) $(DESTDIR)$(UNITDIR)/multi-user.target.wants/$(UNIT)
 endif
+
+# As an image builder would: make install inside an emulated Debian arm64 root,
+# then boot it against the stand-in (root; slow, so not part of `make test`).
+image-tools:
+	@command -v debootstrap >/dev/null && [ -e /usr/lib/binfmt.d/qemu-aarch64.conf ] || \
+		{ $(SUDO) apt-get update -qq && $(APT_INSTALL) debootstrap qemu-user-static; }
+
+image-test: setup image-tools
+	$(SUDO) $(PY) image/imagetest.py $(IMAGE_TEST_ARGS)
 
 # Never touches /etc/entomologist: the config and the device's credentials stay.
 uninstall:
