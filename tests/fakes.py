@@ -12,7 +12,6 @@ import datetime as dt
 import json
 from collections import deque
 from concurrent.futures import Future
-from pathlib import Path
 
 from awscrt import mqtt
 from awscrt.exceptions import AwsCrtError

@@ -7,7 +7,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from entomologist import certs, clock, config as configuration, errors, files, lock, logs, retries
+from entomologist import certs, clock, config as configuration
 from fakes import MiniCA
 
 

@@ -5,7 +5,7 @@ import os
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from entomologist import certs, clock, config as configuration, errors, files, lock, logs, retries
+from entomologist import config as configuration, errors
 
 GOOD = {"SERIAL_ID": "CAM-1", "ENDPOINT_URL": "abc123-ats.iot.eu-west-1.amazonaws.com"}
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from entomologist import certs, clock, config as configuration, errors, files, lock, logs, retries
+from entomologist import config as configuration, errors, files, lock, retries
 
 
 def mode(path):

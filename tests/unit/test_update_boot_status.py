@@ -5,7 +5,7 @@ import os
 import pytest
 
 import boot
-from entomologist import certs, clock, config as configuration, errors, files, lock, logs, retries
+from entomologist import errors, retries
 import update_boot_status as ubs
 
 
