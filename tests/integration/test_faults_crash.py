@@ -185,7 +185,13 @@ def test_killed_at_random_instants_within_every_step_the_next_run_always_complet
     # Once installed, a run can end within the random extra instant.
     early = [where for step, where in reached if step not in RECORDED]
     assert "finished" not in early, reached
-    assert len({where for _, where in reached}) >= 5, reached
+    # The kills landed on both sides of the registration.  (The stand-in records
+    # its answer before the delay that holds it back, so the exact spread of the
+    # labels depends on the machine's speed; the sides do not.)
+    assert {"connected", "awaiting the create answer", "create answered",
+            "awaiting the register answer"} & {where for _, where in reached}, reached
+    assert {"registered", "installing or reporting", "boot reported"} & {
+        where for _, where in reached}, reached
 
 
 def test_killed_twice_in_a_row_the_third_run_completes(standin):
