@@ -60,8 +60,11 @@ BINFMT = Path("/proc/sys/fs/binfmt_misc")
 SRC_IN_IMAGE = "/usr/src/entomologist"
 UNIT = "entomologist-provision.service"
 UNITDIR = "/etc/systemd/system"
+# As on x86_64: the pair, the CA copy, the template's deviceConfiguration (the
+# stand-in applies cloud/stack.yaml, which returns one) and the run lock.
 EXPECTED_CERT_DIR = {"AmazonRootCA1.pem": 0o644, "certificate.pem.crt": 0o644,
-                     "private.pem.key": 0o600}
+                     "private.pem.key": 0o600, "device-configuration.json": 0o644,
+                     "run.lock": 0o600}
 # The chroot gets a clean environment: only what reaches the network passes.
 PASSED_ENV = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY",
               "NO_PROXY", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST",
