@@ -185,7 +185,12 @@ class StandIn:
 
     def _claim_identity(self) -> Identity:
         context = self.stack.context()
-        rendering = policy.render_acl(CLAIM_CN, self.stack.claim_policies, context)
+        register = f"{REGISTER_PREFIX}{self.template}{REGISTER_SUFFIX}"
+        requests = [CREATE, CREATE_CSR, register]
+        rendering = policy.render_acl(CLAIM_CN, self.stack.claim_policies, context,
+                                      topics=requests + [f"{t}/{outcome}" for t in requests
+                                                         for outcome in ("accepted",
+                                                                         "rejected")])
         return Identity(CLAIM_CN, "claim", list(self.stack.claim_policies),
                         f"claim policy for ProvisioningMode {self.mode}", context,
                         acl="\n".join(rendering.lines) + "\n", notes=rendering.notes)

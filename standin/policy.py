@@ -511,6 +511,10 @@ def _allow_patterns(policies: list[Policy], action: str, kind: str, context: Con
     return out
 
 
+def _reserved_answer(topic: str) -> bool:
+    return topic.startswith("$aws/") and topic.rsplit("/", 1)[-1] in ("accepted", "rejected")
+
+
 def render_acl(username: str, documents, context: Context | None = None,
                topics: Iterable[str] = ()) -> AclRendering:
     """An acl_file section granting ``username`` what the policies grant.
@@ -525,8 +529,16 @@ def render_acl(username: str, documents, context: Context | None = None,
     receive = _allow_patterns(policies, "iot:Receive", "topic", context, notes)
     read = [s for s in subscribe if any(_covers(r, s) for r in receive)]
     read += [r for r in receive if r not in read and any(_covers(s, r) for s in subscribe)]
+    # AWS IoT's reserved topics: a client publishes requests there, never the
+    # service's answers, whatever its policy's patterns say ("unsupported
+    # publish ... to reserved topics"); an acl_file pattern cannot leave the
+    # answers out, so under $aws/ only the concrete ``topics`` are writable.
+    if any(w.startswith("$aws/") for w in write):
+        notes.append("iot:Publish under $aws/ is rendered for the request topics only: "
+                     "clients may not publish the service's answers")
+    write = [w for w in write if not w.startswith("$aws/")]
     for topic in topics:
-        if not any(_covers(w, topic) for w in write) \
+        if not any(_covers(w, topic) for w in write) and not _reserved_answer(topic) \
                 and allowed(policies, "iot:Publish", topic, context):
             write.append(topic)
         if not any(_covers(r, topic) for r in read) \

@@ -25,7 +25,9 @@ def test_first_boot_goes_through_the_stacks_template_and_policies(standin):
     assert json.loads(config.read_text()) == {"BootTopic": "cameraDevice/CAM-0001/booted"}
     assert oct(os.stat(config).st_mode & 0o777) == "0o644"
     acl = standin.acl_path.read_text()
-    assert f"user {CLAIM_CN}\n" in acl and "topic readwrite $aws/certificates/create/#" in acl
+    assert f"user {CLAIM_CN}\n" in acl and "topic read $aws/certificates/create/#" in acl
+    assert "topic write $aws/certificates/create/json\n" in acl
+    assert "write $aws/certificates/create/#" not in acl
     assert "create-from-csr" not in acl
     assert standin.events("denied") == []
 

@@ -238,11 +238,26 @@ def test_a_document_may_be_json_text_with_one_statement_object():
 # ------------------------------------------------------------ mosquitto acl_file
 
 def test_acl_renders_the_claim_policy_for_dollar_aws_topics():
-    r = render_acl("fleet-claim", AWS_CLAIM_POLICY, CTX)
+    requests = ["$aws/certificates/create/json",
+                "$aws/provisioning-templates/templateName/provision/json"]
+    r = render_acl("fleet-claim", AWS_CLAIM_POLICY, CTX,
+                   topics=requests + [f"{t}/accepted" for t in requests])
     assert r.text() == (
         "user fleet-claim\n"
-        "topic readwrite $aws/certificates/create/#\n"
-        "topic readwrite $aws/provisioning-templates/templateName/provision/#\n")
+        "topic write $aws/certificates/create/json\n"
+        "topic write $aws/provisioning-templates/templateName/provision/json\n"
+        "topic read $aws/certificates/create/#\n"
+        "topic read $aws/provisioning-templates/templateName/provision/#\n")
+
+
+def test_a_claim_policy_never_lets_a_client_publish_the_services_answers():
+    # AWS IoT refuses a client's publish to a reserved answer topic whatever the
+    # policy's pattern allows; without this, any holder of the claim certificate
+    # could answer another device's CreateKeysAndCertificate with its own key.
+    answer = "$aws/certificates/create/json/accepted"
+    r = render_acl("fleet-claim", AWS_CLAIM_POLICY, CTX, topics=[answer])
+    assert not [line for line in r.lines if line.startswith(("topic write", "topic readwrite"))
+                and ("#" in line or line.endswith(answer))]
 
 
 def test_acl_resolves_thing_variables_for_the_identity():
@@ -252,10 +267,11 @@ def test_acl_resolves_thing_variables_for_the_identity():
     assert render_acl("cert1", policy, thing_ctx()).lines == ["topic write cameraDevice/S1/booted"]
 
 
-def test_acl_star_alone_also_grants_dollar_aws():
+def test_acl_star_alone_also_grants_reading_dollar_aws():
     # mosquitto's # at the first level never matches $ topics; AWS's * does.
+    # Publishing under $aws/ is rendered only for named request topics.
     assert render_acl("u", doc(allow("iot:*", "*")), CTX).lines == [
-        "topic readwrite #", "topic readwrite $aws/#"]
+        "topic readwrite #", "topic read $aws/#"]
 
 
 def test_acl_read_needs_both_subscribe_and_receive():
