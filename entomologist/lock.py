@@ -5,8 +5,8 @@ The lock lives in CERT_DIR because nobody but root and us can write there
 open it nor hold the lock to block every boot (a flock on a folder anyone can
 read, such as /etc/entomologist, could be held by anyone).  A provisioned
 device whose folders are read-only still locks: the file, made at the first
-boot, is opened read-only then, and a missing one falls back to the folder
-itself (0700 when this product made it).  A run through a symlinked config and
+boot, is opened read-only then, and a missing one falls back to the unit's
+RuntimeDirectory (/run/entomologist), or for a run by hand to the folder itself.  A run through a symlinked config and
 a run through its target find the same real CERT_DIR, so they exclude each
 other.
 """
@@ -43,7 +43,15 @@ class RunLock:
         try:
             return os.open(self.path, flags | os.O_RDONLY)
         except FileNotFoundError:
-            return os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            pass
+        # A read-only CERT_DIR without the file (an image made before it existed):
+        # under the unit, its private RuntimeDirectory, which nobody else can open
+        # (the folder itself may be one that others can open, and so hold).
+        runtime = os.environ.get("RUNTIME_DIRECTORY")
+        if runtime:
+            self.path = Path(runtime) / LOCK_NAME
+            return os.open(self.path, flags | os.O_RDWR | os.O_CREAT, 0o600)
+        return os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def acquire(self, deadline: Deadline, poll: float = 0.1) -> None:
         try:

@@ -20,6 +20,9 @@ _PEM = re.compile(r"-----BEGIN [A-Z0-9 ]+-----.*?(-----END [A-Z0-9 ]+-----|\Z)",
 # A service that echoes part of a secret leaks that part: any run of this many
 # characters of a secret is redacted too.
 SECRET_FRAGMENT = 16
+LINE_LIMIT = 1000
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class _Redactor(logging.Filter):
@@ -39,11 +42,15 @@ class _Redactor(logging.Filter):
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            text = record.getMessage()
-            redacted = self.redact(text)
-            if redacted != text:
-                record.msg, record.args = redacted, None
+        """Every record becomes one bounded line without secrets, whatever reached
+        its message (a path from the config can hold a newline or an escape)."""
+        text = record.getMessage()
+        clean = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"),
+                             self.redact(text))
+        if len(clean) > LINE_LIMIT:
+            clean = clean[:LINE_LIMIT] + f"...[{len(clean) - LINE_LIMIT} more characters]"
+        if clean != text:
+            record.msg, record.args = clean, None
         return True
 
 

@@ -134,3 +134,17 @@ def test_a_registered_secret_never_reaches_a_log_line(tmp_path):
         stream.seek(0)
         text = stream.read()
     assert "token-1234-secret" not in text and "[redacted]" in text
+
+
+def test_every_log_line_is_one_bounded_line_whatever_a_path_holds(tmp_path, device):
+    forged = "claim/none\nINFO provisioned as thing ento-CAM-1\x1b[2J" + "x" * 3000
+    device.update(CLAIM_CERT=forged)
+    with open(tmp_path / "stderr", "w+") as stream:
+        logs.setup_logging(stream=stream)
+        assert errors.run_main(lambda: boot.boot(device.config_path, retries.Deadline(5))) == 78
+        stream.seek(0)
+        lines = stream.read().splitlines()
+    assert [line.split()[0] for line in lines] == ["INFO", "ERROR"]
+    for line in lines:
+        assert "\x1b" not in line and len(line) < 1100
+    assert "\\n" in lines[-1]

@@ -206,3 +206,24 @@ def test_an_expected_failure_is_one_line_with_what_to_check(caplog):
 
 def test_success_is_zero():
     assert errors.run_main(lambda: None) == 0
+
+
+def test_a_read_only_cert_dir_without_its_lock_file_locks_in_the_units_runtime_directory(
+        tmp_path, monkeypatch):
+    cert_dir, runtime = tmp_path / "cert", tmp_path / "run"
+    cert_dir.mkdir(mode=0o755)
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(runtime))
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        # As on a read-only file system: nothing can be created in CERT_DIR.
+        if str(path).startswith(str(cert_dir)) and flags & os.O_CREAT:
+            raise OSError(30, "Read-only file system")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with lock.RunLock(cert_dir) as held:
+        held.acquire(retries.Deadline(1))
+        assert held.path == runtime / "run.lock"
+    assert os.listdir(cert_dir) == []
