@@ -1,4 +1,9 @@
 """Integration tests: the scripts run as real processes against the stand-in."""
+import os
+import socket
+import ssl
+import threading
+
 import pytest
 
 from iot_standin import StandIn, find_mosquitto
@@ -23,3 +28,36 @@ def device_files(tmp_path):
     s = StandIn(tmp_path)
     s.prepare()
     return s
+
+
+@pytest.fixture
+def alpn_listener(standin):
+    """A TLS listener on 127.0.0.1:443 that records the ALPN the client offered."""
+    if os.geteuid() != 0:
+        pytest.skip("binding port 443 needs root")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(standin.dir / "server.pem.crt", standin.dir / "server.private.pem.key")
+    ctx.set_alpn_protocols(["x-amzn-mqtt-ca", "mqtt"])
+    # The client insists on mutual TLS, as AWS IoT requires.
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(standin.ca_path)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", 443))
+    except OSError as exc:
+        pytest.skip(f"port 443 is taken here: {exc}")
+    sock.listen()
+    offered = []
+
+    def serve():
+        try:
+            conn, _ = sock.accept()
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                offered.append(tls.selected_alpn_protocol())
+        except OSError as exc:
+            offered.append(exc)
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield offered
+    sock.close()

@@ -3,9 +3,7 @@ import base64
 import os
 import shutil
 import socket
-import ssl
 import subprocess
-import threading
 import time
 
 import pytest
@@ -168,38 +166,6 @@ def test_wrong_credentials_are_refused_with_their_own_message(standin, tinyproxy
             f"(HTTP 401)") in error
     assert "not-the-password" not in result.stderr
     assert standin.events("boot") == []
-
-
-@pytest.fixture
-def alpn_listener(standin):
-    """A TLS listener on 127.0.0.1:443 that records the ALPN the client offered."""
-    if os.geteuid() != 0:
-        pytest.skip("binding port 443 needs root")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(standin.dir / "server.pem.crt", standin.dir / "server.private.pem.key")
-    ctx.set_alpn_protocols(["x-amzn-mqtt-ca", "mqtt"])
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(standin.ca_path)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(("127.0.0.1", 443))
-    except OSError as exc:
-        pytest.skip(f"port 443 is taken here: {exc}")
-    sock.listen()
-    offered = []
-
-    def serve():
-        try:
-            conn, _ = sock.accept()
-            with ctx.wrap_socket(conn, server_side=True) as tls:
-                offered.append(tls.selected_alpn_protocol())
-        except OSError as exc:
-            offered.append(exc)
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield offered
-    sock.close()
 
 
 def test_port_443_through_a_proxy_allowing_only_443_offers_the_aws_iot_alpn(

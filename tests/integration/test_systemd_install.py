@@ -2,11 +2,8 @@
 import os
 import re
 import shutil
-import socket
-import ssl
 import subprocess
 import sys
-import threading
 
 import pytest
 
@@ -170,40 +167,6 @@ def test_the_flow_runs_with_write_execute_memory_denied(standin):
         pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3 and later)")
     assert proc.returncode == 0, proc.stderr
     assert len(standin.wait_for("boot")) == 1
-
-
-@pytest.fixture
-def alpn_listener(standin):
-    """A TLS listener on 127.0.0.1:443 that records the ALPN the client offered."""
-    if os.geteuid() != 0:
-        pytest.skip("binding port 443 needs root")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(standin.dir / "server.pem.crt", standin.dir / "server.private.pem.key")
-    ctx.set_alpn_protocols(["x-amzn-mqtt-ca", "mqtt"])
-    # The client insists on mutual TLS, as AWS IoT requires.
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(standin.ca_path)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(("127.0.0.1", 443))
-    except OSError as exc:
-        pytest.skip(f"port 443 is taken here: {exc}")
-    sock.listen()
-    offered = []
-
-    def serve():
-        try:
-            conn, _ = sock.accept()
-            with ctx.wrap_socket(conn, server_side=True) as tls:
-                offered.append(tls.selected_alpn_protocol())
-        except OSError as exc:
-            offered.append(exc)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield offered
-    sock.close()
 
 
 def test_port_443_offers_the_aws_iot_alpn(standin, alpn_listener):
