@@ -455,59 +455,59 @@ def _statement_state(st: Statement, context: Context) -> bool | None:
     return all(_condition_holds(op, key, values, context) for op, key, values in st.conditions)
 
 
+def _statements(policies: list[Policy], effect: str, action: str, context: Context):
+    """(statement, condition state) of every ``effect`` statement for ``action`` whose
+    conditions do not rule it out (state None: undecidable before the connection)."""
+    for policy in policies:
+        for st in policy.statements:
+            if st.effect != effect or not _action_applies(st, action, context):
+                continue
+            state = _statement_state(st, context)
+            if state is not False:
+                yield st, state
+
+
 def _allow_patterns(policies: list[Policy], action: str, kind: str, context: Context,
                     notes: list[str]) -> list[str]:
     """MQTT filters for what Allow statements grant for ``action``, exact only."""
     deny_prefixes = []
-    for policy in policies:
-        for st in policy.statements:
-            if st.effect != "Deny" or not _action_applies(st, action, context):
-                continue
-            state = _statement_state(st, context)
-            if state is False:
-                continue
-            for r in st.resources:
-                deny_prefixes.append("" if st.not_resources or state is None
-                                     else _literal_prefix(r))
+    for st, state in _statements(policies, "Deny", action, context):
+        for r in st.resources:
+            deny_prefixes.append("" if st.not_resources or state is None
+                                 else _literal_prefix(r))
     out = []
-    for policy in policies:
-        for st in policy.statements:
-            if st.effect != "Allow" or not _action_applies(st, action, context):
+    for st, state in _statements(policies, "Allow", action, context):
+        if st.not_resources or state is None:
+            notes.append(f"{action}: statement {st.index} has NotResource or a "
+                         "Condition on the client ID; not rendered")
+            continue
+        for resource in st.resources:
+            try:
+                resolved = _substitute(resource, context, glob=False)
+            except _Unresolved as exc:
+                notes.append(f"{action}: {resource} needs ${{{exc}}}, unknown before "
+                             "the client connects; not rendered")
                 continue
-            state = _statement_state(st, context)
-            if state is False:
+            glob = _resource_glob(resolved, kind, context)
+            if glob is None:
                 continue
-            if st.not_resources or state is None:
-                notes.append(f"{action}: statement {st.index} has NotResource or a "
-                             "Condition on the client ID; not rendered")
+            if glob == "":
+                notes.append(f"{action}: {resource} has wildcards in the resource "
+                             "type; not rendered")
                 continue
-            for resource in st.resources:
-                try:
-                    resolved = _substitute(resource, context, glob=False)
-                except _Unresolved as exc:
-                    notes.append(f"{action}: {resource} needs ${{{exc}}}, unknown before "
-                                 "the client connects; not rendered")
-                    continue
-                glob = _resource_glob(resolved, kind, context)
-                if glob is None:
-                    continue
-                if glob == "" :
-                    notes.append(f"{action}: {resource} has wildcards in the resource "
-                                 "type; not rendered")
-                    continue
-                arn_prefix = "" if resolved == "*" else context.arn(kind, "")
-                lit = arn_prefix + _literal_prefix(glob)
-                if any(lit.startswith(d) or d.startswith(lit) for d in deny_prefixes):
-                    notes.append(f"{action}: {resource} may overlap a Deny; not rendered")
-                    continue
-                filters = _to_mqtt(glob)
-                if filters is None:
-                    notes.append(f"{action}: {resource} has no exact MQTT filter; not rendered")
-                    continue
-                if glob.endswith("/*"):
-                    notes.append(f"{glob[:-2]}/# also matches {glob[:-2]} itself, "
-                                 f"which {glob} does not")
-                out.extend(filters)
+            arn_prefix = "" if resolved == "*" else context.arn(kind, "")
+            lit = arn_prefix + _literal_prefix(glob)
+            if any(lit.startswith(d) or d.startswith(lit) for d in deny_prefixes):
+                notes.append(f"{action}: {resource} may overlap a Deny; not rendered")
+                continue
+            filters = _to_mqtt(glob)
+            if filters is None:
+                notes.append(f"{action}: {resource} has no exact MQTT filter; not rendered")
+                continue
+            if glob.endswith("/*"):
+                notes.append(f"{glob[:-2]}/# also matches {glob[:-2]} itself, "
+                             f"which {glob} does not")
+            out.extend(filters)
     return out
 
 
