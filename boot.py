@@ -28,13 +28,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from entomologist import certs, clock, files, fleet, keys, logs, mqtt
+from entomologist import certs, clock, files, fleet, keys, logs, mqtt, secret
 from entomologist.config import (DEFAULT_CONFIG, Config, ProvisioningSettings, load_config,
                                  provisioning_settings, rehearse_update, update_device_config)
 from entomologist.credentials import CertDir, Registration
-from entomologist.errors import ConfigError, EntoError, ServiceError, note_outcome, run_main
+from entomologist.errors import (ConfigError, EntoError, Rejected, ServiceError,
+                                 SubscriptionRefused, TransientError, note_outcome, run_main)
 from entomologist.lock import RunLock
 from entomologist.retries import RUN_TIMEOUT, Deadline, positive_seconds, with_retries
+from entomologist.spend import SpendRecord
 from update_boot_status import update_boot_status
 
 log = logging.getLogger("entomologist.boot")
@@ -129,14 +131,22 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
     file is staged as soon as its content exists; once RegisterThing is
     accepted the registration is recorded in CERT_DIR, and a run that fails
     after that point is completed by the next one without any request.
+
+    What each attempt spends is recorded in CERT_DIR (entomologist.spend)
+    before it is spent; a run or an attempt that would overspend ends with
+    75 before it connects.
     """
     check_claim(settings, config.root_ca)
+    parameters = secret.template_parameters(settings.template_parameters,
+                                            settings.secret_file)
     clock.check_clock([settings.claim_cert, config.root_ca], now)
     rehearse_update(config)
     if lost and config.provisioned:
         update_device_config(config, {"PROVISION_STATUS": "False"})
     cert_dir = CertDir.open(config.cert_dir, create=True, token=config.token)
     cert_dir.remove_stray_files()
+    spent = SpendRecord.open(cert_dir.spend_record, now)
+    spent.check()
     cert_dir.reserve()
 
     csr, device_key = None, None
@@ -155,12 +165,30 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
                             proxy=config.proxy)
         try:
             service = fleet.FleetProvisioning(link, settings.template_name, settings.csr_mode,
-                                              deadline, sleep)
-            service.subscribe()
-            created = service.create(csr)
+                                              deadline, sleep, serial=config.serial_id)
+            try:
+                service.subscribe()
+            except SubscriptionRefused:
+                spent.subscription_refused()
+                raise
+            spent.create_sent()
+            try:
+                created = service.create(csr)
+            except Rejected:
+                spent.create_rejected()
+                raise
+            spent.created(created.certificate_id)
             check_created(created, cert_dir, device_key)
             cert_dir.stage_created(created.certificate_pem, created.private_key_pem)
-            registered = service.register(created.token, settings.template_parameters)
+            spent.register_sent(created.certificate_id)
+            try:
+                registered = service.register(created.token, parameters)
+            except Rejected:
+                spent.rejected(created.certificate_id)
+                raise
+            except TransientError:
+                spent.unanswered(created.certificate_id)
+                raise
         finally:
             link.close()
         registration = Registration(registered.thing_name, created.certificate_id,
@@ -170,7 +198,8 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
 
     started = time.monotonic()
     try:
-        registration = with_retries(attempt, deadline, "provisioning", sleep=sleep)
+        registration = with_retries(attempt, deadline, "provisioning", sleep=sleep,
+                                    hold=spent.hold)
     except BaseException:
         try:
             cert_dir.discard_unregistered()

@@ -48,6 +48,7 @@ CERTIFICATE_ID_RE = re.compile(r"[0-9a-f]{64}")
 TEMPLATE_NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,36}")
 HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 CONFIG_HINT = "the config file"
+SECRET_PARAMETER = "ProvisioningSecret"
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ class ProvisioningSettings:
     claim_key: Path
     api: str = "CreateKeysAndCertificate"
     key_algorithm: str = "EC-P256"
+    # PROVISIONING_SECRET_FILE: its content goes out as the ProvisioningSecret
+    # parameter (entomologist.secret); None sends none.
+    secret_file: Path | None = None
 
     @property
     def csr_mode(self) -> bool:
@@ -189,7 +193,7 @@ def _string(device: Mapping, key: str, default: str | None = None) -> str | None
     return value
 
 
-def _path(config_path: Path, device: Mapping, key: str, default: Path) -> Path:
+def _path(config_path: Path, device: Mapping, key: str, default: Path | None) -> Path | None:
     """``config_path`` is the real file: a relative path is taken from its folder,
     so that a config and its files move together (the stand-in does) and a run
     through a symlinked config finds the same files as a run through its target."""
@@ -312,6 +316,11 @@ def provisioning_settings(config: Config) -> ProvisioningSettings:
         if not isinstance(value, str):
             raise _bad(f"TEMPLATE_PARAMETERS.{logs.shown(key, 40)}",
                        f"must be a string, not {_json_type(value)}")
+    if SECRET_PARAMETER in params:
+        raise _bad("TEMPLATE_PARAMETERS", f"must not hold {SECRET_PARAMETER}: a secret does not "
+                                          f"belong in the config; name its file in "
+                                          f"PROVISIONING_SECRET_FILE")
+    secret_file = _path(config.real_path, device, "PROVISIONING_SECRET_FILE", None)
     api = _string(device, "PROVISIONING_API", PROVISIONING_APIS[0])
     if api not in PROVISIONING_APIS:
         raise _bad("PROVISIONING_API", f"must be one of {', '.join(PROVISIONING_APIS)}")
@@ -322,7 +331,7 @@ def provisioning_settings(config: Config) -> ProvisioningSettings:
         template_name=name, template_parameters=dict(params),
         claim_cert=_path(config.real_path, device, "CLAIM_CERT", DEFAULT_CLAIM_CERT),
         claim_key=_path(config.real_path, device, "CLAIM_KEY", DEFAULT_CLAIM_KEY),
-        api=api, key_algorithm=algorithm,
+        api=api, key_algorithm=algorithm, secret_file=secret_file,
     )
 
 

@@ -15,6 +15,9 @@ Staged, as soon as its content exists:
 - registration.reserve: room held for that marker while RegisterThing is
   awaited, freed just before the marker is written, so that a full disk
   cannot refuse it.
+
+provisioning-spend.json (0600): what attempts that installed nothing spent at
+the service (entomologist.spend); removed once a pair is installed.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import certs, config as configuration, files
+from . import certs, config as configuration, files, spend
 from .errors import StorageError
 
 log = logging.getLogger("entomologist")
@@ -57,6 +60,7 @@ class CertDir:
         self.staged_cert = path / "certificate.pem.crt.staging"
         self.registration_marker = path / "registration.json.staging"
         self.reserve_file = path / "registration.reserve"
+        self.spend_record = path / spend.RECORD_NAME
 
     @classmethod
     def open(cls, directory: Path, create: bool = False, token=None) -> "CertDir":
@@ -233,7 +237,7 @@ class CertDir:
         else:
             files.remove_durably(self.device_configuration)
         files.remove_durably(self.registration_marker)
-        for path in (self.staged_key, self.device_key, self.reserve_file):
+        for path in (self.staged_key, self.device_key, self.reserve_file, self.spend_record):
             files.remove_durably(path)
 
     def remove_stray_files(self) -> None:

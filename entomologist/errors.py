@@ -39,6 +39,14 @@ class ServiceError(EntoError):
     """The service refused for good, or answered with something malformed."""
 
 
+class Rejected(ServiceError):
+    """The service answered a request with a rejection: what it was asked for did not happen."""
+
+
+class SubscriptionRefused(TransientError):
+    """The broker answered a SUBSCRIBE with a failure (SUBACK 0x80): a policy, not the network."""
+
+
 class StorageError(EntoError):
     """Credentials or the config cannot be written."""
 

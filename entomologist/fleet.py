@@ -19,7 +19,7 @@ from typing import Callable
 
 from . import logs
 from .config import CERTIFICATE_ID_RE, THING_NAME_RE
-from .errors import EntoError, ServiceBusy, ServiceError, TransientError
+from .errors import EntoError, Rejected, ServiceBusy, ServiceError, TransientError
 from .mqtt import Link
 from .retries import BUSY_BACKOFF, Deadline, with_retries
 
@@ -68,12 +68,38 @@ def register_hint(template_name: str, resource: str) -> str:
             f"pre-provisioning hook, and that the claim policy allows {resource}")
 
 
+def silence_hint(resource: str) -> str:
+    """No answer: the claim policy before the network.  AWS accepts the request and
+    drops the answer when the claim policy lacks iot:Receive, and a RegisterThing
+    may then have registered a certificate that no device holds."""
+    return (f"that the claim policy allows iot:Receive on {resource} (without it every "
+            f"answer is dropped), then the network link")
+
+
+# How AWS IoT answers RegisterThing when the template's pre-provisioning hook
+# denies it, fails or times out: "the provisioning request fails with
+# ACCESS_DENIED" (AWS IoT developer guide, Pre-provisioning hooks), as a 403.
+HOOK_DENIED_CODES = {"accessdenied", "accessdeniedexception"}
+
+
+def hook_refused(status: object, code: object) -> bool:
+    return (status == 403 and not isinstance(status, bool)) or (
+        isinstance(code, str) and code.replace("_", "").lower() in HOOK_DENIED_CODES)
+
+
+def inventory_hint(serial: str) -> str:
+    return (f"with the operator: `python cloud/inventory.py show {serial}` tells whether this "
+            f"serial is unknown, revoked, already provisioned (then `allow-reprovision "
+            f"{serial}`) or over its daily registrations, or whether PROVISIONING_SECRET_FILE "
+            f"holds another camera's secret")
+
+
 class FleetProvisioning:
     """CreateKeysAndCertificate or CreateCertificateFromCsr, then RegisterThing,
     on one claim connection."""
 
     def __init__(self, link: Link, template_name: str, csr_mode: bool, deadline: Deadline,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, serial: str = ""):
         from awsiot import iotidentity
         self._iotidentity = iotidentity
         self.client = iotidentity.IotIdentityClient(link.connection)
@@ -82,6 +108,7 @@ class FleetProvisioning:
         self.create_operation = CREATE_FROM_CSR if csr_mode else CREATE_KEYS
         self.deadline = deadline
         self.sleep = sleep
+        self.serial = serial
         # Each operation's claim-policy resource, from the topics the client
         # subscribed to (the client, not this module, knows the topics).
         self.resources: dict[str, str] = {}
@@ -160,6 +187,10 @@ class FleetProvisioning:
             parameters=parameters)
         answer = self._ask(REGISTER, lambda qos: self.client.publish_register_thing(request, qos))
         thing_name = _string(answer, "thing_name", "thingName", REGISTER, 128)
+        if logs.holds_secret(thing_name):
+            raise ServiceError(f"{REGISTER} answered a thingName made of the provisioning "
+                               f"secret", hint="the provisioning template: ProvisioningSecret "
+                                               "is for the hook only")
         if not THING_NAME_RE.fullmatch(thing_name):
             raise ServiceError(f"{REGISTER} answered an invalid thingName "
                                f"{logs.shown(thing_name)}", hint="the provisioning template")
@@ -172,8 +203,23 @@ class FleetProvisioning:
             raise ServiceError(f"{REGISTER} answered a deviceConfiguration over "
                                f"{MAX_DEVICE_CONFIGURATION_CHARS} characters",
                                hint="the provisioning template")
+        configuration = self._without_secret(configuration)
         log.info("%s accepted: thing %s", REGISTER, thing_name)
-        return Registered(thing_name, dict(configuration))
+        return Registered(thing_name, configuration)
+
+    @staticmethod
+    def _without_secret(configuration: dict) -> dict:
+        """deviceConfiguration is written to CERT_DIR: an entry holding the provisioning
+        secret (a template that echoes it) is left out, never written."""
+        kept = {}
+        for key, value in configuration.items():
+            if logs.holds_secret(key) or logs.holds_secret(value):
+                log.warning("left out a deviceConfiguration entry that holds the provisioning "
+                            "secret (%s): the template must keep ProvisioningSecret for its "
+                            "hook", logs.shown(key, 64))
+                continue
+            kept[key] = value
+        return kept
 
     def _ask(self, operation: str, publish: Callable[[object], object]):
         """Send a request and await its answer.
@@ -219,7 +265,8 @@ class FleetProvisioning:
         end = time.monotonic() + self.deadline.step(operation)
         while True:
             try:
-                answered, outcome, answer = self.link.next_event(end - time.monotonic())
+                answered, outcome, answer = self.link.next_event(
+                    end - time.monotonic(), silence_hint(self.resources.get(operation, operation)))
             except TransientError as exc:
                 raise TransientError(f"{operation}: {exc}", hint=exc.hint) from None
             if answered != operation:
@@ -243,9 +290,12 @@ class FleetProvisioning:
                        and (status == 429 or status >= 500))
         if busy_status or (isinstance(code, str) and code in RETRYABLE_ERROR_CODES):
             return ServiceBusy(text, hint="nothing: the service is busy; retrying")
+        if operation == REGISTER and hook_refused(status, code):
+            return Rejected(f"the fleet inventory refused this camera (serial {self.serial}): "
+                            f"{text}", hint=inventory_hint(self.serial))
         hint = (register_hint(self.template_name, self.resources[REGISTER])
                 if operation == REGISTER else claim_policy_hint([self.resources[operation]]))
-        return ServiceError(text, hint=hint)
+        return Rejected(text, hint=hint)
 
 
 def _string(answer, attribute: str, name: str, operation: str, limit: int) -> str:

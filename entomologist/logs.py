@@ -43,7 +43,12 @@ class _Redactor(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Every record becomes one bounded line without secrets, whatever reached
-        its message (a path from the config can hold a newline or an escape)."""
+        its message (a path from the config can hold a newline or an escape).
+        A traceback keeps its lines, but not a secret that an exception's text holds."""
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.redact(_TRACEBACKS.formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
         text = record.getMessage()
         clean = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"),
                              self.redact(text))
@@ -55,6 +60,12 @@ class _Redactor(logging.Filter):
 
 
 _REDACTOR = _Redactor()
+_TRACEBACKS = logging.Formatter()
+
+
+def holds_secret(text: str) -> bool:
+    """Whether ``text`` holds a registered secret, or a fragment of one."""
+    return _REDACTOR.redact(text) != text
 
 
 def shown(value: object, limit: int = SHOWN_LIMIT) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from . import proxy as http_proxy
-from .errors import ConfigError, TransientError
+from .errors import ConfigError, SubscriptionRefused, TransientError
 from .files import read_bounded
 from .proxy import Proxy
 
@@ -121,13 +121,15 @@ class Link:
             return policy_hint(NETWORK_HINT, sent[0], sent[1])
         return NETWORK_HINT
 
-    def next_event(self, timeout: float):
+    def next_event(self, timeout: float, silence_hint: str | None = None):
+        """The next message or loss; ``silence_hint`` is what to check when nothing came."""
         try:
             item = self.events.get(timeout=max(0.0, timeout))
         except queue.Empty:
             raise TransientError(f"no answer from the service in {timeout:.0f} s",
-                                 hint="the network link and that the provisioning "
-                                      "service is reachable") from None
+                                 hint=silence_hint or "the network link and that the "
+                                                      "provisioning service is reachable"
+                                 ) from None
         if isinstance(item, BaseException):
             raise item
         return item
@@ -154,8 +156,8 @@ class Link:
             if isinstance(granted, dict):
                 granted = granted.get("qos")
             if granted is None:
-                raise TransientError(f"the broker refused the subscription to {topic}",
-                                     hint=refused_hint)
+                raise SubscriptionRefused(f"the broker refused the subscription to {topic}",
+                                          hint=refused_hint)
 
     def wait_published(self, topic: str, future: Future, timeout: float) -> None:
         try:

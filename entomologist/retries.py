@@ -74,8 +74,14 @@ RECONNECT_BACKOFF = Backoff(base=0.5, cap=20.0)
 def with_retries(action: Callable[[], object], deadline: Deadline, what: str,
                  backoff: Backoff = RECONNECT_BACKOFF, sleep: Callable[[float], None] = time.sleep,
                  rng: random.Random | None = None,
-                 retry_on: type[TransientError] = TransientError):
-    """Call ``action`` until it does not raise ``retry_on`` or time runs out."""
+                 retry_on: type[TransientError] = TransientError,
+                 hold: "Callable[[], tuple[float, str]] | None" = None):
+    """Call ``action`` until it does not raise ``retry_on`` or time runs out.
+
+    ``hold``, asked after each failure, gives the least wait before the next
+    attempt and why (a bound on what attempts spend, kept across runs): a
+    wait past the deadline ends the run at once instead of sleeping.
+    """
     attempt = 0
     while True:
         try:
@@ -83,9 +89,12 @@ def with_retries(action: Callable[[], object], deadline: Deadline, what: str,
         except retry_on as exc:
             attempt += 1
             pause = backoff.delay(attempt, rng)
+            held, why = hold() if hold is not None else (0.0, "")
+            if held > pause:
+                pause = held
             if deadline.remaining() - pause < backoff.min_attempt:
-                raise TransientError(f"{exc} (gave up after {attempt} attempt(s): "
-                                     f"the run's time limit was reached)",
+                reason = why if held and held >= pause else "the run's time limit was reached"
+                raise TransientError(f"{exc} (gave up after {attempt} attempt(s): {reason})",
                                      hint=exc.hint) from exc
             log.warning("%s: %s; retrying in %.1f s (attempt %d)", what, exc, pause, attempt + 1)
             sleep(pause)

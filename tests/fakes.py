@@ -245,3 +245,27 @@ class FakeCloud:
 
     def registers(self) -> list[tuple[str, bytes]]:
         return self.published(REGISTER_PREFIX)
+
+
+class FakeClock:
+    """The one clock seam: wall time (``now``), the deadline's monotonic time and
+    ``sleep`` move together, and only when a flow sleeps or a test advances them."""
+
+    def __init__(self, start: float = 1_800_000_000.0):
+        self.wall = start
+        self.mono = 1000.0
+        self.sleeps: list[float] = []
+
+    def now(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.advance(seconds)

@@ -16,6 +16,7 @@ from fakes import CREATE, crt_error
 REGISTER = "$aws/provisioning-templates/Fleet/provision/json"
 CERT, KEY, CA = "certificate.pem.crt", "private.pem.key", "AmazonRootCA1.pem"
 LOCK = "run.lock"
+SPEND = "provisioning-spend.json"
 VALID_ID = "ab" * 32
 
 
@@ -210,7 +211,9 @@ def test_force_keeps_the_old_credentials_when_registration_is_refused(device, cl
     assert (device.cert_dir / CERT).read_bytes() == old_cert
     assert CertDir.open(device.cert_dir).installed_problem() is None
     assert device.device["PROVISION_STATUS"] == "True"
-    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY, LOCK]
+    # The refused certificate stays recorded until a pair is installed.
+    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY, SPEND, LOCK]
+    assert mode(device.cert_dir / SPEND) == 0o600
 
 
 def test_a_staged_key_left_by_a_killed_force_run_is_cleaned_on_a_normal_boot(device, cloud):
@@ -233,7 +236,10 @@ def test_register_rejected_with_4xx_is_final_and_installs_nothing(device, cloud)
     assert_no_credentials(device)
     assert device.device["PROVISION_STATUS"] == "False"
     assert len(cloud.issued) == 1
-    assert sorted(os.listdir(device.cert_dir)) == [LOCK]
+    assert sorted(os.listdir(device.cert_dir)) == [SPEND, LOCK]
+    spent = json.loads((device.cert_dir / SPEND).read_text())["entries"]
+    assert [(e["kind"], e["certificateId"]) for e in spent] == [
+        ("register-rejected", cloud.issued[0]["certificateId"])]
 
 
 def test_create_rejected_with_403_is_final_and_points_at_the_claim_policy(device, cloud):
@@ -302,7 +308,8 @@ def test_a_puback_that_never_comes_is_bounded(device, cloud):
 def test_transient_failures_stop_at_the_run_deadline(device, cloud):
     clock = [0.0]
     deadline = Deadline(30.0, clock=lambda: clock[0], step_limit=0.01)
-    cloud.create_answers.extend([None] * 100)
+    # Failures that spend nothing at the service (see test_fleet_guard for those that do).
+    cloud.fail_with("connect", *[crt_error("AWS_IO_SOCKET_TIMEOUT")] * 100)
 
     def sleep(seconds):
         clock[0] += seconds

@@ -70,3 +70,22 @@ def test_a_plain_ento_error_is_one_line_and_75_not_a_traceback(caplog):
     assert errors.run_main(body) == 75
     assert caplog.records[-1].exc_info is None
     assert caplog.messages[-1] == "something expected; check this"
+
+
+def test_a_hold_longer_than_the_backoff_is_slept_and_one_past_the_deadline_ends_the_run():
+    Transient = errors.TransientError
+    now = [0.0]
+    slept = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        now[0] += seconds
+
+    def failing():
+        raise Transient("no answer", hint="the claim policy")
+
+    holds = iter([(30.0, "allowed at A"), (500.0, "allowed at B")])
+    with pytest.raises(Transient, match=r"gave up after 2 attempt\(s\): allowed at B") as err:
+        retries.with_retries(failing, retries.Deadline(100.0, clock=lambda: now[0]),
+                             "provisioning", sleep=sleep, hold=lambda: next(holds))
+    assert slept == [30.0] and err.value.hint == "the claim policy"
