@@ -195,3 +195,13 @@ def test_boot_messages_are_recorded(responder, events):
 def test_a_malformed_rejection_option_is_refused(text):
     with pytest.raises(ValueError):
         Rejection.parse(text)
+
+
+def test_dropped_register_answers_still_register_the_thing_as_aws_without_receive(
+        responder, faults, events):
+    faults.drop_register_answers = True
+    token = created(responder)["certificateOwnershipToken"]
+    body = {"certificateOwnershipToken": token, "parameters": {"SerialNumber": "CAM-1"}}
+    assert responder.handle(REGISTER, json.dumps(body).encode()) == []
+    names = [name for name, _ in events]
+    assert names[-2:] == ["register-accepted", "register-answer-dropped"]

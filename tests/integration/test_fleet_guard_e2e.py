@@ -1,0 +1,65 @@
+"""Bounded spend end to end: boot.py as systemd runs it, against a stand-in that
+carries out every RegisterThing and never answers it (a claim policy without
+iot:Receive), with the camera's provisioning secret configured."""
+import os
+import secrets
+import stat
+
+from e2e import run_script
+
+RUNS = 10
+# Long enough for a claim connection and both requests; the spend bound does not
+# depend on it (the wait after an unanswered RegisterThing is a minute).
+TIMEOUT = "6"
+
+
+def claim_connections(standin) -> int:
+    return (standin.dir / "mosquitto.log").read_text().count(f" as {standin.serial} ")
+
+
+def test_unanswered_registrations_back_to_back_mint_at_most_2_certificates(standin):
+    secret = secrets.token_urlsafe(32)
+    secret_file = standin.workdir / "provisioning-secret"
+    secret_file.write_text(secret + "\n")
+    os.chmod(secret_file, 0o600)
+    standin.write_device_config(PROVISIONING_SECRET_FILE="provisioning-secret")
+    standin.faults.drop_register_answers = True
+
+    results = []
+    for run in range(RUNS):
+        requests_before = [e for e in standin.events() if e["event"].endswith("-request")]
+        connections_before = claim_connections(standin)
+        result = run_script("boot.py", standin.config_path, "--timeout", TIMEOUT)
+        results.append(result)
+        assert result.code == 75, result.stderr
+        assert len(result.errors) == 1, result.stderr
+        if run == 0:
+            assert claim_connections(standin) > connections_before
+            assert "RegisterThing: no answer" in result.errors[0]
+            assert "check that the claim policy allows iot:Receive on " in result.errors[0]
+            assert "the next provisioning attempt is allowed at" in result.errors[0]
+            continue
+        # Inside the wait: at once, nothing sent, not even a connection.
+        assert "provisioning held back, nothing sent" in result.errors[0]
+        assert "allowed at 20" in result.errors[0]
+        assert result.seconds < 5
+        assert [e for e in standin.events() if e["event"].endswith("-request")] == \
+            requests_before
+        assert claim_connections(standin) == connections_before
+
+    created = standin.events("create-accepted")
+    assert 1 <= len(created) <= 2
+    # Each registration happened at the service (an orphan the bound keeps to few).
+    assert len(standin.events("register-answer-dropped")) == len(created)
+    registers = standin.events("register-request")
+    assert all(r["parameters"].get("ProvisioningSecret") == secret for r in registers)
+
+    cert_dir = standin.workdir / "cert"
+    record = cert_dir / "provisioning-spend.json"
+    assert stat.S_IMODE(os.stat(record).st_mode) == 0o600
+    assert "register-sent" in record.read_text()
+    for result in results:
+        assert secret not in result.stderr and secret[:16] not in result.stderr
+    for path in [standin.config_path, *cert_dir.iterdir()]:
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
