@@ -244,6 +244,9 @@ class SpendRecord:
     def _save(self) -> None:
         current = self.now()
         self.entries = [e for e in self.entries if current - e.at < DAY][-MAX_ENTRIES:]
+        if not self.entries:
+            files.remove_durably(self.path)
+            return
         data = json.dumps({"version": 1, "entries": [e.to_json() for e in self.entries]},
                           indent=1) + "\n"
         files.write_file_atomic(self.path, data.encode(), 0o600)

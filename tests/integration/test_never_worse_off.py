@@ -139,7 +139,10 @@ def test_force_refused_by_the_service_keeps_the_working_identity(standin):
     from iot_standin import Rejection
     standin.faults.reject_register = Rejection(400, "InvalidParameters", "no")
     assert run_script("boot.py", standin.config_path, "--force").code == 65
-    assert {p.name: p.read_bytes() for p in cert_dir.iterdir()} == before
+    after = {p.name: p.read_bytes() for p in cert_dir.iterdir()}
+    # Beside the untouched pair: the refused certificate, recorded (AWS drops it).
+    assert b'"register-rejected"' in after.pop("provisioning-spend.json")
+    assert after == before
     standin.faults.reject_register = None
     assert run_script("update_boot_status.py", standin.config_path).code == 0
 
