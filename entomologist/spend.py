@@ -158,8 +158,9 @@ class SpendRecord:
         if costly:
             wait = WAITS[min(len(costly), len(WAITS)) - 1]
             last = costly[-1]
-            limits.append((last.at + wait, f"{len(costly)} costly failure(s) in 24 h, the last "
-                                           f"at {utc(last.at)} ({_WHAT[last.kind]}): the next "
+            limits.append((last.at + wait, f"{len(costly)} unanswered RegisterThing(s) or "
+                                           f"refused subscription(s) in 24 h, the last at "
+                                           f"{utc(last.at)} ({_WHAT[last.kind]}): the next "
                                            f"attempt waits {_duration(wait)}"))
         if len(orphaning) >= MAX_ORPHANING_PER_DAY:
             oldest = orphaning[len(orphaning) - MAX_ORPHANING_PER_DAY]

@@ -1,6 +1,7 @@
 """Bounded spend end to end: boot.py as systemd runs it, against a stand-in that
 carries out every RegisterThing and never answers it (a claim policy without
 iot:Receive), with the camera's provisioning secret configured."""
+import json
 import os
 import secrets
 import stat
@@ -18,11 +19,16 @@ def claim_connections(standin) -> int:
 
 
 def test_unanswered_registrations_back_to_back_mint_at_most_2_certificates(standin):
-    secret = secrets.token_urlsafe(32)
-    secret_file = standin.workdir / "provisioning-secret"
-    secret_file.write_text(secret + "\n")
-    os.chmod(secret_file, 0o600)
-    standin.write_device_config(PROVISIONING_SECRET_FILE="provisioning-secret")
+    device = json.loads(standin.config_path.read_text())["device"]
+    if "PROVISIONING_SECRET_FILE" in device:  # the factory's, made by the stand-in
+        secret = (standin.config_path.parent / device["PROVISIONING_SECRET_FILE"]
+                  ).read_text().strip()
+    else:
+        secret = secrets.token_urlsafe(32)
+        secret_file = standin.workdir / "provisioning-secret"
+        secret_file.write_text(secret + "\n")
+        os.chmod(secret_file, 0o600)
+        standin.write_device_config(PROVISIONING_SECRET_FILE="provisioning-secret")
     standin.faults.drop_register_answers = True
 
     results = []
