@@ -351,3 +351,29 @@ def test_the_record_survives_a_new_process_as_it_survives_a_reboot(device, cloud
 
 def test_secret_module_names_the_parameter_the_cloud_expects():
     assert secret.PARAMETER == "ProvisioningSecret"
+
+
+def test_certificates_created_and_refused_or_never_sent_are_cheap(tmp_path, clock):
+    record = spend.SpendRecord.open(tmp_path / SPEND, clock.now)
+    first = clock.now()
+    for n in range(3):
+        # Nothing holds the 2nd or the 3rd back.
+        assert record.next_attempt()[0] <= clock.now()
+        record.create_sent()
+        record.created(f"{n:064x}")
+        if n == 1:
+            record.register_sent(f"{n:064x}")
+            record.rejected(f"{n:064x}")
+        clock.advance(10)
+    at, why = record.next_attempt()
+    assert at == first + spend.HOUR and "3 certificates created in the last hour" in why
+    kinds = [e["kind"] for e in json.loads((tmp_path / SPEND).read_text())["entries"]]
+    assert kinds == ["created", "register-rejected", "created"]
+
+
+def test_a_rejected_create_spent_nothing_and_leaves_no_record(device, cloud, clock):
+    cloud.create_answers.append(("rejected", {"statusCode": 400, "errorCode": "InvalidRequest",
+                                              "errorMessage": "no"}))
+    with pytest.raises(errors.Rejected):
+        run(device, cloud, clock)
+    assert not (device.cert_dir / SPEND).exists()
