@@ -28,12 +28,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from entomologist import certs, clock, files, fleet, keys, logs, mqtt, secret
+from entomologist import certs, clock, files, fleet, keys, logs, mqtt, secret, spend
 from entomologist.config import (DEFAULT_CONFIG, Config, ProvisioningSettings, load_config,
                                  provisioning_settings, rehearse_update, update_device_config)
 from entomologist.credentials import CertDir, Registration
-from entomologist.errors import (ConfigError, EntoError, Rejected, ServiceError,
-                                 SubscriptionRefused, TransientError, note_outcome, run_main)
+from entomologist.errors import (ConfigError, EntoError, InventoryRefused, Rejected,
+                                 ServiceError, SubscriptionRefused, TransientError, note_outcome,
+                                 run_main)
 from entomologist.lock import RunLock
 from entomologist.retries import RUN_TIMEOUT, Deadline, positive_seconds, with_retries
 from entomologist.spend import SpendRecord
@@ -183,8 +184,15 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
             spent.register_sent(created.certificate_id)
             try:
                 registered = service.register(created.token, parameters)
-            except Rejected:
+            except Rejected as exc:
                 spent.rejected(created.certificate_id)
+                earlier = spent.unanswered_before(created.certificate_id)
+                if isinstance(exc, InventoryRefused) and earlier is not None:
+                    # The likely story: the inventory recorded that registration
+                    # as this camera's, and refuses a second one.
+                    raise InventoryRefused(f"{exc}; this camera's RegisterThing at "
+                                           f"{spend.utc(earlier)} got no answer and may have "
+                                           f"been that registration", hint=exc.hint) from None
                 raise
             except TransientError:
                 spent.unanswered(created.certificate_id)

@@ -43,6 +43,10 @@ class Rejected(ServiceError):
     """The service answered a request with a rejection: what it was asked for did not happen."""
 
 
+class InventoryRefused(Rejected):
+    """RegisterThing denied by the template's pre-provisioning hook: the fleet inventory."""
+
+
 class SubscriptionRefused(TransientError):
     """The broker answered a SUBSCRIBE with a failure (SUBACK 0x80): a policy, not the network."""
 

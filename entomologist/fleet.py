@@ -19,7 +19,8 @@ from typing import Callable
 
 from . import logs
 from .config import CERTIFICATE_ID_RE, THING_NAME_RE
-from .errors import EntoError, Rejected, ServiceBusy, ServiceError, TransientError
+from .errors import (EntoError, InventoryRefused, Rejected, ServiceBusy, ServiceError,
+                     TransientError)
 from .mqtt import Link
 from .retries import BUSY_BACKOFF, Deadline, with_retries
 
@@ -291,8 +292,8 @@ class FleetProvisioning:
         if busy_status or (isinstance(code, str) and code in RETRYABLE_ERROR_CODES):
             return ServiceBusy(text, hint="nothing: the service is busy; retrying")
         if operation == REGISTER and hook_refused(status, code):
-            return Rejected(f"the fleet inventory refused this camera (serial {self.serial}): "
-                            f"{text}", hint=inventory_hint(self.serial))
+            return InventoryRefused(f"the fleet inventory refused this camera (serial "
+                                    f"{self.serial}): {text}", hint=inventory_hint(self.serial))
         hint = (register_hint(self.template_name, self.resources[REGISTER])
                 if operation == REGISTER else claim_policy_hint([self.resources[operation]]))
         return Rejected(text, hint=hint)

@@ -173,6 +173,13 @@ class SpendRecord:
                                              f"allowed per hour"))
         return max(limits)
 
+    def unanswered_before(self, certificate_id: str) -> float | None:
+        """When another certificate's RegisterThing last went unanswered in 24 h, if it did."""
+        current = self.now()
+        times = [e.at for e in self.entries if e.kind == SENT and current - e.at < DAY
+                 and e.certificate_id != certificate_id]
+        return max(times, default=None)
+
     def hold(self) -> tuple[float, str]:
         """For ``with_retries``: seconds before the next attempt may start, and why."""
         at, why = self.next_attempt()

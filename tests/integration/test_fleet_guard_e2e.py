@@ -58,7 +58,9 @@ def test_unanswered_registrations_back_to_back_mint_at_most_2_certificates(stand
     # Each registration happened at the service (an orphan the bound keeps to few).
     assert len(standin.events("register-answer-dropped")) == len(created)
     registers = standin.events("register-request")
-    assert all(r["parameters"].get("ProvisioningSecret") == secret for r in registers)
+    # Sent with each (a stand-in may keep it out of its record).
+    assert registers and all(r["parameters"].get("ProvisioningSecret") in (secret, "<redacted>")
+                             for r in registers)
 
     cert_dir = standin.workdir / "cert"
     record = cert_dir / "provisioning-spend.json"

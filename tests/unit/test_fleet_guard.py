@@ -377,3 +377,22 @@ def test_a_rejected_create_spent_nothing_and_leaves_no_record(device, cloud, clo
     with pytest.raises(errors.Rejected):
         run(device, cloud, clock)
     assert not (device.cert_dir / SPEND).exists()
+
+
+def test_a_hook_refusal_after_an_unanswered_register_says_that_may_have_been_the_one(
+        device, cloud, clock):
+    """The inventory records an allowed registration as this camera's: when its answer
+    was lost, the next one is refused as already provisioned."""
+    write_secret(device)
+    cloud.register_answers.extend([None, ("rejected", {
+        "statusCode": 403, "errorCode": "ACCESS_DENIED", "errorMessage": "hook"})])
+    with pytest.raises(errors.TransientError):
+        run(device, cloud, clock)
+    lost_at = clock.now()
+    clock.advance(61)
+    with pytest.raises(errors.InventoryRefused) as err:
+        run(device, cloud, clock)
+    assert errors.exit_code(err.value) == 65
+    assert (f"this camera's RegisterThing at {spend.utc(lost_at)} got no answer and may have "
+            f"been that registration") in str(err.value)
+    assert "allow-reprovision CAM-42" in err.value.hint
