@@ -126,7 +126,7 @@ class SpendRecord:
             if not exc.missing:
                 record._assume_the_worst(current, str(exc))
             return record
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             record._assume_the_worst(current, f"{path} does not parse ({type(exc).__name__})")
             return record
         ahead = [entry for entry in record.entries if entry.at > current]
@@ -223,7 +223,9 @@ class SpendRecord:
         return None
 
     def register_sent(self, certificate_id: str) -> None:
-        self._entry(certificate_id).kind = SENT
+        """Before RegisterThing goes out: a run killed awaiting its answer has spent it."""
+        entry = self._entry(certificate_id)
+        entry.kind, entry.at = SENT, max(entry.at, self.now())
         self._save()
 
     def unanswered(self, certificate_id: str) -> None:

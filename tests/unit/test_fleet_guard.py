@@ -318,7 +318,8 @@ def test_a_record_dated_in_the_future_is_taken_as_now_and_says_so(tmp_path, cloc
 @pytest.mark.parametrize("content", [b"\x00garbage", b'{"version": 1}', b'{"version": 2}',
                                      b'{"version": 1, "entries": [{"kind": "x", "at": 1}]}',
                                      b'{"version": 1, "entries": [{"kind": "created", '
-                                     b'"at": NaN}]}', b"x" * (spend.MAX_RECORD_BYTES + 1)])
+                                     b'"at": NaN}]}', b"x" * (spend.MAX_RECORD_BYTES + 1),
+                                     b"[" * 60000, b'{"version": 1, "entries": 7}'])
 def test_an_unreadable_record_is_taken_as_one_unanswered_register_now_and_says_so(
         tmp_path, clock, caplog, content):
     path = tmp_path / SPEND
