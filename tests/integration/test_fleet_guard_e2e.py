@@ -71,3 +71,18 @@ def test_unanswered_registrations_back_to_back_mint_at_most_2_certificates(stand
     for path in [standin.config_path, *cert_dir.iterdir()]:
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_hook_refusal_is_65_at_once_with_one_line_naming_the_fleet_inventory(
+        standin):
+    from iot_standin import Rejection
+    standin.faults.reject_register = Rejection(
+        403, "ACCESS_DENIED", "ACCESS_DENIED: the pre-provisioning hook did not allow this")
+    result = run_script("boot.py", standin.config_path, "--timeout", "20")
+    assert result.code == 65, result.stderr
+    assert len(result.errors) == 1, result.stderr
+    line = result.errors[0]
+    assert f"the fleet inventory refused this camera (serial {standin.serial})" in line
+    assert f"`python cloud/inventory.py show {standin.serial}`" in line
+    assert len(standin.events("register-request")) == 1
+    assert not (standin.workdir / "cert" / "certificate.pem.crt").exists()
