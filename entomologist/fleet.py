@@ -141,10 +141,12 @@ class FleetProvisioning:
                 pending.append((topic, future))
                 self.resources[operation] = policy_resource(topic)
                 self.request_topics[operation] = topic.rsplit("/", 1)[0]
+        resources = " and ".join((self.resources[self.create_operation], self.resources[REGISTER]))
         self.link.wait_subscribed(
             pending, self.deadline.step("subscribe"),
-            refused_hint=claim_policy_hint([self.resources[self.create_operation],
-                                            self.resources[REGISTER]]))
+            refused_hint=f"the claim policy, the claim certificate's: a refused SUBACK means it "
+                         f"does not allow iot:Subscribe on that topic; it needs iot:Subscribe, "
+                         f"iot:Receive and iot:Publish on {resources}")
 
     def _deliver(self, operation: str, outcome: str):
         def deliver(answer) -> None:
