@@ -33,8 +33,8 @@ from entomologist.config import (DEFAULT_CONFIG, Config, ProvisioningSettings, l
                                  provisioning_settings, rehearse_update, update_device_config)
 from entomologist.credentials import CertDir, Registration
 from entomologist.errors import (ConfigError, EntoError, InventoryRefused, Rejected,
-                                 ServiceError, SubscriptionRefused, TransientError, note_outcome,
-                                 run_main)
+                                 ServiceBusy, ServiceError, SubscriptionRefused, TransientError,
+                                 note_outcome, run_main)
 from entomologist.lock import RunLock
 from entomologist.retries import RUN_TIMEOUT, Deadline, positive_seconds, with_retries
 from entomologist.spend import SpendRecord
@@ -175,7 +175,7 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
             spent.create_sent()
             try:
                 created = service.create(csr)
-            except Rejected:
+            except (Rejected, ServiceBusy):
                 spent.create_rejected()
                 raise
             spent.created(created.certificate_id)
@@ -193,6 +193,9 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
                     raise InventoryRefused(f"{exc}; this camera's RegisterThing at "
                                            f"{spend.utc(earlier)} got no answer and may have "
                                            f"been that registration", hint=exc.hint) from None
+                raise
+            except ServiceBusy:
+                spent.rejected(created.certificate_id)
                 raise
             except TransientError:
                 spent.unanswered(created.certificate_id)

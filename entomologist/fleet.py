@@ -243,8 +243,15 @@ class FleetProvisioning:
             self.link.wait_published(topic, future, self.deadline.step(operation))
             return self._await(operation)
 
-        return with_retries(once, self.deadline, operation, BUSY_BACKOFF, self.sleep,
-                            retry_on=ServiceBusy)
+        try:
+            return with_retries(once, self.deadline, operation, BUSY_BACKOFF, self.sleep,
+                                retry_on=ServiceBusy)
+        except TransientError as exc:
+            if isinstance(exc.__cause__, ServiceBusy):
+                # Busy until the deadline: every request was answered, with a
+                # rejection, so nothing was created or registered.
+                raise ServiceBusy(str(exc), hint=exc.hint) from None
+            raise
 
     def _discard_unasked(self, operation: str) -> None:
         """Answers to ``operation`` that came before it was asked are not ours (a

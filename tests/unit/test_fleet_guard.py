@@ -398,3 +398,16 @@ def test_a_hook_refusal_after_an_unanswered_register_says_that_may_have_been_the
     assert (f"this camera's RegisterThing at {spend.utc(lost_at)} got no answer and may have "
             f"been that registration") in str(err.value)
     assert "allow-reprovision CAM-42" in err.value.hint
+
+
+def test_a_register_throttled_until_the_deadline_was_answered_and_costs_no_wait(
+        device, cloud, clock):
+    throttled = ("rejected", {"statusCode": 429, "errorCode": "ThrottlingException",
+                              "errorMessage": "Rate exceeded"})
+    cloud.register_answers.extend([throttled] * 200)
+    with pytest.raises(errors.TransientError, match="statusCode=429"):
+        run(device, cloud, clock, seconds=3)
+    assert {e["kind"] for e in entries(device)} == {"register-rejected"}
+    cloud.register_answers.clear()
+    run(device, cloud, clock)
+    assert device.device["PROVISION_STATUS"] == "True"
