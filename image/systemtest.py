@@ -206,7 +206,7 @@ class Container:
         while not self.leader:
             if self.proc.poll() is not None:
                 raise Failed(f"systemd-nspawn exited {self.proc.returncode} before the container "
-                             f"booted (systemd cannot be PID 1 here):\n{self.console_tail()}")
+                             f"booted, so systemd cannot run as its PID 1 here:\n{self.console_tail()}")
             if time.monotonic() > end:
                 raise Failed(f"no container init after {BOOT_TIMEOUT} s:\n{self.console_tail()}")
             self.leader = self._init_pid()
