@@ -69,7 +69,7 @@ SOFTHSM_LIBRARY = "/usr/lib/softhsm/libsofthsm2.so"
 # bug counting and exit code, with its boot step raising (as the unit tests
 # monkeypatch it).
 BUG_SCRIPT = "/usr/local/lib/entomologist-system-test/bug.py"
-BUG_SOURCE = '''"""boot.py's own main() with its boot step raising: a bug, as the system test provokes it."""
+BUG_SOURCE = '''"""boot.py's own main() with its boot step raising: the system test's bug."""
 import sys
 
 sys.path.insert(0, "/opt/entomologist")
@@ -198,15 +198,17 @@ class Container:
                "-q", "--console=read-only"]
         log.debug("$ %s", shlex.join(cmd))
         out = open(self.console, "ab")
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **NSPAWN_ENV}, stdin=subprocess.DEVNULL,
-                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **NSPAWN_ENV},
+                                     stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
         self.boots += 1
         end = t0 + BOOT_TIMEOUT
         while not self.leader:
             if self.proc.poll() is not None:
-                raise Failed(f"systemd-nspawn exited {self.proc.returncode} before the container "
-                             f"booted, so systemd cannot run as its PID 1 here:\n{self.console_tail()}")
+                raise Failed(f"systemd-nspawn exited {self.proc.returncode} before the "
+                             "container booted, so systemd cannot run as its PID 1 here:\n"
+                             f"{self.console_tail()}")
             if time.monotonic() > end:
                 raise Failed(f"no container init after {BOOT_TIMEOUT} s:\n{self.console_tail()}")
             self.leader = self._init_pid()
@@ -796,7 +798,8 @@ def check(name: str, body: Callable[[], str], outcomes: list[Outcome]) -> None:
     except Failed as exc:
         detail, passed = str(exc), False
     except subprocess.TimeoutExpired as exc:
-        detail, passed = f"{shlex.join(map(str, exc.cmd))} still running after {exc.timeout} s", False
+        detail = f"{shlex.join(map(str, exc.cmd))} still running after {exc.timeout} s"
+        passed = False
     except Exception as exc:  # a scenario's own bug must not hide the other scenarios
         detail, passed = "".join(traceback.format_exception(exc)).rstrip(), False
     outcome = Outcome(name, passed, detail, time.monotonic() - t0)
