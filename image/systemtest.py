@@ -215,10 +215,12 @@ class Container:
             if not self.leader:
                 time.sleep(0.05)
         while True:
-            # Until the container's systemd listens on its bus, systemctl fails at once.
+            # Until the container's systemd has made /run/systemd/system and listens on
+            # its bus, systemctl answers "offline" or fails at once.
             state = self.sh(["systemctl", "is-system-running", "--wait"], check=False,
                             timeout=max(1.0, end - time.monotonic()))
-            if state.stdout.strip() or time.monotonic() > end or self.proc.poll() is not None:
+            if state.stdout.strip() not in ("", "offline") or time.monotonic() > end \
+                    or self.proc.poll() is not None:
                 break
             time.sleep(0.1)
         if state.stdout.strip() not in ("running", "degraded"):
@@ -476,6 +478,7 @@ def second_boot(cam: Camera) -> str:
                      f"{cam.requests()}")
     if cam.boots() != 2:
         raise Failed(f"{cam.boots()} boot messages after two boots")
+    cam.provisioned_conf = cam.config.read_bytes()
     return f"{len(run.lines)} lines; still 1 create and 1 register request, 2 boot messages"
 
 
