@@ -522,10 +522,11 @@ def in_private_mount_namespace(script: Path, argv: list[str] | None) -> None:
 
 
 def exit_on_signals() -> None:
-    """SIGTERM and SIGHUP unwind the run like an error: every cleanup step runs."""
+    """SIGTERM, SIGHUP and SIGINT unwind the run like an error: every cleanup step runs
+    (SIGINT too when the run was started with it ignored, as by nohup)."""
     def stop(signum, _frame):
         raise SystemExit(128 + signum)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, stop)
 
 
