@@ -4,14 +4,16 @@ Connects to AWS IoT with the device's own certificate (client ID THING_NAME,
 else SERIAL_ID), publishes {"serialID": "<SERIAL_ID>", "bootStatus": true} with
 QoS 1 on cameraDevice/<SERIAL_ID>/booted, waits for the broker's
 acknowledgement, and only then writes PROVISION_STATUS "True" to the config
-(no write at all when it already says so).  boot.py calls
+(no write at all when it already says so; on a read-only file system the
+boot stays reported and one warning says the status could not be recorded).  boot.py calls
 update_boot_status() at the end of every boot; run alone:
 
     python update_boot_status.py [--config PATH] [--timeout SECONDS] [-v]
 
 Exit codes: 0 done; 75 transient (network, broker, time limit: try later);
 78 configuration (bad or untrusted config, or no installed credentials: run
-boot.py); 73 the config cannot be written; 70 a bug.
+boot.py); 73 the config cannot be written (but 0 with a warning when its file
+system is read-only); 70 a bug.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from typing import Callable
 from entomologist import clock, files, logs, mqtt
 from entomologist.config import DEFAULT_CONFIG, Config, load_config, update_device_config
 from entomologist.credentials import CertDir
-from entomologist.errors import ConfigError, run_main
+from entomologist.errors import ConfigError, ReadOnlyStorage, run_main
 from entomologist.lock import RunLock
 from entomologist.retries import RUN_TIMEOUT, Deadline, positive_seconds, with_retries
 
@@ -82,8 +84,18 @@ def update_boot_status(config: Config, deadline: Deadline,
 
     with_retries(attempt, deadline, "boot message", sleep=sleep)
     log.info("boot message acknowledged on %s (client ID %s)", topic, client_id)
-    if not config.provisioned and update_device_config(config, {"PROVISION_STATUS": "True"}):
-        log.info("PROVISION_STATUS set to True in %s", config.path)
+    if config.provisioned:
+        return
+    try:
+        if update_device_config(config, {"PROVISION_STATUS": "True"}):
+            log.info("PROVISION_STATUS set to True in %s", config.path)
+    except ReadOnlyStorage as exc:
+        # The boot is reported, which is what the fleet needs; the installed pair,
+        # not the status, decides what the next boot does, and a read-only mount
+        # does not heal in a minute: a failed unit retrying for ever would only
+        # fill the journal of a camera that works.
+        log.warning("boot reported, but PROVISION_STATUS stays False: %s; check %s",
+                    exc, exc.hint)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,10 @@ class StorageError(EntoError):
     """Credentials or the config cannot be written."""
 
 
+class ReadOnlyStorage(StorageError):
+    """The write failed because the file system, or this process's view of it, is read-only."""
+
+
 # sysexits.h; the most specific class wins, EntoError itself is a transient
 # failure of unknown kind rather than a bug.
 EXIT_CODES: tuple[tuple[type[EntoError], int], ...] = (

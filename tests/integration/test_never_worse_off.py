@@ -211,6 +211,56 @@ def test_a_provisioned_device_with_a_read_only_config_folder_still_reports_its_b
     assert len(standin.wait_for("boot", 3)) == 3
 
 
+def config_in_its_own_folder(standin) -> Path:
+    """The stand-in's config and CERT_DIR in a folder of their own (etc/), the claim
+    files and the stand-in's state outside it: that folder can be mounted read-only."""
+    etc = standin.workdir / "etc"
+    etc.mkdir(mode=0o755)
+    doc = json.loads(standin.config_path.read_text())
+    for key in ("CLAIM_CERT", "CLAIM_KEY", "ROOT_CA"):
+        doc["device"][key] = str(standin.workdir / doc["device"][key])
+    doc["device"]["CERT_DIR"] = str(etc / "cert")
+    (etc / "ento.conf").write_text(json.dumps(doc))
+    os.chmod(etc / "ento.conf", 0o640)
+    return etc / "ento.conf"
+
+
+def run_config_as_service(config: Path, script="boot.py"):
+    proc = subprocess.run([*privilege_drop(), sys.executable, str(ROOT / script), "--config",
+                           str(config), "--timeout", "20"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    return proc, [line for line in proc.stderr.splitlines() if not line.startswith("INFO")]
+
+
+@needs_root
+def test_a_provisioned_camera_whose_root_is_mounted_read_only_reports_every_boot(
+        standin, read_only):
+    config = config_in_its_own_folder(standin)
+    proc, _ = run_config_as_service(config)
+    assert proc.returncode == 0, proc.stderr
+    read_only(config.parent)
+    for script in ("boot.py", "update_boot_status.py", "boot.py"):
+        proc, noise = run_config_as_service(config, script)
+        assert (proc.returncode, noise) == (0, []), proc.stderr
+    assert len(standin.wait_for("boot", 4)) == 4
+
+
+@needs_root
+def test_a_false_status_on_a_read_only_root_is_reported_once_with_one_warning_and_exit_0(
+        standin, read_only):
+    config = config_in_its_own_folder(standin)
+    assert run_config_as_service(config)[0].returncode == 0
+    doc = json.loads(config.read_text())
+    doc["device"]["PROVISION_STATUS"] = "False"
+    config.write_text(json.dumps(doc))
+    read_only(config.parent)
+    proc, noise = run_config_as_service(config)
+    assert proc.returncode == 0, proc.stderr
+    assert len(noise) == 1 and noise[0].startswith("WARNING") and "PROVISION_STATUS" in noise[0]
+    assert len(standin.wait_for("boot", 2)) == 2
+    assert json.loads(config.read_text())["device"]["PROVISION_STATUS"] == "False"
+
+
 # ------------------------------------------------------------- bounded reads
 
 @pytest.mark.parametrize("key", ["ROOT_CA", "CLAIM_CERT", "CLAIM_KEY"])
