@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logs.setup_logging(args.verbose)
-    code = run_main(lambda: boot(args.config, Deadline(args.timeout), args.force))
+    code = run_main(lambda: boot(args.config, Deadline(args.timeout), args.force,
+                                 runtime_dir=os.environ.get("RUNTIME_DIRECTORY")))
     note_outcome(code, os.environ.get("RUNTIME_DIRECTORY"))
     return code
 
@@ -59,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 def boot(config_path: Path, deadline: Deadline, force: bool = False,
          build: mqtt.Builder | None = None,
          sleep: Callable[[float], None] = time.sleep,
-         now: Callable[[], float] = time.time) -> None:
-    """The whole boot-time job, under the run lock."""
+         now: Callable[[], float] = time.time, runtime_dir: str | None = None) -> None:
+    """The whole boot-time job, under the run lock (``runtime_dir``: the unit's
+    RuntimeDirectory, see update_boot_status)."""
     config = load_config(config_path)
     # CERT_DIR holds the lock, so it exists (0700) before anything else happens.
     cert_dir = CertDir.open(config.cert_dir, create=True, token=config.token)
@@ -80,7 +82,8 @@ def boot(config_path: Path, deadline: Deadline, force: bool = False,
                       lost=not force)
             config = load_config(config_path)
         # The pair was just found sound or just installed from checked files.
-        update_boot_status(config, deadline, build, sleep, now, credentials_checked=True)
+        update_boot_status(config, deadline, build, sleep, now, credentials_checked=True,
+                           runtime_dir=runtime_dir)
 
 
 def needs_provisioning(config: Config, cert_dir: CertDir) -> bool:

@@ -215,7 +215,8 @@ def config_in_its_own_folder(standin) -> Path:
     """The stand-in's config and CERT_DIR in a folder of their own (etc/), the claim
     files and the stand-in's state outside it: that folder can be mounted read-only."""
     etc = standin.workdir / "etc"
-    etc.mkdir(mode=0o755)
+    etc.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(etc, 0o755)
     doc = json.loads(standin.config_path.read_text())
     for key in ("CLAIM_CERT", "CLAIM_KEY", "ROOT_CA"):
         doc["device"][key] = str(standin.workdir / doc["device"][key])
@@ -259,6 +260,37 @@ def test_a_false_status_on_a_read_only_root_is_reported_once_with_one_warning_an
     assert len(noise) == 1 and noise[0].startswith("WARNING") and "PROVISION_STATUS" in noise[0]
     assert len(standin.wait_for("boot", 2)) == 2
     assert json.loads(config.read_text())["device"]["PROVISION_STATUS"] == "False"
+
+
+@needs_root
+def test_a_full_disk_at_the_status_write_retries_the_write_and_never_the_boot_message(
+        standin, tmp_path):
+    """One boot, one message: the unit's retries (73, every 60 s) redo only the write."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = {"RUNTIME_DIRECTORY": str(runtime)}
+    with tmpfs(standin.workdir / "etc", "256k"):
+        config = config_in_its_own_folder(standin)
+        assert run_script("boot.py", config).code == 0
+        doc = json.loads(config.read_text())
+        doc["device"]["PROVISION_STATUS"] = "False"
+        config.write_text(json.dumps(doc))
+        fill(config.parent)
+        for _ in range(2):
+            result = run_script("boot.py", config, env=env)
+            assert result.code == 73, result.stderr
+            assert "No space left" in result.errors[0]
+        assert len(standin.wait_for("boot", 2)) == 2
+        (config.parent / "filler").unlink()
+        result = run_script("boot.py", config, env=env)
+        assert result.code == 0, result.stderr
+        assert json.loads(config.read_text())["device"]["PROVISION_STATUS"] == "True"
+        assert len(standin.events("boot")) == 2
+        # The next boot (a new /run) reports again.
+        fresh = tmp_path / "run2"
+        fresh.mkdir(mode=0o700)
+        assert run_script("boot.py", config, env={"RUNTIME_DIRECTORY": str(fresh)}).code == 0
+        assert len(standin.wait_for("boot", 3)) == 3
 
 
 # ------------------------------------------------------------- bounded reads
