@@ -88,3 +88,18 @@ def test_no_secret_reaches_the_output(standin):
     assert tokens
     for token in tokens:
         assert token not in result.stderr
+
+
+def test_a_device_configuration_of_numbers_and_objects_is_kept_and_the_registration_used(
+        standin):
+    import json
+    configuration = {"Fps": 2, "Zones": {"north": "on"}, "Night": True}
+    standin.faults.device_configuration = configuration
+    result = run_script("boot.py", standin.config_path)
+    assert result.code == 0, result.stderr
+    stored = standin.workdir / "cert" / "device-configuration.json"
+    assert json.loads(stored.read_text()) == configuration
+    warnings = [line for line in result.lines if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "deviceConfiguration" in warnings[0]
+    assert len(standin.events("register-request")) == 1
+    assert device_doc(standin)["device"]["PROVISION_STATUS"] == "True"

@@ -360,9 +360,7 @@ def test_a_certificate_that_does_not_match_the_key_is_refused(device, cloud):
 
 
 @pytest.mark.parametrize("body", [{"thingName": ""}, {"deviceConfiguration": {}}, b"nope",
-                                  {"thingName": "bad/name"}, {"thingName": "x" * 129},
-                                  {"thingName": "ok", "deviceConfiguration": [1]},
-                                  {"thingName": "ok", "deviceConfiguration": {"a": 1}}])
+                                  {"thingName": "bad/name"}, {"thingName": "x" * 129}])
 def test_malformed_register_answers_fail_with_nothing_installed(device, cloud, body):
     cloud.register_answers.append(("accepted", body))
     with pytest.raises(errors.ServiceError):
@@ -377,6 +375,35 @@ def test_device_configuration_from_the_template_is_kept_beside_the_pair(device, 
     path = device.cert_dir / "device-configuration.json"
     assert json.loads(path.read_text()) == {"Fps": "2"}
     assert mode(path) == 0o644
+
+
+@pytest.mark.parametrize("configuration", [{"Fps": 2}, {"Camera": {"Fps": "2", "On": True}},
+                                           {"Zones": [1, None, 2.5]}, {"Fps": "2", "N": 1}])
+def test_a_device_configuration_that_is_not_all_strings_is_kept_as_it_came_with_one_warning(
+        device, cloud, caplog, configuration):
+    cloud.register_answers.append(("accepted", {"thingName": "cam",
+                                                "deviceConfiguration": configuration}))
+    run(device, cloud)
+    assert device.device["PROVISION_STATUS"] == "True"
+    path = device.cert_dir / "device-configuration.json"
+    assert json.loads(path.read_text()) == configuration and mode(path) == 0o644
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "deviceConfiguration" in warnings[0], warnings
+    assert len(cloud.registers()) == 1
+
+
+@pytest.mark.parametrize("configuration", [[1], "Fps=2", 5, {"Big": "x" * (200 * 1024)}])
+def test_a_device_configuration_that_is_no_object_or_too_big_is_not_stored_but_the_thing_is(
+        device, cloud, caplog, configuration):
+    cloud.register_answers.append(("accepted", {"thingName": "cam",
+                                                "deviceConfiguration": configuration}))
+    run(device, cloud)
+    assert device.device["THING_NAME"] == "cam" and device.device["PROVISION_STATUS"] == "True"
+    assert not (device.cert_dir / "device-configuration.json").exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "deviceConfiguration" in warnings[0], warnings
+    assert "x" * 200 not in warnings[0]
+    assert len(cloud.registers()) == 1
 
 
 def test_answers_for_other_requests_are_ignored(device, cloud):
