@@ -39,6 +39,10 @@ KEY_STORAGES = ("file", "pkcs11")
 OWNED_KEYS = ("THING_NAME", "CERTIFICATE_ID", "PROVISION_STATUS")
 
 DEFAULT_PORT = 8883
+# AWS IoT takes at most this in one MQTT message, RegisterThing's request included.
+MAX_MESSAGE_BYTES = 128 * 1024
+# Far above a real ownership token (about 1 KB); fleet refuses a longer one.
+MAX_OWNERSHIP_TOKEN_CHARS = 16 * 1024
 MAX_CONFIG_BYTES = files.MAX_FILE_BYTES
 MAX_DEPTH = 64
 
@@ -312,6 +316,14 @@ def provisioning_settings(config: Config) -> ProvisioningSettings:
         if not isinstance(value, str):
             raise _bad(f"TEMPLATE_PARAMETERS.{logs.shown(key, 40)}",
                        f"must be a string, not {_json_type(value)}")
+    # As AWS's client encodes the request (json.dumps), with the longest token
+    # accepted: known too big before any certificate is created for it.
+    request = json.dumps({"certificateOwnershipToken": "x" * MAX_OWNERSHIP_TOKEN_CHARS,
+                          "parameters": params}).encode()
+    if len(request) > MAX_MESSAGE_BYTES:
+        raise _bad("TEMPLATE_PARAMETERS",
+                   f"makes a RegisterThing request of up to {len(request)} bytes, over the "
+                   f"128 KiB AWS IoT takes in one message")
     api = _string(device, "PROVISIONING_API", PROVISIONING_APIS[0])
     if api not in PROVISIONING_APIS:
         raise _bad("PROVISIONING_API", f"must be one of {', '.join(PROVISIONING_APIS)}")

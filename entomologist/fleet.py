@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import logs
-from .config import CERTIFICATE_ID_RE, THING_NAME_RE
+from .config import CERTIFICATE_ID_RE, MAX_OWNERSHIP_TOKEN_CHARS, THING_NAME_RE
 from .errors import EntoError, ServiceBusy, ServiceError, TransientError
 from .mqtt import Link
 from .retries import BUSY_BACKOFF, Deadline, with_retries
@@ -35,7 +35,7 @@ RETRYABLE_ERROR_CODES = {"Throttling", "ThrottlingException", "TooManyRequests",
                          "ServiceUnavailable", "InternalError", "InternalFailure"}
 # Far above anything AWS sends (an RSA-2048 key is 1.7 KB, a token about 1 KB).
 MAX_PEM_CHARS = 16 * 1024
-MAX_TOKEN_CHARS = 16 * 1024
+MAX_TOKEN_CHARS = MAX_OWNERSHIP_TOKEN_CHARS
 MAX_DEVICE_CONFIGURATION_CHARS = 64 * 1024
 
 

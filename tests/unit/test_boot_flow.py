@@ -105,6 +105,25 @@ def test_register_thing_sends_configured_template_parameters(device, cloud):
     assert json.loads(payload)["parameters"] == {"SerialNumber": "CAM-42", "Site": "north"}
 
 
+@pytest.mark.parametrize("parameters", [{"Notes": "x" * (120 * 1024)},
+                                        {"Notes": "\u00e9" * (22 * 1024)},  # sent as \u00e9
+                                        {f"K{i}": "v" * 100 for i in range(1200)}])
+def test_template_parameters_too_big_for_one_message_are_78_before_any_certificate(
+        device, cloud, parameters):
+    device.update(TEMPLATE_PARAMETERS=parameters)
+    with pytest.raises(errors.ConfigError, match="TEMPLATE_PARAMETERS.*128 KiB") as caught:
+        run(device, cloud)
+    assert errors.exit_code(caught.value) == 78
+    assert cloud.calls == [] and cloud.connections == []
+
+
+def test_template_parameters_that_fit_one_message_with_any_token_are_sent(device, cloud):
+    device.update(TEMPLATE_PARAMETERS={"Notes": "x" * (100 * 1024)})
+    run(device, cloud)
+    (_, payload), = cloud.registers()
+    assert len(payload) < 128 * 1024
+
+
 def test_new_key_and_certificate_are_staged_durably_before_register_thing_is_sent(device, cloud):
     seen = {}
 
