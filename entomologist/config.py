@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -265,14 +266,26 @@ def load_config(path: Path) -> Config:
     if thing_name is not None and not THING_NAME_RE.fullmatch(thing_name):
         raise _bad("THING_NAME", "is not a valid thing name")
     _string(device, "CERTIFICATE_ID")
+    proxy = parse_proxy(device.get("HTTP_PROXY"))
+    if proxy is not None and proxy.password is not None:
+        check_secret_mode(real, path, "the HTTP_PROXY password")
     return Config(
         path=path, real_path=real, device=device, serial_id=serial, host=host, port=port,
         provisioned=provisioned, thing_name=thing_name,
         root_ca=_path(real, device, "ROOT_CA", SHIPPED_ROOT_CA),
         cert_dir=_path(real, device, "CERT_DIR", DEFAULT_CERT_DIR),
         token=token_settings(real, device),
-        proxy=parse_proxy(device.get("HTTP_PROXY")),
+        proxy=proxy,
     )
+
+
+def check_secret_mode(real: Path, shown: Path, secret: str) -> None:
+    """A config holding a secret must not be readable by others (as the PIN file:
+    a group given read access is the owner's choice)."""
+    mode = stat.S_IMODE(os.stat(real).st_mode)
+    if mode & stat.S_IROTH:
+        raise ConfigError(f"config file {shown} holds {secret} and others may read it "
+                          f"(mode {mode:04o})", hint=f"its mode: chmod 600 {real}")
 
 
 def token_settings(path: Path, device: Mapping) -> "TokenSettings | None":

@@ -2,6 +2,7 @@
 import io
 import json
 import logging
+import os
 
 import pytest
 from awscrt import http
@@ -20,6 +21,7 @@ SECRET = "s3cr3t-Pa55"
 def load(tmp_path, value):
     path = tmp_path / "ento.conf"
     path.write_text(json.dumps({"device": {**GOOD, "HTTP_PROXY": value}}))
+    os.chmod(path, 0o600)  # it may hold a password
     return configuration.load_config(path)
 
 
@@ -244,3 +246,31 @@ def test_the_https_proxy_variable_is_noted_once_and_its_value_never_shown(caplog
     assert len(caplog.records) == 1 and SECRET not in caplog.text
     assert "https_proxy is set in the environment but not used" in caplog.text
     assert proxy.note_environment({}) is None
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o444])
+def test_a_config_holding_the_proxy_password_that_others_can_read_is_78_with_the_fix(
+        tmp_path, mode):
+    path = tmp_path / "ento.conf"
+    path.write_text(json.dumps({"device": {
+        **GOOD, "HTTP_PROXY": f"http://camera:{SECRET}@proxy.example.com:3128"}}))
+    os.chmod(path, mode)
+    with pytest.raises(errors.ConfigError) as caught:
+        configuration.load_config(path)
+    message = f"{caught.value}; check {caught.value.hint}"
+    assert errors.exit_code(caught.value) == 78
+    assert "HTTP_PROXY" in message and f"chmod 600 {path}" in message
+    assert SECRET not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("mode,value", [
+    (0o600, f"http://camera:{SECRET}@proxy.example.com:3128"),
+    (0o640, f"http://camera:{SECRET}@proxy.example.com:3128"),  # a group chosen to read it
+    (0o644, "http://proxy.example.com:3128"),  # nothing secret in it
+])
+def test_a_config_whose_secret_others_cannot_read_or_without_one_is_accepted(
+        tmp_path, mode, value):
+    path = tmp_path / "ento.conf"
+    path.write_text(json.dumps({"device": {**GOOD, "HTTP_PROXY": value}}))
+    os.chmod(path, mode)
+    assert configuration.load_config(path).proxy.host == "proxy.example.com"
