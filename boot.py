@@ -72,6 +72,8 @@ def boot(config_path: Path, deadline: Deadline, force: bool = False,
         files.remove_stray_temp_files(config.real_path.parent)
         cert_dir.remove_stray_files()
         registration = cert_dir.registration()
+        if registration is None:
+            set_aside_foreign_pair(config, cert_dir)
         if registration is not None:
             # An earlier run registered this pair and did not finish installing it.
             log.info("installing thing %s, registered by an earlier run", registration.thing_name)
@@ -81,9 +83,37 @@ def boot(config_path: Path, deadline: Deadline, force: bool = False,
             provision(config, provisioning_settings(config), deadline, build, sleep, now,
                       lost=not force)
             config = load_config(config_path)
+        elif cert_dir.installed_for() is None:
+            record_installed_for(config, cert_dir)
         # The pair was just found sound or just installed from checked files.
         update_boot_status(config, deadline, build, sleep, now, credentials_checked=True,
                            runtime_dir=runtime_dir)
+
+
+def set_aside_foreign_pair(config: Config, cert_dir: CertDir) -> None:
+    """A pair installed for another SERIAL_ID came with a copied image: that
+    camera's identity, refused at connect for this one.  It is not this camera's
+    to use, nor to delete (the other camera, or an operator, may need it): moved
+    aside, and this camera provisions afresh with the claim."""
+    owner = cert_dir.installed_for()
+    if owner is None or owner == config.serial_id:
+        return
+    folder = cert_dir.set_aside(owner)
+    log.warning("%s holds credentials installed for camera %s, not this one (%s): an image "
+                "copied after its first boot; moved them to %s, provisioning this camera",
+                cert_dir.path, owner, config.serial_id, folder)
+
+
+def record_installed_for(config: Config, cert_dir: CertDir) -> None:
+    """A pair installed before installed-for.json existed is this camera's (nothing
+    says otherwise): record it, so that a copy of this image is recognised."""
+    try:
+        cert_dir.record_installed_for(config.serial_id,
+                                      Registration(config.thing_name or "",
+                                                   config.device.get("CERTIFICATE_ID") or "",
+                                                   {}))
+    except EntoError as exc:  # a read-only root: the boot report needs no write
+        log.debug("cannot record whom the pair is installed for: %s", exc)
 
 
 def needs_provisioning(config: Config, cert_dir: CertDir) -> bool:

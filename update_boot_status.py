@@ -94,6 +94,11 @@ def update_boot_status(config: Config, deadline: Deadline,
         raise ConfigError(f"no device credentials: no folder {config.cert_dir}", hint=hint)
     if cert_dir.registration() is not None:
         raise ConfigError("new credentials are registered but not installed yet", hint=hint)
+    owner = cert_dir.installed_for()
+    if owner is not None and owner != config.serial_id:
+        raise ConfigError(f"the credentials in {cert_dir.path} were installed for {owner}, "
+                          f"not this camera ({config.serial_id}): a copied image",
+                          hint="boot.py, which sets them aside and provisions this camera")
     problem = None if credentials_checked else cert_dir.installed_problem()
     if problem:
         raise ConfigError(f"no device credentials: {problem}", hint=hint)

@@ -16,6 +16,7 @@ from fakes import CREATE, crt_error
 REGISTER = "$aws/provisioning-templates/Fleet/provision/json"
 CERT, KEY, CA = "certificate.pem.crt", "private.pem.key", "AmazonRootCA1.pem"
 LOCK = "run.lock"
+RECORD = "installed-for.json"
 VALID_ID = "ab" * 32
 
 
@@ -45,7 +46,7 @@ def test_first_boot_installs_credentials_with_their_modes(device, cloud):
     assert (cert_dir / CERT).read_text() == issued["certificatePem"]
     assert (cert_dir / KEY).read_text() == issued["privateKey"]
     assert (cert_dir / CA).read_text() == cloud.ca.pem
-    assert sorted(os.listdir(cert_dir)) == [CA, CERT, KEY, LOCK]
+    assert sorted(os.listdir(cert_dir)) == [CA, CERT, RECORD, KEY, LOCK]
 
 
 def test_first_boot_records_thing_certificate_and_status_keeping_other_keys(device, cloud):
@@ -138,7 +139,7 @@ def test_new_key_and_certificate_are_staged_durably_before_register_thing_is_sen
     run(device, cloud)
     assert seen == {"key_mode": 0o600, "key": cloud.issued[0]["privateKey"],
                     "cert": cloud.issued[0]["certificatePem"], "installed": False}
-    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY, LOCK]
+    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, RECORD, KEY, LOCK]
 
 
 def test_boot_message_uses_device_certificate_and_thing_name(device, cloud):
@@ -216,7 +217,7 @@ def test_force_provisions_again_and_replaces_the_credentials(device, cloud):
     assert len(cloud.issued) == 2
     assert (device.cert_dir / CERT).read_text() == cloud.issued[1]["certificatePem"]
     assert device.device["CERTIFICATE_ID"] == cloud.issued[1]["certificateId"]
-    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY, LOCK]
+    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, RECORD, KEY, LOCK]
 
 
 def test_force_keeps_the_old_credentials_when_registration_is_refused(device, cloud):
@@ -229,7 +230,7 @@ def test_force_keeps_the_old_credentials_when_registration_is_refused(device, cl
     assert (device.cert_dir / CERT).read_bytes() == old_cert
     assert CertDir.open(device.cert_dir).installed_problem() is None
     assert device.device["PROVISION_STATUS"] == "True"
-    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY, LOCK]
+    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, RECORD, KEY, LOCK]
 
 
 def test_a_staged_key_left_by_a_killed_force_run_is_cleaned_on_a_normal_boot(device, cloud):

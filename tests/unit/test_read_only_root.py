@@ -53,7 +53,8 @@ def test_a_provisioned_camera_on_a_read_only_root_reports_every_boot_and_writes_
     assert [topic for topic, _ in cloud.published()] == ["cameraDevice/CAM-42/booted"] * 2
     assert snapshot(folder) == before
     assert set(os.listdir(folder / "cert")) == {"certificate.pem.crt", "private.pem.key",
-                                                 "AmazonRootCA1.pem", "run.lock"}
+                                                 "AmazonRootCA1.pem", "run.lock",
+                                                 "installed-for.json"}
 
 
 def test_a_false_status_on_a_read_only_root_reports_the_boot_warns_once_and_exits_0(
