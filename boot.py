@@ -72,14 +72,13 @@ def boot(config_path: Path, deadline: Deadline, force: bool = False,
         files.remove_stray_temp_files(config.real_path.parent)
         cert_dir.remove_stray_files()
         registration = cert_dir.registration()
-        if registration is None:
-            set_aside_foreign_pair(config, cert_dir)
         if registration is not None:
             # An earlier run registered this pair and did not finish installing it.
             log.info("installing thing %s, registered by an earlier run", registration.thing_name)
             cert_dir.install(config, registration, config.root_ca)
             config = load_config(config_path)
-        elif force or needs_provisioning(config, cert_dir):
+        elif (set_aside_foreign_pair(config, cert_dir) or force
+              or needs_provisioning(config, cert_dir)):
             provision(config, provisioning_settings(config), deadline, build, sleep, now,
                       lost=not force)
             config = load_config(config_path)
@@ -90,18 +89,19 @@ def boot(config_path: Path, deadline: Deadline, force: bool = False,
                            runtime_dir=runtime_dir)
 
 
-def set_aside_foreign_pair(config: Config, cert_dir: CertDir) -> None:
+def set_aside_foreign_pair(config: Config, cert_dir: CertDir) -> bool:
     """A pair installed for another SERIAL_ID came with a copied image: that
     camera's identity, refused at connect for this one.  It is not this camera's
     to use, nor to delete (the other camera, or an operator, may need it): moved
-    aside, and this camera provisions afresh with the claim."""
+    aside, and this camera provisions afresh with the claim.  True if it was."""
     owner = cert_dir.installed_for()
     if owner is None or owner == config.serial_id:
-        return
+        return False
     folder = cert_dir.set_aside(owner)
     log.warning("%s holds credentials installed for camera %s, not this one (%s): an image "
                 "copied after its first boot; moved them to %s, provisioning this camera",
                 cert_dir.path, owner, config.serial_id, folder)
+    return True
 
 
 def record_installed_for(config: Config, cert_dir: CertDir) -> None:

@@ -75,7 +75,7 @@ def _host_problem(host: str) -> str | None:
     labels = host.rstrip(".").split(".")
     # As URL parsers read it: a name ending in a number is an IPv4 address, and
     # 999.1.1.1 or 1.2.3 is no valid one (a resolver would take it as a name).
-    if labels[-1].isdigit() or labels[-1].lower().startswith("0x"):
+    if re.fullmatch(r"[0-9]+|0[xX][0-9A-Fa-f]*", labels[-1]):
         return "is no valid IPv4 address (four numbers from 0 to 255)"
     if 0 < len(host) <= 253 and all(_LABEL.fullmatch(label) for label in labels):
         return None
