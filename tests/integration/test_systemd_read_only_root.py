@@ -3,7 +3,7 @@ opens that folder in the unit's sandbox, and what a run says when it is missing.
 import json
 import os
 import re
-import shutil
+import shlex
 import subprocess
 import sys
 
@@ -76,14 +76,31 @@ def test_security_exposure_with_the_data_dir_drop_in_stays_that_of_the_unit(tmp_
     assert exposure([f"--root={tmp_path}", UNIT.name]) == exposure([str(unit)]) <= 2.5
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
-def test_the_readme_layout_under_strict_without_the_drop_in_says_the_sandbox_may_be_why(
-        standin, read_only):
-    """ProtectSystem=strict is a read-only bind mount of every path not in
-    ReadWritePaths=: the same mount, made here, with the unit's INVOCATION_ID."""
-    data, etc = standin.workdir / "data", standin.workdir / "etc"
-    data.mkdir(mode=0o755)
-    etc.mkdir(mode=0o755)
+def under_write_rules(root, writable, command, env):
+    """``command`` as ProtectSystem=strict runs it, for the files under ``root``: in a
+    mount namespace of its own, ``root`` (standing for /) read-only but for the
+    ``writable`` paths (ReadWritePaths=, taken as under ``root``), with the unit's
+    INVOCATION_ID."""
+    script = " && ".join(
+        [f"mount --bind {shlex.quote(str(root))} {shlex.quote(str(root))}"]
+        + [f"mount --bind {shlex.quote(str(root) + path)} {shlex.quote(str(root) + path)}"
+           for path in writable]
+        + [f"mount -o remount,bind,ro {shlex.quote(str(root))}",
+           "exec " + " ".join(shlex.quote(part) for part in command)])
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          env={**os.environ, **env, "INVOCATION_ID": "0" * 32},
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces and bind mounts need root")
+def test_the_readme_layout_boots_under_the_units_write_rules_only_with_the_drop_in(standin):
+    """/etc/entomologist/ento.conf linked to /data/entomologist, CERT_DIR there: the
+    unit alone makes the first boot fail (73) before anything is asked, and says
+    the sandbox may be why; with the drop-in it provisions and reports."""
+    root = standin.workdir / "root"
+    data, etc = root / "data" / "entomologist", root / "etc" / "entomologist"
+    data.mkdir(parents=True, mode=0o755)
+    etc.mkdir(parents=True, mode=0o755)
     doc = json.loads(standin.config_path.read_text())
     for key in ("CLAIM_CERT", "CLAIM_KEY", "ROOT_CA"):
         doc["device"][key] = str(standin.workdir / doc["device"][key])
@@ -93,14 +110,17 @@ def test_the_readme_layout_under_strict_without_the_drop_in_says_the_sandbox_may
     (etc / "ento.conf").symlink_to(data / "ento.conf")
     command = [*privilege_drop(), sys.executable, str(ROOT / "boot.py"), "--config",
                str(etc / "ento.conf"), "--timeout", "20"]
-    env = {**os.environ, "INVOCATION_ID": "0123456789abcdef0123456789abcdef"}
-    read_only(data)
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    unit_paths = directives(UNIT.read_text())["ReadWritePaths"]
+    assert unit_paths == ["/etc/entomologist"]
+
+    proc = under_write_rules(root, unit_paths, command, {})
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")]
     assert proc.returncode == 73 and len(errors) == 1, proc.stderr
     assert "ProtectSystem=strict" in errors[0] and "ReadWritePaths=" in errors[0]
     assert standin.events("create-request") == []
-    subprocess.run(["umount", str(data)], check=True)  # what ReadWritePaths= gives
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+    drop_in_paths = directives(DROP_IN.read_text())["ReadWritePaths"]
+    proc = under_write_rules(root, unit_paths + drop_in_paths, command, {})
     assert proc.returncode == 0, proc.stderr
     assert len(standin.wait_for("boot")) == 1
+    assert json.loads((data / "ento.conf").read_text())["device"]["PROVISION_STATUS"] == "True"
