@@ -198,19 +198,6 @@ def test_a_config_linked_into_a_trusted_folder_is_rewritten_at_its_target(standi
 
 # ------------------------------------------------------- reporting needs no write
 
-@needs_root
-def test_a_provisioned_device_with_a_read_only_config_folder_still_reports_its_boot(standin):
-    assert run_script("boot.py", standin.config_path).code == 0
-    os.chmod(standin.workdir, 0o555)
-    try:
-        for script in ("boot.py", "update_boot_status.py"):
-            proc, _ = run_as_service(standin, script)
-            assert proc.returncode == 0, proc.stderr
-    finally:
-        os.chmod(standin.workdir, 0o755)
-    assert len(standin.wait_for("boot", 3)) == 3
-
-
 def config_in_its_own_folder(standin) -> Path:
     """The stand-in's config and CERT_DIR in a folder of their own (etc/), the claim
     files and the stand-in's state outside it: that folder can be mounted read-only."""

@@ -1,7 +1,6 @@
 """A cloned image: CERT_DIR copied from another camera after its first boot."""
 import json
 import logging
-import os
 import stat
 
 import pytest

@@ -6,7 +6,6 @@ import os
 import pytest
 
 import boot
-import update_boot_status as ubs
 from entomologist import errors, files, retries
 
 
