@@ -63,9 +63,17 @@ def test_the_unit_runs_without_a_count_and_stops_at_three(tmp_path):
     assert exec_condition(tmp_path) != 0
 
 
-def test_a_full_run_folder_leaves_no_empty_count_and_the_unit_still_runs(tiny_run):
+def test_a_full_run_folder_leaves_no_empty_count_and_the_unit_still_runs(
+        tiny_run, monkeypatch, device):
+    import boot
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(boot, "boot", bug)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tiny_run))
     fill(tiny_run)
-    errors.note_outcome(os.EX_SOFTWARE, str(tiny_run))
+    assert boot.main(["--config", str(device.config_path)]) == os.EX_SOFTWARE
     count = tiny_run / errors.BUG_COUNT_FILE
     assert not count.exists() or count.read_text().strip().isdigit()
     assert [p.name for p in tiny_run.iterdir() if p.name.endswith(".tmp")] == []
