@@ -84,9 +84,29 @@ class TokenKey:
 
 
 def token_key(settings: "TokenSettings") -> TokenKey:
-    """What awscrt needs to connect with the final key, the PIN read from its file."""
-    return TokenKey(settings.library, settings.token_label, settings.key_label,
-                    read_pin(settings.pin_file))
+    """What awscrt needs to connect with the final key, the PIN read from its file;
+    the module is the checked real path, since awscrt loads (runs) it."""
+    return TokenKey(trusted_library(settings.library), settings.token_label,
+                    settings.key_label, read_pin(settings.pin_file))
+
+
+def trusted_library(path: Path) -> Path:
+    """The real path of the PKCS#11 module, once it is known that nobody but root or
+    us can change it or any folder above it.  Loading a module runs its code (its
+    constructors first) in this process, as root under the unit: it gets the same
+    checks as every file we trust, before anything loads it."""
+    hint = "PKCS11_LIBRARY, and the module's and its folders' owner and mode"
+    try:
+        real = files.trusted_path(Path(path), "PKCS#11 module", hint=hint)
+    except files.FileProblem as exc:
+        if exc.missing:
+            # A package not installed yet, or a module on a device that comes up late.
+            raise TransientError(f"PKCS#11 module {path} is not there",
+                                 hint="PKCS11_LIBRARY, and that its package is installed") from None
+        raise
+    if not stat.S_ISREG(os.stat(real).st_mode):
+        raise ConfigError(f"PKCS#11 module {path} is not a regular file", hint=hint)
+    return real
 
 
 # ------------------------------------------------------------------ the PIN
@@ -421,10 +441,7 @@ def _token_errors(what: str, unsupported_hint: str | None = None):
 
 def open_token(settings: TokenSettings) -> Token:
     """Load the module, find the token by label, log in with the PIN file's PIN."""
-    library = Path(settings.library)
-    if not library.is_file():
-        raise TransientError(f"PKCS#11 module {library} is not there",
-                             hint="PKCS11_LIBRARY, and that its package is installed")
+    library = trusted_library(settings.library)
     pin = read_pin(Path(settings.pin_file))
     memo = (os.path.realpath(library), settings.token_label,
             hashlib.sha256(pin.encode()).digest())

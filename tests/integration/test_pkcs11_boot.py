@@ -181,3 +181,50 @@ def test_killed_at_each_step_the_next_run_completes_with_one_key_and_no_orphans(
     cert = x509.load_pem_x509_certificate(
         (device.workdir / "cert" / "certificate.pem.crt").read_bytes())
     assert spki(cert.public_key()) == _token_public_keys(token)[0]
+
+
+CONSTRUCTOR_SOURCE = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void ran(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fputs("constructor ran\n", f); fclose(f); }
+}
+"""
+
+
+def test_a_module_others_can_write_is_78_and_never_loaded(device, token, tmp_path):
+    import subprocess
+    open_folder = tmp_path / "anyone-writes"
+    open_folder.mkdir()
+    open_folder.chmod(0o777)
+    marker = tmp_path / "constructor-ran"
+    source = tmp_path / "evil.c"
+    source.write_text(CONSTRUCTOR_SOURCE)
+    module = open_folder / "libevil.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(module),
+                    str(source)], check=True)
+    module.chmod(0o777)
+    device.write_device_config(PROVISIONING_API="CreateCertificateFromCsr",
+                               KEY_STORAGE="pkcs11", PKCS11_LIBRARY=str(module),
+                               PKCS11_TOKEN_LABEL=token.label,
+                               PKCS11_PIN_FILE=str(token.pin_file))
+    result = boot(device, token)
+    assert result.code == 78, result.stderr
+    assert not marker.exists()
+    assert "PKCS#11 module" in result.errors[-1] and "written by group or others" in result.errors[-1]
+    # The module itself tight, its folder still open to everyone: refused all the same.
+    module.chmod(0o755)
+    result = boot(device, token)
+    assert result.code == 78, result.stderr
+    assert not marker.exists()
+    assert "anyone-writes" in result.errors[-1]
+
+
+def test_a_folder_given_as_the_module_is_78(device, token, tmp_path):
+    device.write_device_config(PROVISIONING_API="CreateCertificateFromCsr",
+                               KEY_STORAGE="pkcs11", PKCS11_LIBRARY=str(tmp_path),
+                               PKCS11_TOKEN_LABEL=token.label,
+                               PKCS11_PIN_FILE=str(token.pin_file))
+    result = boot(device, token)
+    assert result.code == 78, result.stderr
+    assert "not a regular file" in result.errors[-1]
