@@ -137,6 +137,53 @@ def test_uninstall_removes_what_install_added_and_keeps_the_device_config(staged
     assert (copy / "etc" / "entomologist" / "ento.conf").read_text() == "{}"
 
 
+def make(*args, cwd_root=ROOT):
+    return subprocess.run(["make", "-C", str(cwd_root), *args, f"INSTALL_PYTHON={sys.executable}"],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_install_never_loosens_an_existing_config_folder(staged, tmp_path):
+    copy = tmp_path / "rootfs"
+    shutil.copytree(staged, copy, symlinks=True)
+    config_dir = copy / "etc" / "entomologist"
+    config_dir.chmod(0o700)
+    proc = make("install", f"DESTDIR={copy}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert oct(config_dir.stat().st_mode & 0o7777) == oct(0o700)
+
+
+def test_install_in_a_chroot_without_a_running_systemd_enables_the_unit_by_its_symlink(
+        staged, tmp_path):
+    # As in an image's chroot: no DESTDIR, and systemd not running there (no
+    # /run/systemd/system); systemctl would fail at daemon-reload.
+    copy = tmp_path / "rootfs"
+    shutil.copytree(staged, copy, symlinks=True)
+    unitdir = copy / "etc" / "systemd" / "system"
+    (unitdir / "multi-user.target.wants" / UNIT.name).unlink()
+    config_dir_existed = os.path.isdir("/etc/entomologist")
+    try:
+        proc = make("install", f"PREFIX={copy}/opt/entomologist", f"UNITDIR={unitdir}",
+                    f"SYSTEMD_RUNDIR={copy}/run/systemd/system")
+    finally:
+        if not config_dir_existed and os.path.isdir("/etc/entomologist"):
+            os.rmdir("/etc/entomologist")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "systemd is not running" in proc.stdout
+    assert "systemctl" not in proc.stderr
+    link = unitdir / "multi-user.target.wants" / UNIT.name
+    assert os.readlink(link) == str(unitdir / UNIT.name)
+
+
+def test_a_second_uninstall_prints_no_error(staged, tmp_path):
+    copy = tmp_path / "rootfs"
+    shutil.copytree(staged, copy, symlinks=True)
+    first = make("uninstall", f"DESTDIR={copy}")
+    second = make("uninstall", f"DESTDIR={copy}")
+    for proc in (first, second):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "Error" not in proc.stdout + proc.stderr and "ignored" not in proc.stdout + proc.stderr
+
+
 def test_on_the_journal_every_line_carries_its_priority(standin, tmp_path):
     err = tmp_path / "stderr"
     with open(err, "w") as stream:
