@@ -29,6 +29,7 @@ from entomologist.credentials import CertDir
 from entomologist.errors import ConfigError, run_main
 from entomologist.lock import RunLock
 from entomologist.retries import RUN_TIMEOUT, Deadline, positive_seconds, with_retries
+from entomologist.stop import Stop
 
 log = logging.getLogger("entomologist.boot_status")
 
@@ -108,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             files.remove_stray_temp_files(config.real_path.parent)
             update_boot_status(config, deadline)
 
-    return run_main(body)
+    # No registration happens here: a signal ends the run at once.
+    with Stop().installed():
+        return run_main(body)
 
 
 if __name__ == "__main__":
