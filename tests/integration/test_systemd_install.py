@@ -64,6 +64,25 @@ def test_unit_runs_once_per_boot_retries_transient_failures_and_stops_on_config_
     assert d["UMask"] == ["0077"] and d["SyslogIdentifier"]
 
 
+def size(value: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
+
+
+def test_unit_bounds_memory_with_headroom_over_the_measured_peak():
+    d = directives()
+    # The highest measured peak: a first boot in CSR mode, 44 MiB (README, Performance).
+    peak = 44 << 20
+    high, limit = size(d["MemoryHigh"][0]), size(d["MemoryMax"][0])
+    assert 2 * peak <= high < limit <= 4 * peak
+    assert d["MemorySwapMax"] == ["0"]
+
+
+def test_unit_gives_a_stopped_run_more_than_its_registration_grace():
+    from entomologist.stop import GRACE_S
+    assert int(directives()["TimeoutStopSec"][0]) >= 3 * GRACE_S
+
+
 def test_unit_sandbox_leaves_only_the_config_folder_writable():
     d = directives()
     assert d["ProtectSystem"] == ["strict"]
