@@ -228,3 +228,35 @@ def test_a_folder_given_as_the_module_is_78(device, token, tmp_path):
     result = boot(device, token)
     assert result.code == 78, result.stderr
     assert "not a regular file" in result.errors[-1]
+
+
+def _add_foreign_pair(token, key_id: bytes | None) -> None:
+    """Another program's RSA pair under our final label; ``key_id`` None: the same
+    CKA_ID as the product's own pair."""
+    import pkcs11
+    from pkcs11 import Attribute, ObjectClass
+    lib = pkcs11.lib(str(SOFTHSM_MODULE))
+    try:
+        with lib.get_token(token_label=token.label).open(rw=True,
+                                                         user_pin="4711-test-pin") as s:
+            if key_id is None:
+                (ours,) = s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                                         Attribute.LABEL: FINAL})
+                key_id = bytes(ours[Attribute.ID])
+            s.generate_keypair(pkcs11.KeyType.RSA, 2048, store=True, label=FINAL, id=key_id)
+    finally:
+        lib.finalize()
+
+
+@pytest.mark.parametrize("key_id", [None, b"another-app"], ids=["same ID", "own ID"])
+def test_a_key_pair_another_program_put_under_our_label_is_78_and_nothing_is_deleted(
+        device, token, key_id):
+    assert boot(device, token).code == 0
+    _add_foreign_pair(token, key_id)
+    before = token.objects()
+    result = boot(device, token)
+    assert result.code == 78, result.stderr
+    assert "that this program did not make" in result.errors[-1] or \
+        "share the CKA_ID" in result.errors[-1], result.stderr
+    assert token.objects() == before
+    assert len([e for e in device.events() if e["event"] == "register-request"]) == 1
