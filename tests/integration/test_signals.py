@@ -61,7 +61,7 @@ def test_sigterm_while_registerthing_is_answered_waits_records_and_the_next_run_
 
 
 def test_sigterm_waits_for_registerthing_no_longer_than_its_grace(standin):
-    standin.faults.delay = 25.0
+    standin.faults.delay = 10.0  # past the grace, within the step's 20 s
     code, err, seconds = run_and_signal(standin, event_seen(standin, "register-request"))
     assert code == 75, err
     assert errors(err) == ["ERROR SIGTERM: no answer to RegisterThing in 5 s: stopping; "
