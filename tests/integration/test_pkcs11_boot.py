@@ -211,7 +211,8 @@ def test_a_module_others_can_write_is_78_and_never_loaded(device, token, tmp_pat
     result = boot(device, token)
     assert result.code == 78, result.stderr
     assert not marker.exists()
-    assert "PKCS#11 module" in result.errors[-1] and "written by group or others" in result.errors[-1]
+    error = result.errors[-1]
+    assert "PKCS#11 module" in error and "written by group or others" in error
     # The module itself tight, its folder still open to everyone: refused all the same.
     module.chmod(0o755)
     result = boot(device, token)

@@ -200,7 +200,8 @@ def test_a_second_uninstall_prints_no_error(staged, tmp_path):
     second = make("uninstall", f"DESTDIR={copy}")
     for proc in (first, second):
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "Error" not in proc.stdout + proc.stderr and "ignored" not in proc.stdout + proc.stderr
+        output = proc.stdout + proc.stderr
+        assert "Error" not in output and "ignored" not in output
 
 
 def test_on_the_journal_every_line_carries_its_priority(standin, tmp_path):
