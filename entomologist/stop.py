@@ -26,10 +26,12 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from .errors import STOPPED
+
 log = logging.getLogger("entomologist")
 
 GRACE_S = 5.0
-EXIT_CODE = os.EX_TEMPFAIL
+EXIT_CODE = STOPPED
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
