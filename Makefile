@@ -9,6 +9,10 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 
 # Installation on a device (`make install`) or into an image's staging tree
 # (`make install DESTDIR=/path/to/rootfs`, which calls no systemctl).
+# systemctl only talks to a running systemd: in an image's chroot (pi-gen, a
+# plain `make install` there) the unit is enabled by its symlink instead, as
+# Debian's deb-systemd-helper decides, by this folder's existence.
+SYSTEMD_RUNDIR ?= /run/systemd/system
 PREFIX ?= /opt/entomologist
 UNITDIR ?= /etc/systemd/system
 UNIT := entomologist-provision.service
@@ -16,6 +20,10 @@ INSTALL_PYTHON ?= /usr/bin/python3
 # KEY_STORAGE "pkcs11": PKCS11=softhsm or PKCS11=tpm2 also installs that drop-in,
 # which opens the token's store to the unit's sandbox.
 PKCS11 ?=
+# A read-only root with the config and CERT_DIR on a data partition:
+# DATA_DIR=/data/entomologist also installs the drop-in that makes that folder
+# writable inside the unit's sandbox.
+DATA_DIR ?=
 APP_FILES := boot.py update_boot_status.py AmazonRootCA1.pem requirements.txt README.md
 # The scripts' shared package; the stand-in (iot_standin.py, standin/) stays off the device.
 PACKAGE_FILES := $(wildcard entomologist/*.py)
@@ -24,7 +32,7 @@ PACKAGE_FILES := $(wildcard entomologist/*.py)
 # then compiles them, which needs these (see README, "32-bit boards").
 BUILD_DEPS := build-essential cmake python3-dev libffi-dev
 
-.PHONY: setup mosquitto tinyproxy softhsm2 systemd-analyze demo test test-slow bench clean install uninstall image-tools image-test
+.PHONY: setup mosquitto tinyproxy softhsm2 systemd-analyze demo test test-slow bench clean install uninstall image-tools image-test system-tools system-test
 
 setup: $(VENV)/.installed mosquitto tinyproxy softhsm2 systemd-analyze
 
@@ -78,7 +86,9 @@ clean:
 
 install:
 	@case "$(PREFIX)" in /?*) ;; *) echo "PREFIX must be an absolute path" >&2; exit 2;; esac
-	install -d -m 0755 $(DESTDIR)$(PREFIX) $(DESTDIR)/etc/entomologist
+	install -d -m 0755 $(DESTDIR)$(PREFIX)
+	@# An existing config folder keeps its owner and mode (0700 stays 0700).
+	[ -d $(DESTDIR)/etc/entomologist ] || install -d -m 0755 $(DESTDIR)/etc/entomologist
 	install -m 0644 $(APP_FILES) $(DESTDIR)$(PREFIX)/
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/entomologist
 	install -m 0644 $(PACKAGE_FILES) $(DESTDIR)$(PREFIX)/entomologist/
@@ -106,13 +116,20 @@ ifneq ($(PKCS11),)
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)/$(UNIT).d
 	install -m 0644 systemd/pkcs11-$(PKCS11).conf $(DESTDIR)$(UNITDIR)/$(UNIT).d/pkcs11.conf
 endif
-ifeq ($(DESTDIR),)
-	systemctl daemon-reload
-	systemctl enable $(UNIT)
-else
-	install -d -m 0755 $(DESTDIR)$(UNITDIR)/multi-user.target.wants
-	ln -sfn $(UNITDIR)/$(UNIT) $(DESTDIR)$(UNITDIR)/multi-user.target.wants/$(UNIT)
+ifneq ($(DATA_DIR),)
+	@case "$(DATA_DIR)" in /?*) ;; *) echo "DATA_DIR must be an absolute path" >&2; exit 2;; esac
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)/$(UNIT).d
+	sed 's#/data/entomologist#$(DATA_DIR)#g' systemd/data-dir.conf > $(DESTDIR)$(UNITDIR)/$(UNIT).d/data-dir.conf
+	chmod 0644 $(DESTDIR)$(UNITDIR)/$(UNIT).d/data-dir.conf
 endif
+	@if [ -z "$(DESTDIR)" ] && [ -d "$(SYSTEMD_RUNDIR)" ]; then \
+		echo "systemctl daemon-reload && systemctl enable $(UNIT)"; \
+		systemctl daemon-reload && systemctl enable $(UNIT); \
+	else \
+		[ -n "$(DESTDIR)" ] || echo "systemd is not running (no $(SYSTEMD_RUNDIR)): enabling $(UNIT) by its symlink"; \
+		install -d -m 0755 $(DESTDIR)$(UNITDIR)/multi-user.target.wants && \
+		ln -sfn $(UNITDIR)/$(UNIT) $(DESTDIR)$(UNITDIR)/multi-user.target.wants/$(UNIT); \
+	fi
 
 # As an image builder would: make install inside an emulated Debian arm64 root,
 # then boot it against the stand-in (root; slow, so not part of `make test`).
@@ -123,16 +140,28 @@ image-tools:
 image-test: setup image-tools
 	$(SUDO) $(PY) image/imagetest.py $(IMAGE_TEST_ARGS)
 
+# The installed unit under a real systemd: a Debian bookworm root booted by
+# systemd-nspawn with systemd as PID 1, the scenarios of README, Tests (root;
+# not part of `make test`). systemd-container is installed at the version of
+# the host's systemd, so that no host package is upgraded for it.
+system-tools:
+	@command -v debootstrap >/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) debootstrap; }
+	@command -v systemd-nspawn >/dev/null || { \
+		v=$$(dpkg-query -W -f='$${Version}' systemd 2>/dev/null); \
+		$(SUDO) apt-get update -qq; \
+		$(APT_INSTALL) systemd-container$${v:+=$$v} || $(APT_INSTALL) systemd-container; }
+
+system-test: setup system-tools
+	$(SUDO) $(PY) image/systemtest.py $(SYSTEM_TEST_ARGS)
+
 # Never touches /etc/entomologist: the config and the device's credentials stay.
 uninstall:
 	@case "$(PREFIX)" in /?*) ;; *) echo "PREFIX must be an absolute path" >&2; exit 2;; esac
-ifeq ($(DESTDIR),)
-	-systemctl disable $(UNIT)
-endif
+	@# Quiet when there is nothing left to remove: a second uninstall prints no error.
+	@if [ -z "$(DESTDIR)" ] && [ -d "$(SYSTEMD_RUNDIR)" ] && [ -e $(UNITDIR)/$(UNIT) ]; then \
+		systemctl disable $(UNIT) || true; fi
 	rm -f $(DESTDIR)$(UNITDIR)/multi-user.target.wants/$(UNIT) $(DESTDIR)$(UNITDIR)/$(UNIT)
-	rm -f $(DESTDIR)$(UNITDIR)/$(UNIT).d/pkcs11.conf
-	-rmdir $(DESTDIR)$(UNITDIR)/$(UNIT).d 2>/dev/null
+	rm -f $(DESTDIR)$(UNITDIR)/$(UNIT).d/pkcs11.conf $(DESTDIR)$(UNITDIR)/$(UNIT).d/data-dir.conf
+	[ ! -d $(DESTDIR)$(UNITDIR)/$(UNIT).d ] || rmdir --ignore-fail-on-non-empty $(DESTDIR)$(UNITDIR)/$(UNIT).d
 	rm -rf $(DESTDIR)$(PREFIX)
-ifeq ($(DESTDIR),)
-	-systemctl daemon-reload
-endif
+	@if [ -z "$(DESTDIR)" ] && [ -d "$(SYSTEMD_RUNDIR)" ]; then systemctl daemon-reload || true; fi

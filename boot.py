@@ -38,6 +38,7 @@ from entomologist.errors import (ConfigError, EntoError, InventoryRefused, Rejec
 from entomologist.lock import RunLock
 from entomologist.retries import RUN_TIMEOUT, Deadline, positive_seconds, with_retries
 from entomologist.spend import SpendRecord
+from entomologist.stop import Stop
 from update_boot_status import update_boot_status
 
 log = logging.getLogger("entomologist.boot")
@@ -54,16 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logs.setup_logging(args.verbose)
-    code = run_main(lambda: boot(args.config, Deadline(args.timeout), args.force))
-    note_outcome(code, os.environ.get("RUNTIME_DIRECTORY"))
+    runtime_dir = os.environ.get("RUNTIME_DIRECTORY")
+    with Stop(on_exit=lambda code: note_outcome(code, runtime_dir)).installed() as stop:
+        code = run_main(lambda: boot(args.config, Deadline(args.timeout), args.force,
+                                     runtime_dir=runtime_dir, stop=stop))
+    note_outcome(code, runtime_dir)
     return code
 
 
 def boot(config_path: Path, deadline: Deadline, force: bool = False,
          build: mqtt.Builder | None = None,
          sleep: Callable[[float], None] = time.sleep,
-         now: Callable[[], float] = time.time) -> None:
-    """The whole boot-time job, under the run lock."""
+         now: Callable[[], float] = time.time, runtime_dir: str | None = None,
+         stop: Stop | None = None) -> None:
+    """The whole boot-time job, under the run lock (``runtime_dir``: the unit's
+    RuntimeDirectory, see update_boot_status; ``stop``: the run's signal handling)."""
     config = load_config(config_path)
     # CERT_DIR holds the lock, so it exists (0700) before anything else happens.
     cert_dir = CertDir.open(config.cert_dir, create=True, token=config.token)
@@ -78,12 +84,43 @@ def boot(config_path: Path, deadline: Deadline, force: bool = False,
             log.info("installing thing %s, registered by an earlier run", registration.thing_name)
             cert_dir.install(config, registration, config.root_ca)
             config = load_config(config_path)
-        elif force or needs_provisioning(config, cert_dir):
+        elif (set_aside_foreign_pair(config, cert_dir) or force
+              or needs_provisioning(config, cert_dir)):
             provision(config, provisioning_settings(config), deadline, build, sleep, now,
-                      lost=not force)
+                      lost=not force, stop=stop)
             config = load_config(config_path)
+        elif cert_dir.installed_for() is None:
+            record_installed_for(config, cert_dir)
         # The pair was just found sound or just installed from checked files.
-        update_boot_status(config, deadline, build, sleep, now, credentials_checked=True)
+        update_boot_status(config, deadline, build, sleep, now, credentials_checked=True,
+                           runtime_dir=runtime_dir)
+
+
+def set_aside_foreign_pair(config: Config, cert_dir: CertDir) -> bool:
+    """A pair installed for another SERIAL_ID came with a copied image: that
+    camera's identity, refused at connect for this one.  It is not this camera's
+    to use, nor to delete (the other camera, or an operator, may need it): moved
+    aside, and this camera provisions afresh with the claim.  True if it was."""
+    owner = cert_dir.installed_for()
+    if owner is None or owner == config.serial_id:
+        return False
+    folder = cert_dir.set_aside(owner)
+    log.warning("%s holds credentials installed for camera %s, not this one (%s): an image "
+                "copied after its first boot; moved them to %s, provisioning this camera",
+                cert_dir.path, owner, config.serial_id, folder)
+    return True
+
+
+def record_installed_for(config: Config, cert_dir: CertDir) -> None:
+    """A pair installed before installed-for.json existed is this camera's (nothing
+    says otherwise): record it, so that a copy of this image is recognised."""
+    try:
+        cert_dir.record_installed_for(config.serial_id,
+                                      Registration(config.thing_name or "",
+                                                   config.device.get("CERTIFICATE_ID") or "",
+                                                   {}))
+    except EntoError as exc:  # a read-only root: the boot report needs no write
+        log.debug("cannot record whom the pair is installed for: %s", exc)
 
 
 def needs_provisioning(config: Config, cert_dir: CertDir) -> bool:
@@ -122,7 +159,8 @@ def check_claim(settings: ProvisioningSettings, root_ca: Path) -> None:
 def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline,
               build: mqtt.Builder | None = None,
               sleep: Callable[[float], None] = time.sleep,
-              now: Callable[[], float] = time.time, lost: bool = False) -> Registration:
+              now: Callable[[], float] = time.time, lost: bool = False,
+              stop: Stop | None = None) -> Registration:
     """Fleet provisioning by claim, retried from scratch on transient failures.
 
     ``lost``: the installed credentials are gone or broken (not --force), so a
@@ -131,12 +169,15 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
     Everything that can fail here is checked before the first request; every
     file is staged as soon as its content exists; once RegisterThing is
     accepted the registration is recorded in CERT_DIR, and a run that fails
-    after that point is completed by the next one without any request.
+    after that point is completed by the next one without any request.  A
+    SIGTERM while RegisterThing's answer is on its way waits (bounded) for
+    that record (``stop``).
 
     What each attempt spends is recorded in CERT_DIR (entomologist.spend)
     before it is spent; a run or an attempt that would overspend ends with
     75 before it connects.
     """
+    stop = stop or Stop()
     check_claim(settings, config.root_ca)
     parameters = secret.template_parameters(settings.template_parameters,
                                             settings.secret_file)
@@ -183,7 +224,12 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
             cert_dir.stage_created(created.certificate_pem, created.private_key_pem)
             spent.register_sent(created.certificate_id)
             try:
-                registered = service.register(created.token, parameters)
+                # Recorded before the disconnect, which may take its time.
+                with stop.answer_awaited("RegisterThing"):
+                    registered = service.register(created.token, parameters)
+                    registration = Registration(registered.thing_name, created.certificate_id,
+                                                registered.device_configuration)
+                    cert_dir.record_registration(registration)
             except Rejected as exc:
                 spent.rejected(created.certificate_id)
                 earlier = spent.unanswered_before(created.certificate_id)
@@ -202,9 +248,6 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
                 raise
         finally:
             link.close()
-        registration = Registration(registered.thing_name, created.certificate_id,
-                                    registered.device_configuration)
-        cert_dir.record_registration(registration)
         return registration
 
     started = time.monotonic()

@@ -293,6 +293,24 @@ class StandIn:
         """Take the broker away, as a dead link would (the port then refuses)."""
         self.stop()
 
+    def refuse_connections(self) -> None:
+        """An outage the service comes back from: the device's port refuses until
+        accept_connections(), while the CA, the broker, the registrations made and
+        the device's files stay (stop_broker() ends them for good)."""
+        if self._relay is None:
+            raise RuntimeError("refuse_connections needs the stand-in running with its policies")
+        self._relay.stop()
+        self.record("refusing", port=self.port)
+
+    def accept_connections(self) -> None:
+        """The service is back on the same port."""
+        if self._relay is not None and self._relay._listener is not None:
+            return
+        self._relay = Relay(self.host, self.port, ("127.0.0.1", self._broker.port),
+                            self.enforcer, self.tcp_nodelay)
+        self._relay.start()
+        self.record("accepting", port=self.port)
+
     def issued_tokens(self) -> list[str]:
         """Every ownership token handed out, so tests can look for leaks."""
         return list(self.responder.tokens) if self.responder else []
@@ -425,8 +443,11 @@ def _serve(args) -> int:
         log.error("cannot use the stack: %s", exc)
         return os.EX_CONFIG
     stop = threading.Event()
-    # SIGTERM (systemd, kill, a test harness) must stop mosquitto too.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGTERM (systemd, kill, a test harness) and SIGINT must stop mosquitto too; a
+    # process started with SIGINT ignored (nohup, `&` in a script) gets no
+    # KeyboardInterrupt from Python, so Ctrl-C needs its own handler.
+    for signo in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signo, lambda *_: stop.set())
     try:
         standin.start()
     except FileExistsError as exc:

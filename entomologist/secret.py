@@ -14,10 +14,10 @@ import stat
 from pathlib import Path
 
 from . import files, logs
-from .config import SECRET_PARAMETER as PARAMETER
+from .config import SECRET_MAX_CHARS as MAX_CHARS, SECRET_PARAMETER as PARAMETER
 from .errors import ConfigError
 
-MIN_CHARS, MAX_CHARS = 16, 256
+MIN_CHARS = 16
 MAX_FILE_BYTES = MAX_CHARS + 2
 HINT = "PROVISIONING_SECRET_FILE and the file's owner and mode (0600)"
 

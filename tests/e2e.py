@@ -76,7 +76,7 @@ class DeviceState:
         if completed:
             leftovers = [p.name for p in self.cert_dir.iterdir()] if self.cert_dir.exists() else []
             assert set(leftovers) <= {"certificate.pem.crt", "private.pem.key",
-                                      "AmazonRootCA1.pem", "run.lock",
+                                      "AmazonRootCA1.pem", "run.lock", "installed-for.json",
                                       "device-configuration.json",
                                       "provisioning-spend.json"}, leftovers
             spent = self.cert_dir / "provisioning-spend.json"
