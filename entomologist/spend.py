@@ -68,6 +68,10 @@ MAX_UNREGISTERED_PER_HOUR = 3
 HINT = ("the claim policy (iot:Receive and iot:Subscribe on the provisioning topics), "
         "then the network link; the wait ends by itself")
 
+UNREGISTERED_HINT = ("the network link (answers lost after a certificate was created) and that "
+                     "the claim policy allows iot:Receive on the certificate topics; the wait "
+                     "ends by itself")
+
 _WHAT = {SENT: "RegisterThing got no answer", REFUSED: "a subscription was refused",
          UNREADABLE: "the spend record was unreadable"}
 
@@ -149,30 +153,34 @@ class SpendRecord:
 
     def next_attempt(self) -> tuple[float, str]:
         """When the next claim connection may start (0: now), and why."""
+        at, why, _ = self._limit()
+        return at, why
+
+    def _limit(self) -> tuple[float, str, str]:
+        """The latest of the limits that apply: (when, why, what to check)."""
         current = self.now()
         day = sorted((e for e in self.entries if current - e.at < DAY), key=lambda e: e.at)
         costly = [e for e in day if e.kind in COSTLY]
         orphaning = [e for e in costly if e.kind in ORPHANING]
         unregistered = [e for e in day if e.kind in UNREGISTERED and current - e.at < HOUR]
-        limits = [(0.0, "")]
+        limits = [(0.0, "", "")]
         if costly:
             wait = WAITS[min(len(costly), len(WAITS)) - 1]
             last = costly[-1]
             limits.append((last.at + wait, f"{len(costly)} unanswered RegisterThing(s) or "
                                            f"refused subscription(s) in 24 h, the last at "
                                            f"{utc(last.at)} ({_WHAT[last.kind]}): the next "
-                                           f"attempt waits {_duration(wait)}"))
+                                           f"attempt waits {_duration(wait)}", HINT))
         if len(orphaning) >= MAX_ORPHANING_PER_DAY:
             oldest = orphaning[len(orphaning) - MAX_ORPHANING_PER_DAY]
             limits.append((oldest.at + DAY, f"{len(orphaning)} RegisterThing requests in 24 h "
-                                            f"got no answer, the most allowed per day"))
+                                            f"got no answer, the most allowed per day", HINT))
         if len(unregistered) >= MAX_UNREGISTERED_PER_HOUR:
             oldest = unregistered[len(unregistered) - MAX_UNREGISTERED_PER_HOUR]
-            limits.append((oldest.at + HOUR, f"{len(unregistered)} certificates created in the "
-                                             f"last hour were never registered, the most "
-                                             f"allowed per hour"))
+            limits.append((oldest.at + HOUR, f"{len(unregistered)} certificates asked for in "
+                                             f"the last hour were never registered, the most "
+                                             f"allowed per hour", UNREGISTERED_HINT))
         return max(limits)
-
     def unanswered_before(self, certificate_id: str) -> float | None:
         """When another certificate's RegisterThing last went unanswered in 24 h, if it did."""
         current = self.now()
@@ -192,7 +200,8 @@ class SpendRecord:
         """TransientError, before anything is sent, if an attempt now would overspend."""
         seconds, why = self.hold()
         if seconds > 0:
-            raise TransientError(f"provisioning held back, nothing sent: {why}", hint=HINT)
+            raise TransientError(f"provisioning held back, nothing sent: {why}",
+                                 hint=self._limit()[2])
 
     # -- changes, each durable before the run goes on
 

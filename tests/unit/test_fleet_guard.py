@@ -272,12 +272,17 @@ def test_a_wait_inside_the_deadline_is_slept_and_the_run_goes_on(device, cloud, 
 def test_certificates_never_registered_are_cheap_up_to_3_an_hour(
         device, cloud, clock):
     cloud.create_answers.extend(["drop", "drop", "drop"])
-    with pytest.raises(errors.TransientError, match="3 certificates created in the last hour "
+    with pytest.raises(errors.TransientError, match="3 certificates asked for in the last hour "
                                                     "were never registered"):
         run(device, cloud, clock, seconds=600)
     assert len(connects(cloud)) == 3 and len(cloud.registers()) == 0
     # The answers were lost: each request may have created a certificate.
     assert [e["kind"] for e in entries(device)] == ["create-sent"] * 3
+    clock.advance(60)
+    with pytest.raises(errors.TransientError, match="held back, nothing sent") as err:
+        run(device, cloud, clock)
+    assert err.value.hint.startswith("the network link")
+    assert len(connects(cloud)) == 3
     clock.advance(3600)
     run(device, cloud, clock)
     assert device.device["PROVISION_STATUS"] == "True"
@@ -368,7 +373,7 @@ def test_certificates_created_and_refused_or_never_sent_are_cheap(tmp_path, cloc
             record.rejected(f"{n:064x}")
         clock.advance(10)
     at, why = record.next_attempt()
-    assert at == first + spend.HOUR and "3 certificates created in the last hour" in why
+    assert at == first + spend.HOUR and "3 certificates asked for in the last hour" in why
     kinds = [e["kind"] for e in json.loads((tmp_path / SPEND).read_text())["entries"]]
     assert kinds == ["created", "register-rejected", "created"]
 
