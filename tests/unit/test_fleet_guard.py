@@ -416,3 +416,21 @@ def test_a_register_throttled_until_the_deadline_was_answered_and_costs_no_wait(
     cloud.register_answers.clear()
     run(device, cloud, clock)
     assert device.device["PROVISION_STATUS"] == "True"
+
+
+def test_restarted_by_systemd_for_a_day_a_camera_whose_answers_never_come_mints_at_most_6(
+        device, cloud, clock):
+    """The unit's --timeout 120; restarts every 10 min here (every 60 s would only add
+    runs that are held back)."""
+    cloud.register_answers.extend([None] * 100)
+    start, per_run = clock.now(), []
+    while clock.now() - start < spend.DAY:
+        before = len(cloud.issued)
+        with pytest.raises(errors.TransientError):
+            run(device, cloud, clock, seconds=120)
+        per_run.append(len(cloud.issued) - before)
+        clock.advance(600)
+    # The first run tries twice (the minute's wait fits its deadline); then 10 min, 1 h,
+    # 6 h, 6 h, and the day's cap.
+    assert per_run[:3] == [2, 1, 0]
+    assert sum(per_run) == 6
