@@ -98,24 +98,6 @@ def needs_provisioning(config: Config, cert_dir: CertDir) -> bool:
     return True
 
 
-def check_claim(settings: ProvisioningSettings, root_ca: Path) -> None:
-    """The claim pair and the CA must be ours to trust and must work together."""
-    hint = "CLAIM_CERT and CLAIM_KEY in the config"
-    pems = []
-    for what, path in (("claim certificate", settings.claim_cert),
-                       ("claim key", settings.claim_key)):
-        real = files.trusted_path(path, what, hint=hint)
-        pems.append(files.read_bounded(real, what, hint=hint))
-    problem = certs.pair_problem(*pems)
-    if problem:
-        raise ConfigError(f"claim files unusable: {problem}", hint=hint)
-    ca = files.read_bounded(files.trusted_path(root_ca, "ROOT_CA"), "ROOT_CA",
-                            hint="ROOT_CA in the config")
-    if certs.certificate_problem(ca):
-        raise ConfigError(f"ROOT_CA {root_ca}: {certs.certificate_problem(ca)}",
-                          hint="ROOT_CA in the config")
-
-
 def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline,
               build: mqtt.Builder | None = None,
               sleep: Callable[[float], None] = time.sleep,
@@ -130,7 +112,7 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
     accepted the registration is recorded in CERT_DIR, and a run that fails
     after that point is completed by the next one without any request.
     """
-    check_claim(settings, config.root_ca)
+    certs.check_claim(settings.claim_cert, settings.claim_key, config.root_ca)
     clock.check_clock([settings.claim_cert, config.root_ca], now)
     rehearse_update(config)
     if lost and config.provisioned:

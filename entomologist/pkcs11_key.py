@@ -340,13 +340,18 @@ class Token:
     def reconcile(self, certificate_public_key_der: bytes) -> KeyPair | None:
         """The final pair matching the installed certificate, finishing a promotion that
         a killed run left half done; None if no pair matches (provision again)."""
-        pairs = self._our_pairs(remove_orphans=True)
+        chosen = self.matching(certificate_public_key_der, remove_orphans=True)
+        return None if chosen is None else self.promote(chosen)
+
+    def matching(self, certificate_public_key_der: bytes,
+                 remove_orphans: bool = False) -> KeyPair | None:
+        """The pair whose public key the certificate carries (under the final label if
+        there is one there), changing nothing but, when asked, removing half pairs."""
+        pairs = self._our_pairs(remove_orphans=remove_orphans)
         matching = [pair for pair in pairs if pair.public_key_der() == certificate_public_key_der]
-        if not matching:
-            return None
         final = self.settings.key_label
-        chosen = next((pair for pair in matching if pair.label == final), matching[0])
-        return self.promote(chosen)
+        return next((pair for pair in matching if pair.label == final),
+                    matching[0] if matching else None)
 
     def all_objects(self) -> list[tuple[str, str, bytes]]:
         """(class, label, id) of every object the user can see: for tests and diagnostics."""

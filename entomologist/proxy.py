@@ -151,20 +151,38 @@ def connect_status(proxy: Proxy, host: str, port: int, timeout: float) -> int:
 
     Raises OSError or HTTPException when it cannot be asked or answers nonsense.
     """
+    status, sock = open_tunnel(proxy, host, port, timeout)
+    sock.close()
+    return status
+
+
+def open_tunnel(proxy: Proxy, host: str, port: int,
+                timeout: float) -> tuple[int, socket.socket]:
+    """CONNECT host:port through ``proxy`` as awscrt asks it: the status, and the
+    socket, which carries the tunnel when the status is 200 (the caller closes it).
+
+    Raises OSError or HTTPException when it cannot be asked or answers nonsense.
+    """
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
     if proxy.username is not None:
         token = base64.b64encode(f"{proxy.username}:{proxy.password}".encode()).decode("ascii")
         lines.append(f"Proxy-Authorization: Basic {token}")
-    with socket.create_connection((proxy.host, proxy.port), timeout=timeout) as sock:
+    sock = socket.create_connection((proxy.host, proxy.port), timeout=timeout)
+    try:
         sock.settimeout(timeout)
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
+        # The proxy sends nothing after its headers until the client speaks, so
+        # the response's buffered reader takes nothing of the tunnel.
         response = HTTPResponse(sock, method="CONNECT")
         try:
             response.begin()
-            return response.status
+            return response.status, sock
         finally:
             response.close()
+    except BaseException:
+        sock.close()
+        raise
 
 
 def refusal(proxy: Proxy, host: str, port: int, status: int) -> EntoError:
