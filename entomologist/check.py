@@ -1,0 +1,553 @@
+"""``boot.py --check``: whether the next boot would succeed, asked without doing it.
+
+Every check a boot makes before it spends anything, in the order the boot
+makes them, with the product's own functions (config loading, trust,
+certificates, the clock, the proxy, the MQTT connection, AWS's
+IotIdentityClient), one result each.  Nothing is written: no lock file, no
+CERT_DIR, no config rewrite, no temporary file; a running boot is found by
+a probe of its lock, never waited for.
+
+The network is checked in the order a connection goes: DNS, the HTTP proxy
+(CONNECT answered), TCP, the TLS handshake, then MQTT.  The TLS handshake is
+Python's ssl against ROOT_CA rather than awscrt's: awscrt (s2n) answers a
+server certificate that does not verify only after a 10 to 30 s delay (its
+blinding), Python's ssl at once.  It is capped at TLS 1.2 when it presents a
+certificate: the server's verdict on that certificate is then part of the
+handshake (under TLS 1.3 it comes after the client has finished).
+
+The exit code is the one the next boot would end with: that of the first
+check that fails, in the boot's order; 0 if none does.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import ssl
+import stat
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, TextIO
+
+from . import certs, clock, config as configuration, files, fleet, lock, logs, mqtt
+from . import proxy as http_proxy
+from .credentials import CertDir
+from .errors import ConfigError, EntoError, StorageError, TransientError, exit_code
+from .retries import Deadline
+
+log = logging.getLogger("entomologist.check")
+
+CHECK_TIMEOUT = 30.0
+# Room a first boot needs in CERT_DIR: the registration reserve, a key, two
+# certificates, the CA and the device configuration, with some margin.
+ROOM_NEEDED = 256 * 1024
+CONNECT_FLAG = "--connect-as-thing"
+
+
+@dataclass
+class Result:
+    name: str
+    status: str          # "ok", "fail", "warn" or "skip"
+    detail: str
+    hint: str | None
+    milliseconds: int
+    exit_code: int       # what this result alone would make the boot end with
+
+
+class Failed(Exception):
+    """A check failed: the checks that need its result are skipped."""
+
+
+class Checks:
+    def __init__(self, emit: Callable[[Result], None]):
+        self.emit = emit
+        self.results: list[Result] = []
+
+    def _add(self, result: Result) -> None:
+        result.detail = logs.clean_line(result.detail)
+        result.hint = logs.clean_line(result.hint) if result.hint else None
+        self.results.append(result)
+        self.emit(result)
+
+    def run(self, name: str, check: Callable[[], object]):
+        """Run one check; its value, or Failed.  ``check`` returns the detail, or
+        (detail, value), or raises EntoError; a Warning() result it returns is a warning."""
+        started = time.monotonic()
+
+        def ms() -> int:
+            return round((time.monotonic() - started) * 1000)
+        try:
+            outcome = check()
+        except EntoError as exc:
+            self._add(Result(name, "fail", str(exc), exc.hint, ms(), exit_code(exc)))
+            raise Failed(name) from None
+        except Exception as exc:
+            log.exception("unexpected error in the %s check (a bug): please report it", name)
+            self._add(Result(name, "fail", f"unexpected error (a bug): {type(exc).__name__}",
+                             None, ms(), os.EX_SOFTWARE))
+            raise Failed(name) from None
+        if isinstance(outcome, Warn):
+            self._add(Result(name, "warn", outcome.detail, outcome.hint, ms(), os.EX_OK))
+            return None
+        detail, value = outcome if isinstance(outcome, tuple) else (outcome, None)
+        self._add(Result(name, "ok", detail, None, ms(), os.EX_OK))
+        return value
+
+    def skip(self, name: str, why: str) -> None:
+        self._add(Result(name, "skip", why, None, 0, os.EX_OK))
+
+    def exit_code(self) -> int:
+        return next((r.exit_code for r in self.results if r.status == "fail"), os.EX_OK)
+
+
+@dataclass
+class Warn:
+    detail: str
+    hint: str | None = None
+
+
+@dataclass
+class Plan:
+    """What the next boot would do with CERT_DIR."""
+
+    action: str                  # "provision", "install" or "report"
+    why: str
+    cert_dir: CertDir | None     # None: it does not exist yet
+
+
+# ------------------------------------------------------------------ local checks
+
+def check_config(path: Path):
+    config = configuration.load_config(path)
+    storage = "a PKCS#11 token" if config.token else "a key file"
+    via = f", through the HTTP proxy {config.proxy}" if config.proxy else ""
+    return (f"{path}: SERIAL_ID {config.serial_id}, endpoint {config.host}:{config.port}, "
+            f"device key in {storage}{via}", config)
+
+
+def check_token(config: configuration.Config):
+    from . import pkcs11_key
+    settings = config.token
+    with pkcs11_key.open_token(settings) as token:
+        pairs = len(token.pairs(settings.key_label))
+    return (f"module {settings.library}, token {settings.token_label!r}: the PIN is accepted; "
+            f"{pairs} key pair(s) labelled {settings.key_label!r}")
+
+
+PLAN_WORDS = {"provision": "provision it",
+              "install": "install them, without any request",
+              "report": "only send its boot message"}
+
+
+def check_cert_dir(config: configuration.Config):
+    cert_dir = CertDir.existing(config.cert_dir, config.token)
+    if cert_dir is None:
+        files.trusted_path(Path(os.path.join(os.getcwd(), config.cert_dir)).parent,
+                           "the folder of CERT_DIR")
+        plan = Plan("provision", f"no {config.cert_dir} yet", None)
+    elif (registration := cert_dir.registration(repair=False)) is not None:
+        plan = Plan("install", f"thing {registration.thing_name} is registered and its "
+                               f"credentials wait in {config.cert_dir}", cert_dir)
+    elif (problem := cert_dir.installed_problem(repair=False)) is not None:
+        plan = Plan("provision", f"not provisioned: {problem}", cert_dir)
+    else:
+        plan = Plan("report", f"provisioned (credentials in {config.cert_dir})", cert_dir)
+    return f"{plan.why}; the next boot will {PLAN_WORDS[plan.action]}", plan
+
+
+def check_lock(config: configuration.Config, plan: Plan):
+    if plan.cert_dir is None:
+        return "no boot running (no CERT_DIR yet)"
+    held = lock.holder(plan.cert_dir.path, os.environ.get("RUNTIME_DIRECTORY"))
+    if held is not None:
+        return Warn(f"a boot is running now (it holds {held}); what follows may change "
+                    "when it ends", hint="the journal: journalctl -u entomologist-provision")
+    return "no boot running"
+
+
+def check_claim(config: configuration.Config):
+    settings = configuration.provisioning_settings(config)
+    certs.check_claim(settings.claim_cert, settings.claim_key, config.root_ca)
+    return (f"claim certificate {settings.claim_cert} and its key match; ROOT_CA "
+            f"{config.root_ca} parses; template {settings.template_name}, {settings.api}",
+            settings)
+
+
+def device_ca(config: configuration.Config, plan: Plan) -> Path:
+    return plan.cert_dir.ca_for_connection(config.root_ca)
+
+
+def check_device_credentials(config: configuration.Config, plan: Plan):
+    """What update_boot_status needs: the pair (already found sound) and its CA."""
+    ca = device_ca(config, plan)
+    hint = "ROOT_CA in the config"
+    problem = certs.certificate_problem(files.read_bounded(ca, "CA file", hint=hint))
+    if problem:
+        raise ConfigError(f"CA file {ca}: {problem}", hint=hint)
+    key = f"token {config.token.token_label!r}" if config.token else str(plan.cert_dir.key)
+    return f"certificate {plan.cert_dir.cert} and its key in {key} match; CA {ca} parses"
+
+
+def check_clock(certificate_files: list[Path], now: Callable[[], float]):
+    clock.check_clock(certificate_files, now)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(now()))} is after the start " \
+           f"of validity of {', '.join(map(str, certificate_files))}"
+
+
+def _writable(directory: Path) -> str | None:
+    """Why the boot could not create files in ``directory``, found without writing.
+
+    The unit runs as root without capabilities: as root, only the owner's write
+    bit of a folder root owns counts."""
+    try:
+        st = os.stat(directory)
+        vfs = os.statvfs(directory)
+    except OSError as exc:
+        return f"cannot be examined: {exc.strerror}"
+    if vfs.f_flag & os.ST_RDONLY:
+        return "is on a read-only file system"
+    if os.geteuid() == 0:
+        if not (st.st_uid == 0 and st.st_mode & stat.S_IWUSR):
+            return "is not writable by root without privileges (the unit's case)"
+    elif not os.access(directory, os.W_OK):
+        return "is not writable by this user"
+    if vfs.f_bavail * vfs.f_frsize < ROOM_NEEDED:
+        return f"has less than {ROOM_NEEDED // 1024} KiB free"
+    return None
+
+
+def check_storage(config: configuration.Config, plan: Plan):
+    folders: list[tuple[str, Path]] = []
+    if plan.action in ("provision", "install"):
+        if plan.action == "provision":
+            configuration.longest_update(config)  # renders faithfully, within the limit
+        if plan.cert_dir:
+            folders.append(("CERT_DIR", plan.cert_dir.path))
+        else:
+            folders.append(("the folder of CERT_DIR",
+                            Path(os.path.join(os.getcwd(), config.cert_dir)).parent))
+    if plan.action != "report" or not config.provisioned:
+        folders.append(("the config's folder", config.real_path.parent))
+    for what, folder in folders:
+        problem = _writable(folder)
+        if problem:
+            raise StorageError(f"{what} {folder} {problem}; the next boot must write there",
+                               hint=f"that {folder} is writable and the disk is not full")
+    if not folders:
+        return "nothing to write: PROVISION_STATUS is already True"
+    return "can write " + " and ".join(f"{what} {folder}" for what, folder in folders)
+
+
+# ----------------------------------------------------------------- the network
+
+def _bounded(call: Callable[[], object], timeout: float, what: str):
+    """``call`` in a thread, given up after ``timeout`` (getaddrinfo has no time limit)."""
+    box: list = []
+
+    def target() -> None:
+        try:
+            box.append((True, call()))
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+            box.append((False, exc))
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not box:
+        raise TransientError(f"{what}: no answer in {timeout:.0f} s", hint="the network link")
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def check_dns(config: configuration.Config, deadline: Deadline):
+    host, port = ((config.proxy.host, config.proxy.port) if config.proxy
+                  else (config.host, config.port))
+    what = f"the HTTP proxy's host {host}" if config.proxy else f"ENDPOINT_URL {host}"
+    try:
+        infos = _bounded(lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM),
+                         deadline.step("DNS"), f"resolve {what}")
+    except socket.gaierror as exc:
+        raise TransientError(f"cannot resolve {what}: {exc.strerror}",
+                             hint="DNS, ENDPOINT_URL" + (" and HTTP_PROXY" if config.proxy
+                                                         else "")) from None
+    addresses = sorted({info[4][0] for info in infos})
+    note = "; the proxy resolves ENDPOINT_URL" if config.proxy else ""
+    return f"{what} is {', '.join(addresses[:4])}{note}"
+
+
+def check_proxy(config: configuration.Config, deadline: Deadline):
+    proxy = config.proxy
+    try:
+        status, sock = http_proxy.open_tunnel(proxy, config.host, config.port,
+                                              min(deadline.step("HTTP proxy"),
+                                                  http_proxy.PROBE_LIMIT_S))
+    except (OSError, http_proxy.HTTPException) as exc:
+        raise TransientError(f"cannot reach the HTTP proxy {proxy}: {type(exc).__name__}",
+                             hint=f"that the proxy is running and reachable, and "
+                                  f"{http_proxy.KEY}") from None
+    if status != 200:
+        sock.close()
+        raise http_proxy.refusal(proxy, config.host, config.port, status)
+    return f"the HTTP proxy {proxy} opened a tunnel to {config.host}:{config.port}", sock
+
+
+def check_tcp(config: configuration.Config, deadline: Deadline):
+    try:
+        sock = socket.create_connection((config.host, config.port), deadline.step("TCP"))
+    except OSError as exc:
+        raise TransientError(f"connect to {config.host}:{config.port} failed: "
+                             f"{exc.strerror or type(exc).__name__}",
+                             hint=mqtt.NETWORK_HINT) from None
+    peer = sock.getpeername()[0]
+    return f"{config.host}:{config.port} ({peer}) accepts connections", sock
+
+
+def tls_context(ca_pem: bytes, port: int, pair: tuple[Path, Path] | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cadata=ca_pem.decode("ascii", "replace"))
+    if port == 443:
+        context.set_alpn_protocols(["x-amzn-mqtt-ca"])  # as the boot's builder offers on 443
+    if pair is not None:
+        # ssl reads them only by path: the claim files were found trusted, and
+        # CERT_DIR, where nobody else can add or replace an entry, holds the device's.
+        context.load_cert_chain(*pair)
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def check_tls(config: configuration.Config, deadline: Deadline, sock: socket.socket,
+              ca: Path, pair: tuple[Path, Path] | None, whose: str):
+    hint = "ROOT_CA in the config"
+    ca_pem = files.read_bounded(ca, "CA file", hint=hint)
+    try:
+        context = tls_context(ca_pem, config.port, pair)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"cannot load the TLS files ({type(exc).__name__})",
+                          hint=f"{ca}" + (f", {pair[0]} and {pair[1]}" if pair else "")) from None
+    sock.settimeout(deadline.step("TLS handshake"))
+    try:
+        with context.wrap_socket(sock, server_hostname=config.host) as tls:
+            version = tls.version()
+    except ssl.SSLCertVerificationError as exc:
+        raise TransientError(f"TLS with {config.host}:{config.port}: the server's certificate "
+                             f"does not verify against {ca} ({exc.verify_message})",
+                             hint=f"{hint}, and that ENDPOINT_URL is this account's "
+                                  f"endpoint") from None
+    except ssl.SSLError as exc:
+        reason = exc.reason or type(exc).__name__
+        if "ALERT" in reason.upper() and pair is not None:
+            raise TransientError(f"TLS with {config.host}:{config.port}: the server refused "
+                                 f"the {whose} certificate ({reason})",
+                                 hint=f"that {pair[0]} is registered with AWS IoT and active, "
+                                      f"and ENDPOINT_URL") from None
+        raise TransientError(f"TLS with {config.host}:{config.port} failed: {reason}",
+                             hint=mqtt.NETWORK_HINT) from None
+    except (OSError, TimeoutError) as exc:
+        raise TransientError(f"TLS with {config.host}:{config.port} failed: "
+                             f"{type(exc).__name__}", hint=mqtt.NETWORK_HINT) from None
+    finally:
+        sock.close()
+    shown = f"with the {whose} certificate" if pair else "(server verified only)"
+    return (f"{version} {shown}: the server's certificate for {config.host} verifies "
+            f"against {ca}")
+
+
+def check_claim_mqtt(config: configuration.Config, settings: configuration.ProvisioningSettings,
+                     deadline: Deadline, build: mqtt.Builder | None):
+    link = mqtt.connect(mqtt.Endpoint(config.host, config.port, config.root_ca),
+                        settings.claim_cert, settings.claim_key, config.serial_id,
+                        deadline.step("connect with the claim certificate"), build,
+                        proxy=config.proxy)
+    try:
+        service = fleet.FleetProvisioning(link, settings.template_name, settings.csr_mode,
+                                          deadline)
+        service.subscribe()
+    finally:
+        link.close()
+    return (f"CONNECT as {config.serial_id} with the claim certificate accepted; subscribed "
+            f"to {' and '.join(service.resources.values())}; nothing published")
+
+
+def check_device_mqtt(config: configuration.Config, plan: Plan, deadline: Deadline,
+                      build: mqtt.Builder | None):
+    cert_dir = plan.cert_dir
+    key, builder = cert_dir.key, build
+    if config.token is not None:
+        from . import pkcs11_key
+        key = pkcs11_key.token_key(config.token)
+        builder = build or pkcs11_key.build_connection
+    client_id = config.thing_name or config.serial_id
+    link = mqtt.connect(mqtt.Endpoint(config.host, config.port, device_ca(config, plan)),
+                        cert_dir.cert, key, client_id,
+                        deadline.step("connect with the device certificate"), builder,
+                        proxy=config.proxy)
+    link.close()
+    return f"CONNECT as {client_id} with the device certificate accepted; nothing published"
+
+
+# --------------------------------------------------------------------- the run
+
+def run_checks(config_path: Path, deadline: Deadline, emit: Callable[[Result], None],
+               connect_as_thing: bool = False, build: mqtt.Builder | None = None,
+               now: Callable[[], float] = time.time) -> int:
+    """Every check, in the boot's order; the exit code the next boot would end with."""
+    checks = Checks(emit)
+    try:
+        config = checks.run("config", lambda: check_config(config_path))
+    except Failed:
+        return checks.exit_code()
+    local_ok = True
+
+    def attempt(name: str, check: Callable[[], object]):
+        nonlocal local_ok
+        try:
+            return checks.run(name, check)
+        except Failed:
+            local_ok = False
+            raise
+
+    plan = settings = None
+    try:
+        if config.token is not None:
+            attempt("token", lambda: check_token(config))
+        plan = attempt("cert-dir", lambda: check_cert_dir(config))
+    except Failed:
+        pass
+    if plan is not None:
+        checks.run("lock", lambda: check_lock(config, plan))
+    else:
+        checks.skip("lock", "needs CERT_DIR")
+
+    credentials_ok = False
+    clock_files: list[Path] = []
+    if plan is None:
+        checks.skip("credentials", "needs CERT_DIR")
+    else:
+        try:
+            if plan.action == "provision":
+                settings = attempt("claim", lambda: check_claim(config))
+                clock_files = [settings.claim_cert, config.root_ca]
+            elif plan.action == "report":
+                attempt("credentials", lambda: check_device_credentials(config, plan))
+                clock_files = [plan.cert_dir.cert, device_ca(config, plan)]
+            else:
+                checks.skip("credentials", "the registered pair is installed from the files "
+                                           "the run that registered it checked")
+                clock_files = [config.root_ca]
+            credentials_ok = True
+        except Failed:
+            pass
+
+    clock_ok = False
+    if clock_files:
+        try:
+            attempt("clock", lambda: check_clock(clock_files, now))
+            clock_ok = True
+        except Failed:
+            pass
+    else:
+        checks.skip("clock", "needs the certificates")
+
+    if plan is not None:
+        try:
+            attempt("storage", lambda: check_storage(config, plan))
+        except Failed:
+            pass
+    else:
+        checks.skip("storage", "needs CERT_DIR")
+
+    # The provisioning secret file (the fleet guard) is checked here, before the network,
+    # as the boot reads it before its first request.
+
+    try:
+        checks.run("dns", lambda: check_dns(config, deadline))
+        if config.proxy is not None:
+            sock = checks.run("proxy", lambda: check_proxy(config, deadline))
+        else:
+            sock = checks.run("tcp", lambda: check_tcp(config, deadline))
+    except Failed:
+        for name in ("tls", "mqtt"):
+            checks.skip(name, "needs the network checks above")
+        return checks.exit_code()
+
+    if not (credentials_ok and clock_ok):
+        sock.close()
+        for name in ("tls", "mqtt"):
+            checks.skip(name, "needs the credentials and the clock above")
+        return checks.exit_code()
+
+    if plan.action == "provision":
+        pair, whose, ca = (settings.claim_cert, settings.claim_key), "claim", config.root_ca
+    elif plan.action == "report" and config.token is None:
+        pair, whose, ca = (plan.cert_dir.cert, plan.cert_dir.key), "device", \
+            device_ca(config, plan)
+    else:
+        # A token's key cannot be handed to Python's ssl; a registration waiting
+        # to be installed has no installed pair yet.
+        pair, whose, ca = None, "", device_ca(config, plan) if plan.action == "report" \
+            else config.root_ca
+    try:
+        checks.run("tls", lambda: check_tls(config, deadline, sock, ca, pair, whose))
+    except Failed:
+        checks.skip("mqtt", "needs the TLS handshake")
+        return checks.exit_code()
+
+    if plan.action == "provision":
+        try:
+            checks.run("mqtt", lambda: check_claim_mqtt(config, settings, deadline, build))
+        except Failed:
+            pass
+    elif plan.action == "report" and connect_as_thing:
+        try:
+            checks.run("mqtt", lambda: check_device_mqtt(config, plan, deadline, build))
+        except Failed:
+            pass
+    elif plan.action == "report":
+        checks.skip("mqtt", f"no MQTT CONNECT as {config.thing_name or config.serial_id}: it "
+                            f"would drop the camera application's own connection "
+                            f"({CONNECT_FLAG} does it)")
+    else:
+        checks.skip("mqtt", "the next boot installs a registered pair before it connects")
+    return checks.exit_code()
+
+
+# --------------------------------------------------------------------- output
+
+EXIT_MEANINGS = {os.EX_OK: "the next boot would succeed as far as can be told",
+                 os.EX_TEMPFAIL: "transient: the next boot would fail and be retried",
+                 os.EX_CONFIG: "configuration: the next boot would fail until it is fixed",
+                 os.EX_DATAERR: "the service would refuse",
+                 os.EX_CANTCREAT: "the next boot could not write what it must",
+                 os.EX_SOFTWARE: "a bug"}
+
+
+def human_line(result: Result) -> str:
+    status = {"fail": "FAIL", "warn": "WARN"}.get(result.status, result.status)
+    hint = f"; check {result.hint}" if result.hint else ""
+    took = f" ({result.milliseconds} ms)" if result.status != "skip" else ""
+    return f"{status:<5}{result.name:<12}{result.detail}{hint}{took}"
+
+
+def run(config_path: Path, timeout: float, as_json: bool, connect_as_thing: bool,
+        out: TextIO, build: mqtt.Builder | None = None,
+        now: Callable[[], float] = time.time) -> int:
+    """Print one line per check (JSON lines with ``as_json``) and a last summary line."""
+    started = time.monotonic()
+
+    def emit(result: Result) -> None:
+        out.write((json.dumps(asdict(result)) if as_json else human_line(result)) + "\n")
+        out.flush()
+
+    code = run_checks(config_path, Deadline(timeout), emit, connect_as_thing, build, now)
+    summary = Result("result", "ok" if code == os.EX_OK else "fail",
+                     f"exit {code}: {EXIT_MEANINGS.get(code, '')}", None,
+                     round((time.monotonic() - started) * 1000), code)
+    if as_json:
+        out.write(json.dumps(asdict(summary)) + "\n")
+    else:
+        out.write(f"{summary.detail} ({summary.milliseconds} ms)\n")
+    out.flush()
+    return code
