@@ -1,0 +1,254 @@
+"""boot.py --check against the stand-in: one line per check, the exit code the next boot
+would end with, and nothing written, requested or published."""
+import fcntl
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from e2e import ROOT, device_doc, run_script
+from iot_standin import StandIn
+from standin import template as templates
+from standin.ca import StandInCA, write_new
+from test_proxy_e2e import tinyproxy, tinyproxy_installed  # noqa: F401 (fixtures)
+
+def check(standin_or_path, *args, timeout=60, env=None, prefix=()):
+    """Run --check as a process (under ``prefix``, a command such as faketime)."""
+    config = getattr(standin_or_path, "config_path", standin_or_path)
+    proc = subprocess.run([*prefix, sys.executable, str(ROOT / "boot.py"), "--config", str(config),
+                           "--check", *args], stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return proc
+
+
+def lines(proc) -> dict[str, str]:
+    """Human output: {check name: its line}."""
+    found = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) >= 2 and parts[0] in ("ok", "FAIL", "WARN", "skip"):
+            found[parts[1]] = line
+    return found
+
+
+def records(proc) -> list[dict]:
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def snapshot(root) -> dict:
+    """Every entry under the device's folders (the stand-in's own folder aside):
+    name, mode, owner, mtime and content."""
+    found = {}
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "standin"]
+        for name in [".", *dirs, *names]:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            content = None
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    content = f.read()
+            found[os.path.relpath(path, root)] = (st.st_mode, st.st_uid, st.st_mtime_ns,
+                                                  content)
+    return found
+
+
+def published_by_device(standin) -> list[str]:
+    """mosquitto's log lines of PUBLISHes it received from anyone but the responder."""
+    log = (standin.dir / "mosquitto.log").read_text(errors="replace")
+    return [line for line in log.splitlines()
+            if "Received PUBLISH from" in line and "standin-responder" not in line]
+
+
+REQUESTS = {"create-request", "csr-request", "register-request", "boot", "denied"}
+
+
+def test_a_healthy_camera_checks_ok_before_and_after_provisioning_and_nothing_changes(standin):
+    before = snapshot(standin.workdir)
+    proc = check(standin)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = lines(proc)
+    assert list(found) == ["config", "cert-dir", "lock", "claim", "clock", "storage", "dns",
+                           "tcp", "tls", "mqtt"]
+    assert all(line.startswith("ok ") for line in found.values()), proc.stdout
+    assert "the next boot will provision it" in found["cert-dir"]
+    assert ("CONNECT as CAM-0001 with the claim certificate accepted; subscribed to "
+            "$aws/certificates/create/* and "
+            "$aws/provisioning-templates/ento-fleet-template/provision/*") in found["mqtt"]
+    assert proc.stdout.splitlines()[-1].startswith("exit 0: the next boot would succeed")
+    assert snapshot(standin.workdir) == before
+    assert not REQUESTS & {e["event"] for e in standin.events()}
+    assert published_by_device(standin) == []
+
+    assert run_script("boot.py", standin.config_path).code == 0
+    before, events = snapshot(standin.workdir), len(standin.events())
+    publishes = len(published_by_device(standin))
+    for args in ((), ("--connect-as-thing",)):
+        proc = check(standin, *args)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        found = lines(proc)
+        assert "the next boot will only send its boot message" in found["cert-dir"]
+        assert "with the device certificate" in found["tls"]
+        assert "nothing to write: PROVISION_STATUS is already True" in found["storage"]
+    assert found["mqtt"].startswith("ok ")
+    assert "CONNECT as ento-CAM-0001 with the device certificate accepted" in found["mqtt"]
+    assert snapshot(standin.workdir) == before
+    assert standin.events()[events:] == []
+    assert len(published_by_device(standin)) == publishes
+
+
+def test_a_provisioned_camera_makes_no_mqtt_connection_unless_asked(standin):
+    assert run_script("boot.py", standin.config_path).code == 0
+    connects = standin.dir.joinpath("mosquitto.log").read_text().count("as ento-CAM-0001")
+    proc = check(standin)
+    assert proc.returncode == 0, proc.stdout
+    assert lines(proc)["mqtt"].startswith(
+        "skip mqtt        no MQTT CONNECT as ento-CAM-0001: it would drop the camera "
+        "application's own connection (--connect-as-thing does it)")
+    assert standin.dir.joinpath("mosquitto.log").read_text().count("as ento-CAM-0001") == connects
+
+
+def test_json_output_is_one_object_per_line_and_check_then_the_result(standin):
+    proc = check(standin, "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    objects = records(proc)
+    assert [o["name"] for o in objects] == ["config", "cert-dir", "lock", "claim", "clock",
+                                            "storage", "dns", "tcp", "tls", "mqtt", "result"]
+    for o in objects:
+        assert set(o) == {"name", "status", "detail", "hint", "milliseconds", "exit_code"}
+        assert o["status"] == "ok" and isinstance(o["milliseconds"], int)
+    assert objects[-1]["exit_code"] == 0
+
+
+def test_a_server_certificate_from_another_ca_fails_the_tls_line_at_once_with_75(standin):
+    write_new(standin.workdir / "other-ca.pem", StandInCA("Another CA").pem, 0o644)
+    standin.write_device_config(ROOT_CA="other-ca.pem")
+    proc = check(standin, "--json")
+    assert proc.returncode == 75, proc.stdout
+    tls = next(o for o in records(proc) if o["name"] == "tls")
+    assert tls["status"] == "fail" and tls["exit_code"] == 75
+    assert tls["detail"].startswith(f"TLS with localhost:{standin.port}: the server's "
+                                    "certificate does not verify against ")
+    assert "other-ca.pem (self-signed certificate in certificate chain)" in tls["detail"]
+    assert tls["hint"].startswith("ROOT_CA in the config")
+    assert next(o for o in records(proc) if o["name"] == "mqtt")["status"] == "skip"
+    assert standin.events("denied") == []
+
+
+def without_the_register_topics(stack):
+    for statement in stack.claim_policies[0]["Statement"]:
+        if statement["Action"] == "iot:Subscribe":
+            statement["Resource"] = [r for r in statement["Resource"]
+                                     if "provisioning-templates" not in r]
+
+
+def test_a_claim_policy_without_the_answer_topics_fails_the_mqtt_line_with_75(tmp_path):
+    stack = templates.load_stack()
+    without_the_register_topics(stack)
+    with StandIn(tmp_path, stack=stack) as standin:
+        proc = check(standin, "--timeout", "3")
+        denied = standin.events("denied")
+        requests = REQUESTS & {e["event"] for e in standin.events()}
+    assert proc.returncode == 75, proc.stdout
+    line = lines(proc)["mqtt"]
+    # The stand-in closes the connection on a denied SUBSCRIBE (AWS answers 0x80 for that
+    # topic): every subscription still pending fails, and the first one is named.
+    assert line.startswith("FAIL mqtt        subscribe to $aws/"), line
+    assert "the certificate's policy may not allow iot:Subscribe on $aws/" in line
+    assert [d["action"] for d in denied] == ["iot:Subscribe"]
+    assert denied[0]["resource"].endswith(
+        "topicfilter/$aws/provisioning-templates/ento-fleet-template/provision/json/accepted")
+    assert requests == {"denied"}
+
+
+def test_the_broker_down_fails_the_tcp_line_with_75(device_files):
+    proc = check(device_files)
+    assert proc.returncode == 75, proc.stdout
+    found = lines(proc)
+    assert found["tcp"].startswith(f"FAIL tcp         connect to localhost:{device_files.port} "
+                                   "failed: Connection refused; check the network link")
+    assert found["tls"].startswith("skip tls         needs the network checks above")
+    assert found["claim"].startswith("ok ")
+
+
+def test_a_clock_in_the_past_fails_the_clock_line_with_75_and_skips_the_handshake(standin):
+    if not shutil.which("faketime"):
+        pytest.fail("faketime is not installed: run `make test`, which installs it")
+    # libfaketime: the process sees the clock of a board without RTC, years behind.
+    proc = check(standin, prefix=("faketime", "-f", "@2021-01-01 00:00:00"),
+                 env={"DONT_FAKE_MONOTONIC": "1"})
+    assert proc.returncode == 75, proc.stdout + proc.stderr
+    found = lines(proc)
+    assert found["clock"].startswith("FAIL clock       the system clock is not set: it reads "
+                                     "2021-01-01T00:00:0")
+    assert "check time synchronisation" in found["clock"]
+    assert found["tcp"].startswith("ok ")
+    assert found["tls"].startswith("skip tls         needs the credentials and the clock")
+
+
+def test_a_claim_key_others_can_write_fails_the_claim_line_with_78(standin):
+    os.chmod(standin.claim_key, 0o620)
+    proc = check(standin)
+    assert proc.returncode == 78, proc.stdout
+    found = lines(proc)
+    assert found["claim"].startswith(f"FAIL claim       refusing claim key {standin.claim_key}: "
+                                     "it can be written by group or others")
+    assert found["tcp"].startswith("ok ")  # the network still means something
+    assert found["mqtt"].startswith("skip ")
+
+
+def test_a_proxy_refusing_connect_to_the_port_fails_the_proxy_line_with_78(standin, tinyproxy):
+    proxy = tinyproxy([443, 563])
+    standin.write_device_config(HTTP_PROXY=proxy.url("camera:s3cret-Proxy-Pass@"))
+    proc = check(standin)
+    assert proc.returncode == 78, proc.stdout
+    found = lines(proc)
+    assert found["proxy"].startswith(
+        f"FAIL proxy       the HTTP proxy 127.0.0.1:{proxy.port} refused to CONNECT to "
+        f"localhost:{standin.port} (HTTP 403); check that the proxy's rules allow CONNECT")
+    assert "s3cret-Proxy-Pass" not in proc.stdout + proc.stderr
+    assert proxy.connects(standin.port) == 1
+
+
+def test_a_running_boot_is_reported_without_waiting_and_its_lock_is_left_alone(standin):
+    assert run_script("boot.py", standin.config_path).code == 0
+    lock_path = standin.workdir / "cert" / "run.lock"
+    with open(lock_path) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = check(standin, "--timeout", "5")
+    assert proc.returncode == 0, proc.stdout
+    assert lines(proc)["lock"].startswith(f"WARN lock        a boot is running now (it holds "
+                                          f"{lock_path})")
+
+
+def test_a_camera_without_its_lock_file_gets_none_from_the_check(standin):
+    assert run_script("boot.py", standin.config_path).code == 0
+    (standin.workdir / "cert" / "run.lock").unlink()
+    proc = check(standin)
+    assert proc.returncode == 0, proc.stdout
+    assert lines(proc)["lock"].startswith("ok   lock        no boot running")
+    assert not (standin.workdir / "cert" / "run.lock").exists()
+
+
+def test_a_read_only_device_folder_fails_storage_with_73_before_the_network(device_files):
+    # A real read-only bind mount (chmod would not show it to root).
+    if os.geteuid() != 0:
+        pytest.skip("a bind mount needs root")
+    workdir = str(device_files.workdir)
+    subprocess.run(["mount", "--bind", workdir, workdir], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", workdir], check=True)
+        proc = check(device_files)
+    finally:
+        subprocess.run(["umount", workdir], check=True)
+    assert proc.returncode == 73, proc.stdout
+    found = lines(proc)
+    assert found["storage"].startswith(
+        f"FAIL storage     the folder of CERT_DIR {workdir} is on a read-only file system; "
+        "the next boot must write there")
+    assert found["tcp"].startswith("FAIL ")  # nothing listens: 75 too, but storage comes first
+    assert device_doc(device_files)["device"]["PROVISION_STATUS"] == "False"
