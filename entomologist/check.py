@@ -338,7 +338,13 @@ def check_tls(config: configuration.Config, deadline: Deadline, sock: socket.soc
                                   f"endpoint") from None
     except ssl.SSLError as exc:
         reason = exc.reason or type(exc).__name__
-        if "ALERT" in reason.upper() and pair is not None:
+        if "ALERT" in reason.upper() and pair is None:
+            # Under TLS 1.2 the server asks for a certificate after ours has verified
+            # its own, and refuses to go on without one.
+            return (f"the server's certificate for {config.host} verifies against {ca}; it "
+                    f"then asked for a client certificate, which this check cannot present "
+                    f"here ({reason})")
+        if "ALERT" in reason.upper():
             raise TransientError(f"TLS with {config.host}:{config.port}: the server refused "
                                  f"the {whose} certificate ({reason})",
                                  hint=f"that {pair[0]} is registered with AWS IoT and active, "
@@ -350,7 +356,8 @@ def check_tls(config: configuration.Config, deadline: Deadline, sock: socket.soc
                              f"{type(exc).__name__}", hint=mqtt.NETWORK_HINT) from None
     finally:
         sock.close()
-    shown = f"with the {whose} certificate" if pair else "(server verified only)"
+    shown = (f"with the {whose} certificate" if pair else
+             "without a client certificate (a token key or one not installed yet)")
     return (f"{version} {shown}: the server's certificate for {config.host} verifies "
             f"against {ca}")
 

@@ -39,12 +39,12 @@ def records(proc) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines()]
 
 
-def snapshot(root) -> dict:
+def snapshot(root, besides=("standin",)) -> dict:
     """Every entry under the device's folders (the stand-in's own folder aside):
     name, mode, owner, mtime and content."""
     found = {}
     for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if d != "standin"]
+        dirs[:] = [d for d in dirs if d not in besides]
         for name in [".", *dirs, *names]:
             path = os.path.join(folder, name)
             st = os.lstat(path)
@@ -252,3 +252,33 @@ def test_a_read_only_device_folder_fails_storage_with_73_before_the_network(devi
         "the next boot must write there")
     assert found["tcp"].startswith("FAIL ")  # nothing listens: 75 too, but storage comes first
     assert device_doc(device_files)["device"]["PROVISION_STATUS"] == "False"
+
+
+def test_a_token_camera_is_checked_without_touching_the_token(tmp_path, monkeypatch):
+    from entomologist import pkcs11_key
+    from softhsm import SOFTHSM_MODULE, make_token
+    token = make_token(tmp_path / "hsm", monkeypatch=monkeypatch)
+    with StandIn(tmp_path, mode="CreateCertificateFromCsr") as standin:
+        standin.write_device_config(PROVISIONING_API="CreateCertificateFromCsr",
+                                    KEY_STORAGE="pkcs11", PKCS11_LIBRARY=str(SOFTHSM_MODULE),
+                                    PKCS11_TOKEN_LABEL=token.label,
+                                    PKCS11_PIN_FILE=str(token.pin_file))
+        assert run_script("boot.py", standin.config_path, env=token.env).code == 0
+        # What a --force run killed before it registered leaves: a boot deletes it.
+        with pkcs11_key.open_token(token.settings()) as t:
+            t.generate("EC-P256", label="entomologist-device.staging")
+        # SoftHSM2 rewrites its own store at every login, whoever logs in: the token is
+        # compared by its objects, the device's other folders byte for byte.
+        objects, files_before = token.objects(), snapshot(standin.workdir, ("standin", "hsm"))
+        proc = check(standin, "--connect-as-thing", env=token.env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        found = lines(proc)
+        assert found["token"].startswith(f"ok   token       module {SOFTHSM_MODULE}, token "
+                                         f"'{token.label}': the PIN is accepted")
+        assert "without a client certificate (a token key" in found["tls"]
+        assert "CONNECT as ento-CAM-0001 with the device certificate accepted" in found["mqtt"]
+        assert token.objects() == objects
+        assert snapshot(standin.workdir, ("standin", "hsm")) == files_before
+        assert REQUESTS & {e["event"] for e in standin.events()} == {"csr-request",
+                                                                     "register-request", "boot"}
+        assert len(standin.events("boot")) == 1
