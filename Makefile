@@ -77,6 +77,7 @@ bench: setup
 	$(PY) bench/device_cost.py
 	$(PY) bench/fleet.py
 	$(PY) bench/pkcs11_cost.py
+	$(PY) bench/check_time.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
