@@ -45,6 +45,7 @@ CHECK_TIMEOUT = 30.0
 # certificates, the CA and the device configuration, with some margin.
 ROOM_NEEDED = 256 * 1024
 CONNECT_FLAG = "--connect-as-thing"
+UNIT_RUNTIME_DIRECTORY = "/run/entomologist"  # the unit's RuntimeDirectory=entomologist
 
 
 @dataclass
@@ -161,10 +162,13 @@ def check_cert_dir(config: configuration.Config):
 def check_lock(config: configuration.Config, plan: Plan):
     if plan.cert_dir is None:
         return "no boot running (no CERT_DIR yet)"
-    held = lock.holder(plan.cert_dir.path, os.environ.get("RUNTIME_DIRECTORY"))
+    # Run by hand, the unit's RuntimeDirectory is not in the environment.
+    runtime = os.environ.get("RUNTIME_DIRECTORY") or UNIT_RUNTIME_DIRECTORY
+    held = lock.holder(plan.cert_dir.path, runtime)
     if held is not None:
         return Warn(f"a boot is running now (it holds {held}); what follows may change "
-                    "when it ends", hint="the journal: journalctl -u entomologist-provision")
+                    "when it ends, and no MQTT connection is tried (it would drop the "
+                    "boot's own)", hint="the journal: journalctl -u entomologist-provision")
     return "no boot running"
 
 
@@ -423,8 +427,10 @@ def run_checks(config_path: Path, deadline: Deadline, emit: Callable[[Result], N
         plan = attempt("cert-dir", lambda: check_cert_dir(config))
     except Failed:
         pass
+    boot_running = False
     if plan is not None:
         checks.run("lock", lambda: check_lock(config, plan))
+        boot_running = checks.results[-1].status == "warn"
     else:
         checks.skip("lock", "needs CERT_DIR")
 
@@ -502,7 +508,10 @@ def run_checks(config_path: Path, deadline: Deadline, emit: Callable[[Result], N
         checks.skip("mqtt", "needs the TLS handshake")
         return checks.exit_code()
 
-    if plan.action == "provision":
+    if boot_running and (plan.action == "provision" or connect_as_thing):
+        checks.skip("mqtt", "a boot is running: a second connection with its client ID "
+                            "would drop its own")
+    elif plan.action == "provision":
         try:
             checks.run("mqtt", lambda: check_claim_mqtt(config, settings, deadline, build))
         except Failed:

@@ -83,6 +83,7 @@ def test_a_healthy_camera_checks_ok_before_and_after_provisioning_and_nothing_ch
     assert snapshot(standin.workdir) == before
     assert not REQUESTS & {e["event"] for e in standin.events()}
     assert published_by_device(standin) == []
+    assert f"as {standin.serial} " in (standin.dir / "mosquitto.log").read_text()
 
     assert run_script("boot.py", standin.config_path).code == 0
     before, events = snapshot(standin.workdir), len(standin.events())
@@ -221,8 +222,34 @@ def test_a_running_boot_is_reported_without_waiting_and_its_lock_is_left_alone(s
         fcntl.flock(held, fcntl.LOCK_EX)
         proc = check(standin, "--timeout", "5")
     assert proc.returncode == 0, proc.stdout
-    assert lines(proc)["lock"].startswith(f"WARN lock        a boot is running now (it holds "
-                                          f"{lock_path})")
+    found = lines(proc)
+    assert found["lock"].startswith(f"WARN lock        a boot is running now (it holds "
+                                    f"{lock_path})")
+    assert found["tls"].startswith("ok ")
+
+
+def test_no_claim_connection_is_made_while_a_first_boot_runs(standin):
+    # A second connection as SERIAL_ID would drop the boot's claim connection.
+    cert_dir = standin.workdir / "cert"
+    cert_dir.mkdir(mode=0o700)
+    with open(os.open(cert_dir / "run.lock", os.O_RDWR | os.O_CREAT, 0o600)) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = check(standin, "--timeout", "5")
+    assert proc.returncode == 0, proc.stdout
+    assert lines(proc)["mqtt"].startswith("skip mqtt        a boot is running: a second "
+                                          "connection with its client ID would drop its own")
+    assert f"as {standin.serial}" not in (standin.dir / "mosquitto.log").read_text()
+
+
+def test_an_untrusted_config_fails_the_config_line_with_78_and_stops_there(standin):
+    os.chmod(standin.config_path, 0o662)
+    proc = check(standin)
+    assert proc.returncode == 78, proc.stdout
+    assert len(proc.stdout.splitlines()) == 2
+    assert lines(proc)["config"].startswith(f"FAIL config      refusing config file "
+                                            f"{standin.config_path}: it can be written by "
+                                            "group or others")
+    assert proc.stdout.splitlines()[1].startswith("exit 78: configuration")
 
 
 def test_a_camera_without_its_lock_file_gets_none_from_the_check(standin):
