@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from e2e import ROOT, device_doc, run_script
+from e2e import ROOT, device_doc, run_and_kill, run_script
 from iot_standin import StandIn
 from standin import template as templates
 from standin.ca import StandInCA, write_new
@@ -309,3 +309,21 @@ def test_a_token_camera_is_checked_without_touching_the_token(tmp_path, monkeypa
         assert REQUESTS & {e["event"] for e in standin.events()} == {"csr-request",
                                                                      "register-request", "boot"}
         assert len(standin.events("boot")) == 1
+
+
+def test_a_registration_waiting_to_be_installed_is_what_the_check_announces(standin):
+    marker = standin.workdir / "cert" / "registration.json.staging"
+    killed, _ = run_and_kill(standin, marker.exists)
+    assert killed and marker.exists()
+    requests = len([e for e in standin.events() if e["event"] in REQUESTS])
+    proc = check(standin)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = lines(proc)
+    assert "thing ento-CAM-0001 is registered and its credentials wait in" in found["cert-dir"]
+    assert "the next boot will install them, without any request" in found["cert-dir"]
+    assert found["storage"].startswith("ok ")
+    assert "without a client certificate" in found["tls"]
+    assert found["mqtt"].startswith("skip mqtt        the next boot installs a registered pair")
+    # And so it does.
+    assert run_script("boot.py", standin.config_path).code == 0
+    assert [e["event"] for e in standin.events() if e["event"] in REQUESTS][requests:] == ["boot"]
