@@ -75,7 +75,7 @@ class Checks:
 
     def run(self, name: str, check: Callable[[], object]):
         """Run one check; its value, or Failed.  ``check`` returns the detail, or
-        (detail, value), or raises EntoError; a Warning() result it returns is a warning."""
+        (detail, value), or a Warn, or raises EntoError."""
         started = time.monotonic()
 
         def ms() -> int:
@@ -138,7 +138,7 @@ def check_token(config: configuration.Config):
             f"{pairs} key pair(s) labelled {settings.key_label!r}")
 
 
-PLAN_WORDS = {"provision": "provision it",
+PLAN_WORDS = {"provision": "provision the camera",
               "install": "install them, without any request",
               "report": "only send its boot message"}
 

@@ -75,7 +75,7 @@ def test_a_healthy_camera_checks_ok_before_and_after_provisioning_and_nothing_ch
     assert list(found) == ["config", "cert-dir", "lock", "claim", "clock", "storage", "dns",
                            "tcp", "tls", "mqtt"]
     assert all(line.startswith("ok ") for line in found.values()), proc.stdout
-    assert "the next boot will provision it" in found["cert-dir"]
+    assert "the next boot will provision the camera" in found["cert-dir"]
     assert ("CONNECT as CAM-0001 with the claim certificate accepted; subscribed to "
             "$aws/certificates/create/* and "
             "$aws/provisioning-templates/ento-fleet-template/provision/*") in found["mqtt"]
