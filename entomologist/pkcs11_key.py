@@ -430,6 +430,9 @@ def open_token(settings: TokenSettings) -> Token:
     if not library.is_file():
         raise TransientError(f"PKCS#11 module {library} is not there",
                              hint="PKCS11_LIBRARY, and that its package is installed")
+    # Loading it runs its code as this process: nobody else may be able to change it.
+    files.trusted_path(library, "PKCS#11 module",
+                       hint="PKCS11_LIBRARY and the module's owner and mode")
     pin = read_pin(Path(settings.pin_file))
     memo = (os.path.realpath(library), settings.token_label,
             hashlib.sha256(pin.encode()).digest())

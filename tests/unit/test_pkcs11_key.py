@@ -200,6 +200,15 @@ def test_missing_module_is_transient(token):
         open_token(token.settings(library=token.root / "no-such-module.so"))
 
 
+def test_a_module_others_can_write_is_refused_before_it_is_loaded(token):
+    module = token.root / "writable.so"
+    module.write_bytes(b"would run as root")
+    os.chmod(module, 0o666)
+    with pytest.raises(errors.ConfigError, match="refusing PKCS#11 module .*can be written by "
+                                                 "group or others"):
+        open_token(token.settings(library=module))
+
+
 def test_absent_token_label_is_transient(token):
     with pytest.raises(errors.TransientError, match="no token labelled 'not-up-yet'"):
         open_token(token.settings(token_label="not-up-yet"))
