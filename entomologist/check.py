@@ -322,8 +322,49 @@ def tls_context(ca_pem: bytes, port: int, pair: tuple[Path, Path] | None) -> ssl
     return context
 
 
+def token_handshake(config: configuration.Config, deadline: Deadline, cert: Path,
+                    ca_pem: bytes) -> None:
+    """A TLS handshake through awscrt, presenting ``cert`` with the token's key (Python's
+    ssl cannot use a key it cannot read): an HTTP client connection, which sends nothing
+    once its TLS session is up.  Called after the server's certificate has verified, so
+    awscrt's delay on a server it does not trust never comes into play."""
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    from awscrt import http, io
+
+    from . import pkcs11_key
+    key = pkcs11_key.token_key(config.token)
+    cert_pem = files.read_bounded(cert, "certificate", hint="the certificate in CERT_DIR")
+    options = io.TlsContextOptions.create_client_with_mtls_pkcs11(
+        **key.mtls_kwargs(), cert_file_contents=cert_pem)
+    options.override_default_trust_store(ca_pem)
+    tls = io.ClientTlsContext(options).new_connection_options()
+    tls.set_server_name(config.host)
+    if config.port == 443:
+        tls.set_alpn_list(["x-amzn-mqtt-ca"])
+    step = deadline.step("TLS handshake with the token's key")
+    socket_options = io.SocketOptions()
+    socket_options.connect_timeout_ms = int(max(step, 0.1) * 1000)
+    connecting = http.HttpClientConnection.new(
+        config.host, config.port, socket_options=socket_options, tls_connection_options=tls,
+        proxy_options=http_proxy.crt_options(config.proxy) if config.proxy else None)
+    try:
+        connection = connecting.result(step)
+    except FutureTimeout:
+        raise TransientError(f"TLS with {config.host}:{config.port} with the device "
+                             f"certificate: no answer in {step:.0f} s",
+                             hint=mqtt.NETWORK_HINT) from None
+    except Exception as exc:
+        raise mqtt.crt_failure(f"TLS with {config.host}:{config.port} with the device "
+                               f"certificate and the token's key", exc,
+                               hint=f"that {cert} is registered with AWS IoT and active, "
+                                    f"the token, and the network link") from None
+    connection.close()
+
+
 def check_tls(config: configuration.Config, deadline: Deadline, sock: socket.socket,
-              ca: Path, pair: tuple[Path, Path] | None, whose: str):
+              ca: Path, pair: tuple[Path, Path] | None, whose: str,
+              token_cert: Path | None = None):
     hint = "ROOT_CA in the config"
     ca_pem = files.read_bounded(ca, "CA file", hint=hint)
     try:
@@ -345,9 +386,13 @@ def check_tls(config: configuration.Config, deadline: Deadline, sock: socket.soc
         if "ALERT" in reason.upper() and pair is None:
             # Under TLS 1.2 the server asks for a certificate after ours has verified
             # its own, and refuses to go on without one.
+            if token_cert is not None:
+                token_handshake(config, deadline, token_cert, ca_pem)
+                return (f"the server's certificate for {config.host} verifies against {ca}, "
+                        f"and it accepts the device certificate with the token's key")
             return (f"the server's certificate for {config.host} verifies against {ca}; it "
-                    f"then asked for a client certificate, which this check cannot present "
-                    f"here ({reason})")
+                    f"then asked for a client certificate, and none is installed yet "
+                    f"({reason})")
         if "ALERT" in reason.upper():
             raise TransientError(f"TLS with {config.host}:{config.port}: the server refused "
                                  f"the {whose} certificate ({reason})",
@@ -360,8 +405,12 @@ def check_tls(config: configuration.Config, deadline: Deadline, sock: socket.soc
                              f"{type(exc).__name__}", hint=mqtt.NETWORK_HINT) from None
     finally:
         sock.close()
+    if token_cert is not None:
+        token_handshake(config, deadline, token_cert, ca_pem)
+        return (f"the server's certificate for {config.host} verifies against {ca}, and it "
+                f"accepts the device certificate with the token's key")
     shown = (f"with the {whose} certificate" if pair else
-             "without a client certificate (a token key or one not installed yet)")
+             "without a client certificate (none is installed yet)")
     return (f"{version} {shown}: the server's certificate for {config.host} verifies "
             f"against {ca}")
 
@@ -498,12 +547,15 @@ def run_checks(config_path: Path, deadline: Deadline, emit: Callable[[Result], N
         pair, whose, ca = (plan.cert_dir.cert, plan.cert_dir.key), "device", \
             device_ca(config, plan)
     else:
-        # A token's key cannot be handed to Python's ssl; a registration waiting
-        # to be installed has no installed pair yet.
+        # A token's key cannot be handed to Python's ssl (awscrt presents it, once the
+        # server has verified); a registration waiting to be installed has no
+        # installed pair yet.
         pair, whose, ca = None, "", device_ca(config, plan) if plan.action == "report" \
             else config.root_ca
+    token_cert = plan.cert_dir.cert if plan.action == "report" and config.token else None
     try:
-        checks.run("tls", lambda: check_tls(config, deadline, sock, ca, pair, whose))
+        checks.run("tls", lambda: check_tls(config, deadline, sock, ca, pair, whose,
+                                            token_cert))
     except Failed:
         checks.skip("mqtt", "needs the TLS handshake")
         return checks.exit_code()

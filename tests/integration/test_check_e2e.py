@@ -302,7 +302,9 @@ def test_a_token_camera_is_checked_without_touching_the_token(tmp_path, monkeypa
         found = lines(proc)
         assert found["token"].startswith(f"ok   token       module {SOFTHSM_MODULE}, token "
                                          f"'{token.label}': the PIN is accepted")
-        assert "without a client certificate (a token key" in found["tls"]
+        assert found["tls"].startswith("ok   tls         the server's certificate for "
+                                       "localhost verifies against ")
+        assert "accepts the device certificate with the token's key" in found["tls"]
         assert "CONNECT as ento-CAM-0001 with the device certificate accepted" in found["mqtt"]
         assert token.objects() == objects
         assert snapshot(standin.workdir, ("standin", "hsm")) == files_before
@@ -327,3 +329,29 @@ def test_a_registration_waiting_to_be_installed_is_what_the_check_announces(stan
     # And so it does.
     assert run_script("boot.py", standin.config_path).code == 0
     assert [e["event"] for e in standin.events() if e["event"] in REQUESTS][requests:] == ["boot"]
+
+
+def test_a_device_certificate_the_service_does_not_accept_fails_the_tls_line_with_75(
+        tmp_path, monkeypatch):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from softhsm import SOFTHSM_MODULE, make_token
+    token = make_token(tmp_path / "hsm", monkeypatch=monkeypatch)
+    with StandIn(tmp_path, mode="CreateCertificateFromCsr") as standin:
+        standin.write_device_config(PROVISIONING_API="CreateCertificateFromCsr",
+                                    KEY_STORAGE="pkcs11", PKCS11_LIBRARY=str(SOFTHSM_MODULE),
+                                    PKCS11_TOKEN_LABEL=token.label,
+                                    PKCS11_PIN_FILE=str(token.pin_file))
+        assert run_script("boot.py", standin.config_path, env=token.env).code == 0
+        # The token's key, certified by a CA the service does not know.
+        installed = standin.workdir / "cert" / "certificate.pem.crt"
+        public_key = x509.load_pem_x509_certificate(installed.read_bytes()).public_key()
+        other = StandInCA("Not the service's CA").issue(public_key, "ento-CAM-0001")
+        installed.write_bytes(other.public_bytes(serialization.Encoding.PEM))
+        proc = check(standin, env=token.env)
+    assert proc.returncode == 75, proc.stdout + proc.stderr
+    found = lines(proc)
+    assert found["cert-dir"].startswith("ok ")
+    assert found["tls"].startswith(f"FAIL tls         TLS with localhost:{standin.port} with "
+                                   "the device certificate and the token's key failed: ")
+    assert f"check that {installed} is registered with AWS IoT and active" in found["tls"]
