@@ -355,3 +355,20 @@ def test_a_device_certificate_the_service_does_not_accept_fails_the_tls_line_wit
     assert found["tls"].startswith(f"FAIL tls         TLS with localhost:{standin.port} with "
                                    "the device certificate and the token's key failed: ")
     assert f"check that {installed} is registered with AWS IoT and active" in found["tls"]
+
+
+def test_through_a_proxy_that_allows_the_port_the_tls_check_runs_in_its_tunnel(standin,
+                                                                              tinyproxy):
+    proxy = tinyproxy([standin.port])
+    standin.write_device_config(HTTP_PROXY=proxy.url())
+    proc = check(standin)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = lines(proc)
+    assert list(found) == ["config", "cert-dir", "lock", "claim", "clock", "storage", "dns",
+                           "proxy", "tls", "mqtt"]
+    assert found["dns"].startswith("ok   dns         the HTTP proxy's host 127.0.0.1 is "
+                                   "127.0.0.1; the proxy resolves ENDPOINT_URL")
+    assert found["proxy"].startswith(f"ok   proxy       the HTTP proxy 127.0.0.1:{proxy.port} "
+                                     f"opened a tunnel to localhost:{standin.port}")
+    # One tunnel for the TLS check, one for the claim connection's CONNECT.
+    assert proxy.connects(standin.port) == 2
