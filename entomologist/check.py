@@ -383,36 +383,29 @@ def check_tls(config: configuration.Config, deadline: Deadline, sock: socket.soc
                                   f"endpoint") from None
     except ssl.SSLError as exc:
         reason = exc.reason or type(exc).__name__
-        if "ALERT" in reason.upper() and pair is None:
-            # Under TLS 1.2 the server asks for a certificate after ours has verified
-            # its own, and refuses to go on without one.
-            if token_cert is not None:
-                token_handshake(config, deadline, token_cert, ca_pem)
-                return (f"the server's certificate for {config.host} verifies against {ca}, "
-                        f"and it accepts the device certificate with the token's key")
-            return (f"the server's certificate for {config.host} verifies against {ca}; it "
-                    f"then asked for a client certificate, and none is installed yet "
-                    f"({reason})")
-        if "ALERT" in reason.upper():
+        if "ALERT" not in reason.upper():
+            raise TransientError(f"TLS with {config.host}:{config.port} failed: {reason}",
+                                 hint=mqtt.NETWORK_HINT) from None
+        if pair is not None:
             raise TransientError(f"TLS with {config.host}:{config.port}: the server refused "
                                  f"the {whose} certificate ({reason})",
                                  hint=f"that {pair[0]} is registered with AWS IoT and active, "
                                       f"and ENDPOINT_URL") from None
-        raise TransientError(f"TLS with {config.host}:{config.port} failed: {reason}",
-                             hint=mqtt.NETWORK_HINT) from None
+        # Under TLS 1.2 a server asks for a certificate once ours has verified its
+        # own, and refuses to go on without one.
+        version = None
     except (OSError, TimeoutError) as exc:
         raise TransientError(f"TLS with {config.host}:{config.port} failed: "
                              f"{type(exc).__name__}", hint=mqtt.NETWORK_HINT) from None
     finally:
         sock.close()
+    verified = f"the server's certificate for {config.host} verifies against {ca}"
     if token_cert is not None:
         token_handshake(config, deadline, token_cert, ca_pem)
-        return (f"the server's certificate for {config.host} verifies against {ca}, and it "
-                f"accepts the device certificate with the token's key")
-    shown = (f"with the {whose} certificate" if pair else
-             "without a client certificate (none is installed yet)")
-    return (f"{version} {shown}: the server's certificate for {config.host} verifies "
-            f"against {ca}")
+        return f"{verified}, and it accepts the device certificate with the token's key"
+    if pair is None:
+        return f"{verified}; no client certificate presented (none is installed yet)"
+    return f"{version} with the {whose} certificate: {verified}"
 
 
 def check_claim_mqtt(config: configuration.Config, settings: configuration.ProvisioningSettings,
@@ -459,21 +452,12 @@ def run_checks(config_path: Path, deadline: Deadline, emit: Callable[[Result], N
         config = checks.run("config", lambda: check_config(config_path))
     except Failed:
         return checks.exit_code()
-    local_ok = True
-
-    def attempt(name: str, check: Callable[[], object]):
-        nonlocal local_ok
-        try:
-            return checks.run(name, check)
-        except Failed:
-            local_ok = False
-            raise
 
     plan = settings = None
     try:
         if config.token is not None:
-            attempt("token", lambda: check_token(config))
-        plan = attempt("cert-dir", lambda: check_cert_dir(config))
+            checks.run("token", lambda: check_token(config))
+        plan = checks.run("cert-dir", lambda: check_cert_dir(config))
     except Failed:
         pass
     boot_running = False
@@ -490,10 +474,10 @@ def run_checks(config_path: Path, deadline: Deadline, emit: Callable[[Result], N
     else:
         try:
             if plan.action == "provision":
-                settings = attempt("claim", lambda: check_claim(config))
+                settings = checks.run("claim", lambda: check_claim(config))
                 clock_files = [settings.claim_cert, config.root_ca]
             elif plan.action == "report":
-                attempt("credentials", lambda: check_device_credentials(config, plan))
+                checks.run("credentials", lambda: check_device_credentials(config, plan))
                 clock_files = [plan.cert_dir.cert, device_ca(config, plan)]
             else:
                 checks.skip("credentials", "the registered pair is installed from the files "
@@ -506,7 +490,7 @@ def run_checks(config_path: Path, deadline: Deadline, emit: Callable[[Result], N
     clock_ok = False
     if clock_files:
         try:
-            attempt("clock", lambda: check_clock(clock_files, now))
+            checks.run("clock", lambda: check_clock(clock_files, now))
             clock_ok = True
         except Failed:
             pass
@@ -515,7 +499,7 @@ def run_checks(config_path: Path, deadline: Deadline, emit: Callable[[Result], N
 
     if plan is not None:
         try:
-            attempt("storage", lambda: check_storage(config, plan))
+            checks.run("storage", lambda: check_storage(config, plan))
         except Failed:
             pass
     else:

@@ -324,7 +324,7 @@ def test_a_registration_waiting_to_be_installed_is_what_the_check_announces(stan
     assert "thing ento-CAM-0001 is registered and its credentials wait in" in found["cert-dir"]
     assert "the next boot will install them, without any request" in found["cert-dir"]
     assert found["storage"].startswith("ok ")
-    assert "without a client certificate" in found["tls"]
+    assert "no client certificate presented (none is installed yet)" in found["tls"]
     assert found["mqtt"].startswith("skip mqtt        the next boot installs a registered pair")
     # And so it does.
     assert run_script("boot.py", standin.config_path).code == 0
