@@ -41,9 +41,10 @@ from .retries import Deadline
 log = logging.getLogger("entomologist.check")
 
 CHECK_TIMEOUT = 30.0
-# Room a first boot needs in CERT_DIR: the registration reserve, a key, two
-# certificates, the CA and the device configuration, with some margin.
-ROOM_NEEDED = 256 * 1024
+# Room a first boot needs in a folder it writes: the registration reserve (64 KiB)
+# and a block each for a key, two certificates, the CA, the registration record,
+# the device configuration and their temporary copies, with some margin.
+ROOM_NEEDED = 128 * 1024
 CONNECT_FLAG = "--connect-as-thing"
 UNIT_RUNTIME_DIRECTORY = "/run/entomologist"  # the unit's RuntimeDirectory=entomologist
 
