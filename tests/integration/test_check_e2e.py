@@ -372,3 +372,13 @@ def test_through_a_proxy_that_allows_the_port_the_tls_check_runs_in_its_tunnel(s
                                      f"opened a tunnel to localhost:{standin.port}")
     # One tunnel for the TLS check, one for the claim connection's CONNECT.
     assert proxy.connects(standin.port) == 2
+
+
+def test_the_units_count_of_bugs_in_a_row_is_left_as_it_is(device_files, tmp_path):
+    runtime = tmp_path / "run-entomologist"
+    runtime.mkdir(mode=0o700)
+    (runtime / "consecutive-bugs").write_text("2\n")
+    before = snapshot(runtime)
+    proc = check(device_files, env={"RUNTIME_DIRECTORY": str(runtime)})
+    assert proc.returncode == 75, proc.stdout  # nothing listens
+    assert snapshot(runtime) == before
