@@ -310,7 +310,7 @@ def check_tcp(config: configuration.Config, deadline: Deadline):
     except OSError as exc:
         raise TransientError(f"connect to {config.host}:{config.port} failed: "
                              f"{exc.strerror or type(exc).__name__}",
-                             hint=mqtt.NETWORK_HINT) from None
+                             hint="the network link, ENDPOINT_URL and PORT") from None
     peer = sock.getpeername()[0]
     return f"{config.host}:{config.port} ({peer}) accepts connections", sock
 
