@@ -13,7 +13,8 @@ Python's ssl against ROOT_CA rather than awscrt's: awscrt (s2n) answers a
 server certificate that does not verify only after a 10 to 30 s delay (its
 blinding), Python's ssl at once.  It is capped at TLS 1.2 when it presents a
 certificate: the server's verdict on that certificate is then part of the
-handshake (under TLS 1.3 it comes after the client has finished).
+handshake (under TLS 1.3 it comes after the client has finished, so a server
+that speaks only TLS 1.3 gets a second handshake and VERDICT_WAIT after it).
 
 The exit code is the one the next boot would end with: that of the first
 check that fails, in the boot's order; 0 if none does.
@@ -47,6 +48,8 @@ CHECK_TIMEOUT = 30.0
 ROOM_NEEDED = 128 * 1024
 CONNECT_FLAG = "--connect-as-thing"
 UNIT_RUNTIME_DIRECTORY = "/run/entomologist"  # the unit's RuntimeDirectory=entomologist
+# How long a TLS 1.3-only server is given to refuse our certificate after the handshake.
+VERDICT_WAIT = 1.0
 
 
 @dataclass
@@ -315,7 +318,8 @@ def check_tcp(config: configuration.Config, deadline: Deadline):
     return f"{config.host}:{config.port} ({peer}) accepts connections", sock
 
 
-def tls_context(ca_pem: bytes, port: int, pair: tuple[Path, Path] | None) -> ssl.SSLContext:
+def tls_context(ca_pem: bytes, port: int, pair: tuple[Path, Path] | None,
+                tls13: bool = False) -> ssl.SSLContext:
     context = ssl.create_default_context(cadata=ca_pem.decode("ascii", "replace"))
     if port == 443:
         context.set_alpn_protocols(["x-amzn-mqtt-ca"])  # as the boot's builder offers on 443
@@ -323,8 +327,33 @@ def tls_context(ca_pem: bytes, port: int, pair: tuple[Path, Path] | None) -> ssl
         # ssl reads them only by path: the claim files were found trusted, and
         # CERT_DIR, where nobody else can add or replace an entry, holds the device's.
         context.load_cert_chain(*pair)
-        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        if not tls13:
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+class ClosedAfterHandshake(Exception):
+    """The server closed the connection once it had our certificate, without a word."""
+
+
+def _handshake(context: ssl.SSLContext, sock: socket.socket, host: str, timeout: float,
+               verdict_wait: float | None = None) -> str:
+    """The TLS version, after a handshake on ``sock`` (closed after).  ``verdict_wait``:
+    under TLS 1.3 the server judges our certificate after the handshake; wait that
+    long for an alert or a close (a server that accepts it waits for MQTT)."""
+    sock.settimeout(timeout)
+    try:
+        with context.wrap_socket(sock, server_hostname=host) as tls:
+            if verdict_wait is not None and tls.version() == "TLSv1.3":
+                tls.settimeout(verdict_wait)
+                try:
+                    if not tls.recv(1):
+                        raise ClosedAfterHandshake()
+                except TimeoutError:
+                    pass
+            return tls.version()
+    finally:
+        sock.close()
 
 
 def token_handshake(config: configuration.Config, deadline: Deadline, cert: Path,
@@ -367,44 +396,54 @@ def token_handshake(config: configuration.Config, deadline: Deadline, cert: Path
     connection.close()
 
 
-def check_tls(config: configuration.Config, deadline: Deadline, sock: socket.socket,
-              ca: Path, pair: tuple[Path, Path] | None, whose: str,
-              token_cert: Path | None = None):
+def check_tls(config: configuration.Config, deadline: Deadline,
+              connect: Callable[[], socket.socket], sock: socket.socket, ca: Path,
+              pair: tuple[Path, Path] | None, whose: str, token_cert: Path | None = None):
+    """``sock``: the connection the TCP or proxy check opened; ``connect`` opens another."""
     hint = "ROOT_CA in the config"
     ca_pem = files.read_bounded(ca, "CA file", hint=hint)
+    where = f"TLS with {config.host}:{config.port}"
     try:
         context = tls_context(ca_pem, config.port, pair)
     except (ssl.SSLError, ValueError) as exc:
+        sock.close()
         raise ConfigError(f"cannot load the TLS files ({type(exc).__name__})",
                           hint=f"{ca}" + (f", {pair[0]} and {pair[1]}" if pair else "")) from None
-    sock.settimeout(deadline.step("TLS handshake"))
+    verified = f"the server's certificate for {config.host} verifies against {ca}"
     try:
-        with context.wrap_socket(sock, server_hostname=config.host) as tls:
-            version = tls.version()
+        try:
+            version = _handshake(context, sock, config.host, deadline.step("TLS handshake"))
+        except ssl.SSLError as exc:
+            if pair is None or "PROTOCOL_VERSION" not in str(exc.reason).upper():
+                raise
+            # A server that speaks only TLS 1.3 (AWS IoT's TLS13 security policies).
+            version = _handshake(tls_context(ca_pem, config.port, pair, tls13=True),
+                                 connect(), config.host, deadline.step("TLS handshake"),
+                                 verdict_wait=min(VERDICT_WAIT, deadline.step("TLS")))
     except ssl.SSLCertVerificationError as exc:
-        raise TransientError(f"TLS with {config.host}:{config.port}: the server's certificate "
-                             f"does not verify against {ca} ({exc.verify_message})",
+        raise TransientError(f"{where}: the server's certificate does not verify against "
+                             f"{ca} ({exc.verify_message})",
                              hint=f"{hint}, and that ENDPOINT_URL is this account's "
                                   f"endpoint") from None
-    except ssl.SSLError as exc:
-        reason = exc.reason or type(exc).__name__
-        if "ALERT" not in reason.upper():
-            raise TransientError(f"TLS with {config.host}:{config.port} failed: {reason}",
-                                 hint=mqtt.NETWORK_HINT) from None
+    except (ssl.SSLError, ClosedAfterHandshake) as exc:
+        closed = isinstance(exc, ClosedAfterHandshake)
+        reason = "it closed the connection" if closed else str(exc.reason or exc)
+        if not closed and "ALERT" not in reason.upper():
+            raise TransientError(f"{where} failed: {reason}", hint=mqtt.NETWORK_HINT) from None
         if pair is not None:
-            raise TransientError(f"TLS with {config.host}:{config.port}: the server refused "
-                                 f"the {whose} certificate ({reason})",
+            raise TransientError(f"{where}: the server refused the {whose} certificate "
+                                 f"({reason})",
                                  hint=f"that {pair[0]} is registered with AWS IoT and active, "
                                       f"and ENDPOINT_URL") from None
+        if not any(word in reason.upper() for word in ("HANDSHAKE_FAILURE",
+                                                       "CERTIFICATE_REQUIRED")):
+            raise TransientError(f"{where} failed: {reason}", hint=mqtt.NETWORK_HINT) from None
         # Under TLS 1.2 a server asks for a certificate once ours has verified its
         # own, and refuses to go on without one.
         version = None
     except (OSError, TimeoutError) as exc:
-        raise TransientError(f"TLS with {config.host}:{config.port} failed: "
-                             f"{type(exc).__name__}", hint=mqtt.NETWORK_HINT) from None
-    finally:
-        sock.close()
-    verified = f"the server's certificate for {config.host} verifies against {ca}"
+        raise TransientError(f"{where} failed: {type(exc).__name__}",
+                             hint=mqtt.NETWORK_HINT) from None
     if token_cert is not None:
         token_handshake(config, deadline, token_cert, ca_pem)
         return f"{verified}, and it accepts the device certificate with the token's key"
@@ -519,12 +558,11 @@ def run_checks(config_path: Path, deadline: Deadline, emit: Callable[[Result], N
     # The provisioning secret file (the fleet guard) is checked here, before the network,
     # as the boot reads it before its first request.
 
+    open_link = check_proxy if config.proxy is not None else check_tcp
     try:
         checks.run("dns", lambda: check_dns(config, deadline))
-        if config.proxy is not None:
-            sock = checks.run("proxy", lambda: check_proxy(config, deadline))
-        else:
-            sock = checks.run("tcp", lambda: check_tcp(config, deadline))
+        sock = checks.run("proxy" if config.proxy is not None else "tcp",
+                          lambda: open_link(config, deadline))
     except Failed:
         for name in ("tls", "mqtt"):
             checks.skip(name, "needs the network checks above")
@@ -549,8 +587,9 @@ def run_checks(config_path: Path, deadline: Deadline, emit: Callable[[Result], N
             else config.root_ca
     token_cert = plan.cert_dir.cert if plan.action == "report" and config.token else None
     try:
-        checks.run("tls", lambda: check_tls(config, deadline, sock, ca, pair, whose,
-                                            token_cert))
+        checks.run("tls", lambda: check_tls(config, deadline,
+                                            lambda: open_link(config, deadline)[1], sock, ca,
+                                            pair, whose, token_cert))
     except Failed:
         checks.skip("mqtt", "needs the TLS handshake")
         return checks.exit_code(last_checked(plan))

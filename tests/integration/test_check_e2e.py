@@ -382,3 +382,68 @@ def test_the_units_count_of_bugs_in_a_row_is_left_as_it_is(device_files, tmp_pat
     proc = check(device_files, env={"RUNTIME_DIRECTORY": str(runtime)})
     assert proc.returncode == 75, proc.stdout  # nothing listens
     assert snapshot(runtime) == before
+
+
+@pytest.fixture
+def tls13_only_listener(standin):
+    """A TLS 1.3-only server with the stand-in's server certificate (AWS IoT's TLS13
+    security policies), holding each connection open as a broker awaiting CONNECT;
+    ``start(client_ca)`` trusts client certificates from that CA; returns its port."""
+    import socket
+    import ssl
+    import threading
+    from standin.broker import free_port
+    sockets = []
+
+    def start(client_ca):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_cert_chain(standin.dir / "server.pem.crt",
+                            standin.dir / "server.private.pem.key")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(client_ca)
+        port = free_port("127.0.0.1")
+        sock = socket.create_server(("127.0.0.1", port))
+        sockets.append(sock)
+
+        def hold(conn):
+            try:
+                with ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1)
+            except OSError:
+                conn.close()
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    return
+                threading.Thread(target=hold, args=(conn,), daemon=True).start()
+        threading.Thread(target=serve, daemon=True).start()
+        return port
+
+    yield start
+    for sock in sockets:
+        sock.close()
+
+
+def test_a_tls13_only_server_is_checked_with_tls13_and_its_verdict_awaited(
+        standin, tls13_only_listener):
+    standin.write_device_config(PORT=tls13_only_listener(standin.ca_path))
+    proc = check(standin, "--timeout", "5")
+    tls = lines(proc)["tls"]
+    assert tls.startswith("ok   tls         TLSv1.3 with the claim certificate: the server's "
+                          "certificate for localhost verifies against"), proc.stdout
+    assert lines(proc)["mqtt"].startswith("FAIL ")  # no broker behind it
+
+
+def test_a_tls13_only_server_refusing_the_claim_certificate_fails_the_tls_line(
+        standin, tls13_only_listener, tmp_path):
+    other = tmp_path / "other-ca.pem"
+    write_new(other, StandInCA("Not the claim's CA").pem, 0o644)
+    standin.write_device_config(PORT=tls13_only_listener(other))
+    proc = check(standin, "--timeout", "5")
+    assert proc.returncode == 75, proc.stdout
+    assert lines(proc)["tls"].startswith("FAIL tls         TLS with localhost:"), proc.stdout
+    assert ": the server refused the claim certificate (" in lines(proc)["tls"]
