@@ -78,3 +78,47 @@ def test_the_help_says_why_connecting_as_the_thing_is_off_by_default(capsys):
             "connection as THING_NAME. Off by default: AWS IoT keeps one connection per "
             "client ID, so this drops the camera application's own connection if it uses "
             "that client ID") in help_text
+
+
+# ------------------------------------------------ the claim connection, on AWS's terms
+
+def claim_check(device, cloud):
+    from entomologist import config as configuration
+    from entomologist.retries import Deadline
+    config = device.config()
+    settings = configuration.provisioning_settings(config)
+    return check.check_claim_mqtt(config, settings, Deadline(5), cloud)
+
+
+def test_the_claim_check_connects_subscribes_to_the_answers_and_publishes_nothing(device,
+                                                                                 cloud):
+    detail = claim_check(device, cloud)
+    assert cloud.calls == [
+        ("connect", "CAM-42", "claim.pem.crt"),
+        ("subscribe", "$aws/certificates/create/json/accepted"),
+        ("subscribe", "$aws/certificates/create/json/rejected"),
+        ("subscribe", "$aws/provisioning-templates/Fleet/provision/json/accepted"),
+        ("subscribe", "$aws/provisioning-templates/Fleet/provision/json/rejected"),
+        ("close",)]
+    assert detail.endswith("subscribed to $aws/certificates/create/* and "
+                           "$aws/provisioning-templates/Fleet/provision/*; nothing published")
+
+
+def test_the_claim_check_in_csr_mode_subscribes_to_the_csr_answers(device, cloud):
+    device.update(PROVISIONING_API="CreateCertificateFromCsr")
+    claim_check(device, cloud)
+    assert ("subscribe", "$aws/certificates/create-from-csr/json/accepted") in cloud.calls
+    assert not [c for c in cloud.calls if c[0] == "publish"]
+
+
+def test_a_subscription_aws_refuses_is_named_with_the_claim_policy_hint(device, cloud):
+    # AWS answers a SUBSCRIBE its policy denies with 0x80 and keeps the connection.
+    cloud.fail_with("subscribe", None, None, "refused")
+    with pytest.raises(TransientError) as refused:
+        claim_check(device, cloud)
+    assert str(refused.value) == ("the broker refused the subscription to "
+                                  "$aws/provisioning-templates/Fleet/provision/json/accepted")
+    assert "policy allows iot:Publish, iot:Receive and iot:Subscribe on " \
+           "$aws/certificates/create/* and $aws/provisioning-templates/Fleet/provision/*" \
+           in refused.value.hint
+    assert cloud.calls[-1] == ("close",)
