@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import files
+from . import files, logs
 from .errors import ConfigError, TransientError
 from .keys import csr_common_name
 
@@ -113,6 +113,7 @@ def read_pin(path: Path) -> str:
         raise ConfigError(f"{where} is empty", hint=hint)
     if len(raw) > MAX_PIN_FILE_BYTES or any(ord(c) < 0x20 or ord(c) == 0x7f for c in pin):
         raise ConfigError(f"{where} holds more than one line of text", hint=hint)
+    logs.redact(pin)
     return pin
 
 

@@ -209,6 +209,12 @@ def test_a_module_others_can_write_is_refused_before_it_is_loaded(token):
         open_token(token.settings(library=module))
 
 
+def test_the_pin_is_redacted_from_every_line_once_read(token):
+    from entomologist import logs
+    pin = read_pin(token.pin_file)
+    assert logs.clean_line(f"the token said {pin}") == "the token said [redacted]"
+
+
 def test_absent_token_label_is_transient(token):
     with pytest.raises(errors.TransientError, match="no token labelled 'not-up-yet'"):
         open_token(token.settings(token_label="not-up-yet"))
