@@ -16,6 +16,10 @@ INSTALL_PYTHON ?= /usr/bin/python3
 # KEY_STORAGE "pkcs11": PKCS11=softhsm or PKCS11=tpm2 also installs that drop-in,
 # which opens the token's store to the unit's sandbox.
 PKCS11 ?=
+# A read-only root with the config and CERT_DIR on a data partition:
+# DATA_DIR=/data/entomologist also installs the drop-in that makes that folder
+# writable inside the unit's sandbox.
+DATA_DIR ?=
 APP_FILES := boot.py update_boot_status.py AmazonRootCA1.pem requirements.txt README.md
 # The scripts' shared package; the stand-in (iot_standin.py, standin/) stays off the device.
 PACKAGE_FILES := $(wildcard entomologist/*.py)
@@ -112,6 +116,12 @@ ifneq ($(PKCS11),)
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)/$(UNIT).d
 	install -m 0644 systemd/pkcs11-$(PKCS11).conf $(DESTDIR)$(UNITDIR)/$(UNIT).d/pkcs11.conf
 endif
+ifneq ($(DATA_DIR),)
+	@case "$(DATA_DIR)" in /?*) ;; *) echo "DATA_DIR must be an absolute path" >&2; exit 2;; esac
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)/$(UNIT).d
+	sed 's#/data/entomologist#$(DATA_DIR)#g' systemd/data-dir.conf > $(DESTDIR)$(UNITDIR)/$(UNIT).d/data-dir.conf
+	chmod 0644 $(DESTDIR)$(UNITDIR)/$(UNIT).d/data-dir.conf
+endif
 ifeq ($(DESTDIR),)
 	systemctl daemon-reload
 	systemctl enable $(UNIT)
@@ -136,7 +146,7 @@ ifeq ($(DESTDIR),)
 	-systemctl disable $(UNIT)
 endif
 	rm -f $(DESTDIR)$(UNITDIR)/multi-user.target.wants/$(UNIT) $(DESTDIR)$(UNITDIR)/$(UNIT)
-	rm -f $(DESTDIR)$(UNITDIR)/$(UNIT).d/pkcs11.conf
+	rm -f $(DESTDIR)$(UNITDIR)/$(UNIT).d/pkcs11.conf $(DESTDIR)$(UNITDIR)/$(UNIT).d/data-dir.conf
 	-rmdir $(DESTDIR)$(UNITDIR)/$(UNIT).d 2>/dev/null
 	rm -rf $(DESTDIR)$(PREFIX)
 ifeq ($(DESTDIR),)
