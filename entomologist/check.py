@@ -160,6 +160,10 @@ def check_cert_dir(config: configuration.Config):
     elif (registration := cert_dir.registration(repair=False)) is not None:
         plan = Plan("install", f"thing {registration.thing_name} is registered and its "
                                f"credentials wait in {config.cert_dir}", cert_dir)
+    elif (owner := cert_dir.installed_for()) not in (None, config.serial_id):
+        plan = Plan("provision", f"the credentials in {config.cert_dir} were installed for "
+                                 f"camera {owner}, not this one (an image copied after its "
+                                 f"first boot): they will be set aside", cert_dir)
     elif (problem := cert_dir.installed_problem(repair=False)) is not None:
         plan = Plan("provision", f"not provisioned: {problem}", cert_dir)
     else:
@@ -209,8 +213,9 @@ def check_clock(certificate_files: list[Path], now: Callable[[], float]):
            f"of validity of {', '.join(map(str, certificate_files))}"
 
 
-def _writable(directory: Path) -> str | None:
-    """Why the boot could not create files in ``directory``, found without writing.
+def _unwritable(directory: Path) -> tuple[str, bool] | None:
+    """Why the boot could not create files in ``directory``, found without writing,
+    and whether it is because the file system is read-only (None: it can).
 
     The unit runs as root without capabilities: as root, only the owner's write
     bit of a folder root owns counts."""
@@ -218,16 +223,16 @@ def _writable(directory: Path) -> str | None:
         st = os.stat(directory)
         vfs = os.statvfs(directory)
     except OSError as exc:
-        return f"cannot be examined: {exc.strerror}"
+        return f"cannot be examined: {exc.strerror}", False
     if vfs.f_flag & os.ST_RDONLY:
-        return "is on a read-only file system"
+        return "is on a read-only file system", True
     if os.geteuid() == 0:
         if not (st.st_uid == 0 and st.st_mode & stat.S_IWUSR):
-            return "is not writable by root without privileges (the unit's case)"
+            return "is not writable by root without privileges (the unit's case)", False
     elif not os.access(directory, os.W_OK):
-        return "is not writable by this user"
+        return "is not writable by this user", False
     if vfs.f_bavail * vfs.f_frsize < ROOM_NEEDED:
-        return f"has less than {ROOM_NEEDED // 1024} KiB free"
+        return f"has less than {ROOM_NEEDED // 1024} KiB free", False
     return None
 
 
@@ -244,10 +249,18 @@ def check_storage(config: configuration.Config, plan: Plan):
     if plan.action != "report" or not config.provisioned:
         folders.append(("the config's folder", config.real_path.parent))
     for what, folder in folders:
-        problem = _writable(folder)
-        if problem:
-            raise StorageError(f"{what} {folder} {problem}; the next boot must write there",
-                               hint=f"that {folder} is writable and the disk is not full")
+        found = _unwritable(folder)
+        if found is None:
+            continue
+        problem, read_only = found
+        hint = f"that {folder} is writable and the disk is not full"
+        if plan.action == "report" and read_only:
+            # As the boot: a reported boot whose status cannot be recorded on a
+            # read-only mount is a warning, not a failure.
+            return Warn(f"{what} {folder} {problem}: the boot will be reported, but "
+                        f"PROVISION_STATUS will stay False", hint=hint)
+        raise StorageError(f"{what} {folder} {problem}; the next boot must write there",
+                           hint=hint)
     if not folders:
         return "nothing to write: PROVISION_STATUS is already True"
     return "can write " + " and ".join(f"{what} {folder}" for what, folder in folders)

@@ -447,3 +447,42 @@ def test_a_tls13_only_server_refusing_the_claim_certificate_fails_the_tls_line(
     assert proc.returncode == 75, proc.stdout
     assert lines(proc)["tls"].startswith("FAIL tls         TLS with localhost:"), proc.stdout
     assert ": the server refused the claim certificate (" in lines(proc)["tls"]
+
+
+def test_credentials_installed_for_another_camera_are_announced_as_set_aside(standin):
+    assert run_script("boot.py", standin.config_path).code == 0
+    record = standin.workdir / "cert" / "installed-for.json"
+    doc = json.loads(record.read_text())
+    doc["serialId"] = "CAM-0002"
+    record.write_text(json.dumps(doc))
+    before = snapshot(standin.workdir)
+    proc = check(standin)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = lines(proc)
+    assert ("were installed for camera CAM-0002, not this one (an image copied after its "
+            "first boot): they will be set aside; the next boot will provision the camera"
+            ) in found["cert-dir"]
+    assert found["claim"].startswith("ok ") and found["mqtt"].startswith("ok ")
+    assert snapshot(standin.workdir) == before  # nothing moved by the check
+
+
+def test_a_provisioned_camera_on_a_read_only_mount_warns_that_its_status_stays_false(
+        standin):
+    if os.geteuid() != 0:
+        pytest.skip("a bind mount needs root")
+    assert run_script("boot.py", standin.config_path).code == 0
+    standin.write_device_config(PROVISION_STATUS="False", THING_NAME="ento-CAM-0001")
+    standin.stop()  # its own files live under the device's folder
+    workdir = str(standin.workdir)
+    subprocess.run(["mount", "--bind", workdir, workdir], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", workdir], check=True)
+        proc = check(standin)
+    finally:
+        subprocess.run(["umount", workdir], check=True)
+    found = lines(proc)
+    assert found["storage"].startswith(
+        f"WARN storage     the config's folder {workdir} is on a read-only file system: the "
+        "boot will be reported, but PROVISION_STATUS will stay False"), proc.stdout
+    # As the boot: that is no failure; the broker being away is.
+    assert found["tcp"].startswith("FAIL ") and proc.returncode == 75
