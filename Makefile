@@ -28,7 +28,7 @@ PACKAGE_FILES := $(wildcard entomologist/*.py)
 # then compiles them, which needs these (see README, "32-bit boards").
 BUILD_DEPS := build-essential cmake python3-dev libffi-dev
 
-.PHONY: setup mosquitto tinyproxy faketime softhsm2 systemd-analyze demo test test-slow bench clean install uninstall image-tools image-test
+.PHONY: setup mosquitto tinyproxy faketime softhsm2 systemd-analyze demo test test-slow bench clean install uninstall image-tools image-test system-tools system-test
 
 setup: $(VENV)/.installed mosquitto tinyproxy faketime softhsm2 systemd-analyze
 
@@ -138,6 +138,20 @@ image-tools:
 
 image-test: setup image-tools
 	$(SUDO) $(PY) image/imagetest.py $(IMAGE_TEST_ARGS)
+
+# The installed unit under a real systemd: a Debian bookworm root booted by
+# systemd-nspawn with systemd as PID 1, the scenarios of README, Tests (root;
+# not part of `make test`). systemd-container is installed at the version of
+# the host's systemd, so that no host package is upgraded for it.
+system-tools:
+	@command -v debootstrap >/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) debootstrap; }
+	@command -v systemd-nspawn >/dev/null || { \
+		v=$$(dpkg-query -W -f='$${Version}' systemd 2>/dev/null); \
+		$(SUDO) apt-get update -qq; \
+		$(APT_INSTALL) systemd-container$${v:+=$$v} || $(APT_INSTALL) systemd-container; }
+
+system-test: setup system-tools
+	$(SUDO) $(PY) image/systemtest.py $(SYSTEM_TEST_ARGS)
 
 # Never touches /etc/entomologist: the config and the device's credentials stay.
 uninstall:
