@@ -27,6 +27,7 @@ import os
 import socket
 import ssl
 import stat
+import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -48,6 +49,8 @@ CHECK_TIMEOUT = 30.0
 ROOM_NEEDED = 128 * 1024
 CONNECT_FLAG = "--connect-as-thing"
 UNIT_RUNTIME_DIRECTORY = "/run/entomologist"  # the unit's RuntimeDirectory=entomologist
+UNIT = "entomologist-provision.service"
+SYSTEMCTL_TIMEOUT = 3.0
 # How long a TLS 1.3-only server is given to refuse our certificate after the handshake.
 VERDICT_WAIT = 1.0
 
@@ -213,9 +216,33 @@ def check_clock(certificate_files: list[Path], now: Callable[[], float]):
            f"of validity of {', '.join(map(str, certificate_files))}"
 
 
-def _unwritable(directory: Path) -> tuple[str, bool] | None:
+def unit_write_rules() -> list[Path] | None:
+    """The only folders the unit may write when its ``ProtectSystem=strict`` shows every
+    other one read-only (its ``ReadWritePaths=``, drop-ins included), as the running
+    systemd says; None when that does not apply or cannot be known: inside the unit
+    (its mount table then shows its view), or with no systemd that knows the unit."""
+    if os.environ.get("INVOCATION_ID"):
+        return None
+    try:
+        proc = subprocess.run(["systemctl", "show", UNIT,
+                               "--property=LoadState,ProtectSystem,ReadWritePaths"],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=SYSTEMCTL_TIMEOUT)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    shown = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    if (proc.returncode != 0 or shown.get("LoadState") != "loaded"
+            or shown.get("ProtectSystem") != "strict"):
+        return None
+    # A leading "-" (ignore if missing) or "+" is no part of the path.
+    return [Path(os.path.realpath(p.lstrip("-+"))) for p in shown.get("ReadWritePaths",
+                                                                      "").split()]
+
+
+def _unwritable(directory: Path, writable: list[Path] | None) -> tuple[str, bool] | None:
     """Why the boot could not create files in ``directory``, found without writing,
-    and whether it is because the file system is read-only (None: it can).
+    and whether it is because the folder is read-only (None: it can).  ``writable``:
+    the unit's write rules (``unit_write_rules``).
 
     The unit runs as root without capabilities: as root, only the owner's write
     bit of a folder root owns counts."""
@@ -226,6 +253,10 @@ def _unwritable(directory: Path) -> tuple[str, bool] | None:
         return f"cannot be examined: {exc.strerror}", False
     if vfs.f_flag & os.ST_RDONLY:
         return "is on a read-only file system", True
+    real = Path(os.path.realpath(directory))
+    if writable is not None and not any(real == p or p in real.parents for p in writable):
+        return ("is read-only inside the unit's sandbox (ProtectSystem=strict, and it is not "
+                "under the unit's ReadWritePaths=)"), True
     if os.geteuid() == 0:
         if not (st.st_uid == 0 and st.st_mode & stat.S_IWUSR):
             return "is not writable by root without privileges (the unit's case)", False
@@ -248,12 +279,14 @@ def check_storage(config: configuration.Config, plan: Plan):
                             Path(os.path.join(os.getcwd(), config.cert_dir)).parent))
     if plan.action != "report" or not config.provisioned:
         folders.append(("the config's folder", config.real_path.parent))
+    writable = unit_write_rules() if folders else None
     for what, folder in folders:
-        found = _unwritable(folder)
+        found = _unwritable(folder, writable)
         if found is None:
             continue
         problem, read_only = found
-        hint = f"that {folder} is writable and the disk is not full"
+        hint = (files.SANDBOX_HINT if "sandbox" in problem
+                else f"that {folder} is writable and the disk is not full")
         if plan.action == "report" and read_only:
             # As the boot: a reported boot whose status cannot be recorded on a
             # read-only mount is a warning, not a failure.
