@@ -343,7 +343,7 @@ def check_proxy(config: configuration.Config, deadline: Deadline):
         status, sock = http_proxy.open_tunnel(proxy, config.host, config.port,
                                               min(deadline.step("HTTP proxy"),
                                                   http_proxy.PROBE_LIMIT_S))
-    except (OSError, http_proxy.HTTPException) as exc:
+    except OSError as exc:
         raise TransientError(f"cannot reach the HTTP proxy {proxy}: {type(exc).__name__}",
                              hint=f"that the proxy is running and reachable, and "
                                   f"{http_proxy.KEY}") from None
@@ -689,7 +689,11 @@ def run(config_path: Path, timeout: float, as_json: bool, connect_as_thing: bool
         out.write((json.dumps(asdict(result)) if as_json else human_line(result)) + "\n")
         out.flush()
 
-    code = run_checks(config_path, Deadline(timeout), emit, connect_as_thing, build, now)
+    try:
+        code = run_checks(config_path, Deadline(timeout), emit, connect_as_thing, build, now)
+    except KeyboardInterrupt:
+        out.write("interrupted\n")
+        return os.EX_TEMPFAIL
     summary = Result("result", "ok" if code == os.EX_OK else "fail",
                      f"exit {code}: {EXIT_MEANINGS.get(code, '')}", None,
                      round((time.monotonic() - started) * 1000), code)
