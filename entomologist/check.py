@@ -343,6 +343,10 @@ def check_proxy(config: configuration.Config, deadline: Deadline):
         status, sock = http_proxy.open_tunnel(proxy, config.host, config.port,
                                               min(deadline.step("HTTP proxy"),
                                                   http_proxy.PROBE_LIMIT_S))
+    except http_proxy.ProbeError as exc:
+        raise TransientError(f"the HTTP proxy {proxy} did not answer CONNECT as an HTTP "
+                             f"proxy ({exc})", hint=f"that {http_proxy.KEY} names the "
+                                                    f"site's HTTP proxy") from None
     except OSError as exc:
         raise TransientError(f"cannot reach the HTTP proxy {proxy}: {type(exc).__name__}",
                              hint=f"that the proxy is running and reachable, and "

@@ -188,9 +188,9 @@ def connect_status(proxy: Proxy, host: str, port: int, timeout: float) -> int:
 def open_tunnel(proxy: Proxy, host: str, port: int, timeout: float,
                 read_head: bool = True) -> tuple[int, socket.socket]:
     """CONNECT host:port through ``proxy``, as ``connect_status`` asks it: the final
-    status and the socket (the caller closes it).  With ``read_head`` the final
-    answer is read to the end of its head, so that what follows on the socket,
-    when the status is 200, is the tunnel.  Raises as ``connect_status``."""
+    status and the socket (the caller closes it).  With ``read_head`` a 200 is
+    read to the end of its head, so that what follows on the socket is the
+    tunnel.  Raises as ``connect_status``."""
     end = time.monotonic() + timeout
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
@@ -210,14 +210,14 @@ def open_tunnel(proxy: Proxy, host: str, port: int, timeout: float,
                     raise ProbeError("not an HTTP status line")
                 status = int(match.group(1))
                 final = not (100 <= status < 200) or status == 101
-                if final and not read_head:
+                if final and (not read_head or status != 200):
                     return status, sock
                 head_end = received.find(b"\r\n\r\n", start)
                 if head_end >= 0:
                     if not final:
                         start = head_end + 4
                         continue
-                    # A proxy sends nothing after its answer until the client speaks.
+                    # A tunnel carries nothing until the client speaks.
                     if len(received) > head_end + 4:
                         raise ProbeError("bytes after the answer, before the tunnel was used")
                     return status, sock
