@@ -14,7 +14,8 @@ from e2e import ROOT, device_doc, run_and_kill, run_script
 from iot_standin import StandIn
 from standin import template as templates
 from standin.ca import StandInCA, write_new
-from test_proxy_e2e import tinyproxy, tinyproxy_installed  # noqa: F401 (fixtures)
+from test_proxy_e2e import (scripted_proxy, status, tinyproxy,  # noqa: F401 (fixtures)
+                            tinyproxy_installed)
 
 def check(standin_or_path, *args, timeout=60, env=None, prefix=()):
     """Run --check as a process (under ``prefix``, a command such as faketime)."""
@@ -486,3 +487,26 @@ def test_a_provisioned_camera_on_a_read_only_mount_warns_that_its_status_stays_f
         "boot will be reported, but PROVISION_STATUS will stay False"), proc.stdout
     # As the boot: that is no failure; the broker being away is.
     assert found["tcp"].startswith("FAIL ") and proc.returncode == 75
+
+
+def test_a_captive_portal_proxy_fails_the_proxy_line_with_75_as_the_boot(device_files,
+                                                                        scripted_proxy):
+    proxy = scripted_proxy(status(302, headers=b"Location: http://portal.example/login\r\n"))
+    device_files.write_device_config(HTTP_PROXY=proxy.url())
+    proc = check(device_files, "--timeout", "4")
+    assert proc.returncode == 75, proc.stdout
+    assert lines(proc)["proxy"].startswith(
+        "FAIL proxy       the HTTP proxy 127.0.0.1:"), proc.stdout
+    assert "with something other than a tunnel (HTTP 302)" in lines(proc)["proxy"]
+
+
+def test_a_proxy_whose_200_is_followed_by_bytes_is_no_tunnel(device_files, scripted_proxy):
+    def chatty(conn, n, stopping):
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\nnot TLS")
+    proxy = scripted_proxy(chatty)
+    device_files.write_device_config(HTTP_PROXY=proxy.url())
+    proc = check(device_files, "--timeout", "4")
+    assert proc.returncode == 75, proc.stdout
+    assert lines(proc)["proxy"].startswith(
+        f"FAIL proxy       the HTTP proxy 127.0.0.1:{proxy.port} did not answer CONNECT as an "
+        "HTTP proxy (bytes after the answer, before the tunnel was used)"), proc.stdout
