@@ -1,6 +1,6 @@
 # Two commands for a fresh Debian / Raspberry Pi OS machine: `make demo`, `make test`.
 # Each installs what is missing first: a venv from the requirements files and
-# Debian's mosquitto, tinyproxy, softhsm2 and opensc-pkcs11 (with sudo when not root).
+# Debian's mosquitto, tinyproxy, softhsm2, opensc-pkcs11 and faketime (with sudo when not root).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -32,9 +32,9 @@ PACKAGE_FILES := $(wildcard entomologist/*.py)
 # then compiles them, which needs these (see README, "32-bit boards").
 BUILD_DEPS := build-essential cmake python3-dev libffi-dev
 
-.PHONY: setup mosquitto tinyproxy softhsm2 systemd-analyze demo test test-slow bench clean install uninstall image-tools image-test system-tools system-test
+.PHONY: setup mosquitto tinyproxy faketime softhsm2 systemd-analyze demo test test-slow bench clean install uninstall image-tools image-test system-tools system-test
 
-setup: $(VENV)/.installed mosquitto tinyproxy softhsm2 systemd-analyze
+setup: $(VENV)/.installed mosquitto tinyproxy faketime softhsm2 systemd-analyze
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) python3-venv; }
@@ -50,6 +50,11 @@ mosquitto:
 # do not use it.
 tinyproxy:
 	@command -v tinyproxy >/dev/null || [ -x /usr/sbin/tinyproxy ] || { $(SUDO) apt-get update -qq && $(APT_INSTALL) tinyproxy; }
+
+# The --check test of a clock in the past runs boot.py under libfaketime, as a board
+# without a real-time clock sees the time.
+faketime:
+	@command -v faketime >/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) faketime; }
 
 # The PKCS#11 key storage tests: SoftHSM2 stands in for a TPM or a secure element,
 # and OpenSC's pkcs11-spy (in opensc-pkcs11) records the calls made to it.
@@ -80,6 +85,7 @@ bench: setup
 	$(PY) bench/device_cost.py
 	$(PY) bench/fleet.py
 	$(PY) bench/pkcs11_cost.py
+	$(PY) bench/check_time.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

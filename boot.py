@@ -3,6 +3,7 @@
 Run by a systemd oneshot unit at every boot:
 
     python boot.py [--config PATH] [--force] [--timeout SECONDS] [-v]
+    python boot.py --check [--json] [--connect-as-thing] [--config PATH] [--timeout SECONDS]
 
 If CERT_DIR holds no certificate with its private key (or with --force), it
 connects with the fleet claim certificate, calls CreateKeysAndCertificate (or,
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from entomologist import certs, clock, files, fleet, keys, logs, mqtt, secret, spend
+from entomologist import certs, check, clock, files, fleet, keys, logs, mqtt, secret, spend
 from entomologist.config import (DEFAULT_CONFIG, Config, ProvisioningSettings, load_config,
                                  provisioning_settings, rehearse_update, update_device_config)
 from entomologist.credentials import CertDir, Registration
@@ -50,11 +51,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true",
                         help="provision again although provisioned; the old credentials "
                              "stay until the new ones are registered")
-    parser.add_argument("--timeout", type=positive_seconds, default=RUN_TIMEOUT,
-                        help="limit for the whole run, in seconds (default %(default)s)")
+    parser.add_argument("--timeout", type=positive_seconds, default=None,
+                        help=f"limit for the whole run, in seconds (default {RUN_TIMEOUT:.0f}; "
+                             f"{check.CHECK_TIMEOUT:.0f} with --check)")
     parser.add_argument("-v", "--verbose", action="store_true")
+    checking = parser.add_argument_group(
+        "checking", "--check runs every check a boot makes before it spends anything, one "
+        "line each, and exits with the code the next boot would end with (0: it would "
+        "succeed as far as can be told).  It writes nothing and sends no request: on a "
+        "camera not provisioned yet it connects with the claim certificate and subscribes "
+        "to the provisioning answers, then disconnects; on a provisioned one it makes a TLS "
+        "handshake with the device certificate.")
+    checking.add_argument("--check", action="store_true",
+                          help="check whether the next boot would succeed, without doing it")
+    checking.add_argument("--json", action="store_true",
+                          help="with --check: one JSON object per line and check")
+    checking.add_argument(check.CONNECT_FLAG, action="store_true",
+                          help="with --check on a provisioned camera: also open an MQTT "
+                               "connection as THING_NAME.  Off by default: AWS IoT keeps one "
+                               "connection per client ID, so this drops the camera "
+                               "application's own connection if it uses that client ID")
     args = parser.parse_args(argv)
+    if (args.json or args.connect_as_thing) and not args.check:
+        parser.error(f"--json and {check.CONNECT_FLAG} go with --check")
+    if args.check and args.force:
+        parser.error("--check and --force exclude each other")
     logs.setup_logging(args.verbose)
+    if args.check:
+        if not args.verbose:
+            # The check's own lines are the report; the log keeps warnings.
+            logging.getLogger().setLevel(logging.WARNING)
+        # No note_outcome: a check writes nothing, not even the bug count.
+        return check.run(args.config, args.timeout or check.CHECK_TIMEOUT, args.json,
+                         args.connect_as_thing, sys.stdout)
+    args.timeout = args.timeout or RUN_TIMEOUT
     runtime_dir = os.environ.get("RUNTIME_DIRECTORY")
     with Stop(on_exit=lambda code: note_outcome(code, runtime_dir)).installed() as stop:
         code = run_main(lambda: boot(args.config, Deadline(args.timeout), args.force,
@@ -138,24 +168,6 @@ def needs_provisioning(config: Config, cert_dir: CertDir) -> bool:
     return True
 
 
-def check_claim(settings: ProvisioningSettings, root_ca: Path) -> None:
-    """The claim pair and the CA must be ours to trust and must work together."""
-    hint = "CLAIM_CERT and CLAIM_KEY in the config"
-    pems = []
-    for what, path in (("claim certificate", settings.claim_cert),
-                       ("claim key", settings.claim_key)):
-        real = files.trusted_path(path, what, hint=hint)
-        pems.append(files.read_bounded(real, what, hint=hint))
-    problem = certs.pair_problem(*pems)
-    if problem:
-        raise ConfigError(f"claim files unusable: {problem}", hint=hint)
-    ca = files.read_bounded(files.trusted_path(root_ca, "ROOT_CA"), "ROOT_CA",
-                            hint="ROOT_CA in the config")
-    if certs.certificate_problem(ca):
-        raise ConfigError(f"ROOT_CA {root_ca}: {certs.certificate_problem(ca)}",
-                          hint="ROOT_CA in the config")
-
-
 def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline,
               build: mqtt.Builder | None = None,
               sleep: Callable[[float], None] = time.sleep,
@@ -178,7 +190,7 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
     75 before it connects.
     """
     stop = stop or Stop()
-    check_claim(settings, config.root_ca)
+    certs.check_claim(settings.claim_cert, settings.claim_key, config.root_ca)
     parameters = secret.template_parameters(settings.template_parameters,
                                             settings.secret_file)
     clock.check_clock([settings.claim_cert, config.root_ca], now)

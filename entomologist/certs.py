@@ -12,6 +12,10 @@ import binascii
 import calendar
 import re
 import time
+from pathlib import Path
+
+from . import files
+from .errors import ConfigError
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
 
@@ -100,3 +104,20 @@ def pair_problem(cert_pem: bytes, key_pem: bytes) -> str | None:
         # Whatever the TLS library says of the files, it will not present them.
         return "the private key does not belong to the certificate, or does not parse"
     return None
+
+
+def check_claim(claim_cert: Path, claim_key: Path, root_ca: Path) -> None:
+    """The claim pair and the CA must be ours to trust and must work together."""
+    hint = "CLAIM_CERT and CLAIM_KEY in the config"
+    pems = []
+    for what, path in (("claim certificate", claim_cert), ("claim key", claim_key)):
+        real = files.trusted_path(path, what, hint=hint)
+        pems.append(files.read_bounded(real, what, hint=hint))
+    problem = pair_problem(*pems)
+    if problem:
+        raise ConfigError(f"claim files unusable: {problem}", hint=hint)
+    ca = files.read_bounded(files.trusted_path(root_ca, "ROOT_CA"), "ROOT_CA",
+                            hint="ROOT_CA in the config")
+    if certificate_problem(ca):
+        raise ConfigError(f"ROOT_CA {root_ca}: {certificate_problem(ca)}",
+                          hint="ROOT_CA in the config")

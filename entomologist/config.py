@@ -431,10 +431,16 @@ def rehearse_update(config: Config) -> None:
     result: rendered faithfully with the longest values, within the size limit,
     and written in its folder with its mode and owner (which, under the unit's
     empty capability set, only works for an owner and group we already have)."""
-    doc = read_document(config.real_path, config.path)
-    data = rendered_update(config.path, doc, {"THING_NAME": "x" * 128,
-                                              "CERTIFICATE_ID": "0" * 64,
-                                              "PROVISION_STATUS": "False"})
+    data = longest_update(config)
     st = os.stat(config.real_path)
     files.rehearse_write(config.real_path, data, st.st_mode & 0o7777,
                          owner=(st.st_uid, st.st_gid))
+
+
+def longest_update(config: Config) -> bytes:
+    """The config as the provisioning result would leave it, with the longest values:
+    checked to render faithfully and within the size limit (nothing is written)."""
+    doc = read_document(config.real_path, config.path)
+    return rendered_update(config.path, doc, {"THING_NAME": "x" * 128,
+                                              "CERTIFICATE_ID": "0" * 64,
+                                              "PROVISION_STATUS": "False"})

@@ -85,21 +85,23 @@ class CertDir:
 
     # -- what is installed
 
-    def installed_problem(self) -> str | None:
-        """None if a certificate and its key are installed, else what is wrong."""
+    def installed_problem(self, repair: bool = True) -> str | None:
+        """None if a certificate and its key are installed, else what is wrong.
+
+        ``repair`` False only looks: a token's half-done promotion is not finished."""
         try:
             cert = files.read_bounded(self.cert, "certificate")
         except files.FileProblem as exc:
             return f"no certificate in {self.path}" if exc.missing else str(exc)
         if self.token is not None:
-            return self._token_problem(cert)
+            return self._token_problem(cert, repair)
         try:
             key = files.read_bounded(self.key, "private key")
         except files.FileProblem as exc:
             return str(exc)
         return certs.pair_problem(cert, key)
 
-    def _token_problem(self, cert_pem: bytes) -> str | None:
+    def _token_problem(self, cert_pem: bytes, repair: bool = True) -> str | None:
         """None if the token holds the key of ``cert_pem`` (given the final label now,
         if a run was killed before it could), else why not.  Once the installed pair
         is known, a staged key is stale (no registration waits for it): it goes, so
@@ -108,8 +110,13 @@ class CertDir:
         problem = certs.certificate_problem(cert_pem)
         if problem:
             return problem
+        spki = pkcs11_key.certificate_public_key_der(cert_pem)
         with pkcs11_key.open_token(self.token) as token:
-            pair = token.reconcile(pkcs11_key.certificate_public_key_der(cert_pem))
+            if not repair:
+                pair = token.matching(spki)
+                return None if pair is not None else (
+                    f"no key in token {self.token.token_label!r} belongs to the certificate")
+            pair = token.reconcile(spki)
             if pair is not None and token.delete_label(self.token.staging_label):
                 log.info("removed a key a run killed before registering left in the token")
         if pair is None:
@@ -163,8 +170,9 @@ class CertDir:
 
     # -- what is staged
 
-    def registration(self) -> Registration | None:
-        """The registration an earlier run recorded and has not finished installing."""
+    def registration(self, repair: bool = True) -> Registration | None:
+        """The registration an earlier run recorded and has not finished installing
+        (``repair``: as for ``installed_problem``)."""
         try:
             raw = files.read_bounded(self.registration_marker, "registration record", 256 * 1024)
             doc = json.loads(raw)
@@ -188,7 +196,7 @@ class CertDir:
                 log.warning("ignoring %s: no staged key belongs to its certificate",
                             self.registration_marker)
                 return None
-        elif self.installed_problem() is not None:
+        elif self.installed_problem(repair) is not None:
             log.warning("ignoring %s: its credentials are gone", self.registration_marker)
             return None
         return reg

@@ -91,3 +91,27 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def holder(cert_dir: Path, runtime_dir: str | None = None) -> Path | None:
+    """The lock a running boot holds now, if any: found as ``RunLock`` would find it,
+    but without creating, writing or waiting for anything (a lock file that does
+    not exist is held by nobody).  A shared lock taken for an instant is the probe:
+    a run starting in that instant waits that instant."""
+    candidates = [cert_dir / LOCK_NAME, cert_dir]
+    if runtime_dir:
+        candidates.insert(1, Path(runtime_dir) / LOCK_NAME)
+    for path in candidates:
+        try:
+            flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+            fd = os.open(path, flags | (os.O_DIRECTORY if path == cert_dir else 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return path
+        finally:
+            os.close(fd)  # closing releases the probe's lock
+    return None

@@ -48,6 +48,13 @@ class _Redactor(logging.Filter):
                         text = text.replace(fragment, "[redacted]")
         return text
 
+    def line(self, text: str) -> str:
+        clean = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"),
+                             self.redact(text))
+        if len(clean) > LINE_LIMIT:
+            clean = clean[:LINE_LIMIT] + f"...[{len(clean) - LINE_LIMIT} more characters]"
+        return clean
+
     def filter(self, record: logging.LogRecord) -> bool:
         """Every record becomes one bounded line without secrets, whatever reached
         its message (a path from the config can hold a newline or an escape).
@@ -57,10 +64,7 @@ class _Redactor(logging.Filter):
         if record.stack_info:
             record.stack_info = self.redact(record.stack_info)
         text = record.getMessage()
-        clean = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"),
-                             self.redact(text))
-        if len(clean) > LINE_LIMIT:
-            clean = clean[:LINE_LIMIT] + f"...[{len(clean) - LINE_LIMIT} more characters]"
+        clean = self.line(text)
         if clean != text:
             record.msg, record.args = clean, None
         return True
@@ -85,6 +89,12 @@ def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
         text = text[:limit] + f"...[{len(text) - limit} more characters]"
     # unicode_escape turns newlines, escapes and other controls into \n, \x1b.
     return text.encode("unicode_escape").decode("ascii")
+
+
+def clean_line(text: str) -> str:
+    """``text`` as a log record's line would show it: secrets redacted, controls
+    escaped, cut to LINE_LIMIT (for output that is not a log record)."""
+    return _REDACTOR.line(text)
 
 
 def redact(secret: str | None) -> None:

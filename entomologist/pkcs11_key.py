@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import files
+from . import files, logs
 from .errors import ConfigError, TransientError
 from .keys import csr_common_name
 
@@ -141,6 +141,7 @@ def read_pin(path: Path) -> str:
         raise ConfigError(f"{where} is empty", hint=hint)
     if len(raw) > MAX_PIN_FILE_BYTES or any(ord(c) < 0x20 or ord(c) == 0x7f for c in pin):
         raise ConfigError(f"{where} holds more than one line of text", hint=hint)
+    logs.redact(pin)
     return pin
 
 
@@ -392,13 +393,19 @@ class Token:
     def reconcile(self, certificate_public_key_der: bytes) -> KeyPair | None:
         """The final pair matching the installed certificate, finishing a promotion that
         a killed run left half done; None if no pair matches (provision again)."""
-        pairs = self._our_pairs(remove_orphans=True, accept=certificate_public_key_der)
+        chosen = self.matching(certificate_public_key_der, remove_orphans=True)
+        return None if chosen is None else self.promote(chosen)
+
+    def matching(self, certificate_public_key_der: bytes,
+                 remove_orphans: bool = False) -> KeyPair | None:
+        """The pair whose public key the certificate carries (under the final label if
+        there is one there), changing nothing but, when asked, removing half pairs."""
+        pairs = self._our_pairs(remove_orphans=remove_orphans,
+                                accept=certificate_public_key_der)
         matching = [pair for pair in pairs if pair.public_key_der() == certificate_public_key_der]
-        if not matching:
-            return None
         final = self.settings.key_label
-        chosen = next((pair for pair in matching if pair.label == final), matching[0])
-        return self.promote(chosen)
+        return next((pair for pair in matching if pair.label == final),
+                    matching[0] if matching else None)
 
     def all_objects(self) -> list[tuple[str, str, bytes]]:
         """(class, label, id) of every object the user can see: for tests and diagnostics."""

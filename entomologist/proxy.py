@@ -180,13 +180,25 @@ def connect_status(proxy: Proxy, host: str, port: int, timeout: float) -> int:
     Raises OSError (socket.timeout when the time runs out; ProbeError when the
     answer is not HTTP or too long).
     """
+    status, sock = open_tunnel(proxy, host, port, timeout, read_head=False)
+    sock.close()
+    return status
+
+
+def open_tunnel(proxy: Proxy, host: str, port: int, timeout: float,
+                read_head: bool = True) -> tuple[int, socket.socket]:
+    """CONNECT host:port through ``proxy``, as ``connect_status`` asks it: the final
+    status and the socket (the caller closes it).  With ``read_head`` a 200 is
+    read to the end of its head, so that what follows on the socket is the
+    tunnel.  Raises as ``connect_status``."""
     end = time.monotonic() + timeout
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
     if proxy.username is not None:
         token = base64.b64encode(f"{proxy.username}:{proxy.password}".encode()).decode("ascii")
         lines.append(f"Proxy-Authorization: Basic {token}")
-    with socket.create_connection((proxy.host, proxy.port), timeout=timeout) as sock:
+    sock = socket.create_connection((proxy.host, proxy.port), timeout=timeout)
+    try:
         sock.settimeout(max(end - time.monotonic(), 0.001))
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
         received, start = b"", 0  # start: where the answer being read begins
@@ -197,12 +209,18 @@ def connect_status(proxy: Proxy, host: str, port: int, timeout: float) -> int:
                 if not match:
                     raise ProbeError("not an HTTP status line")
                 status = int(match.group(1))
-                if not (100 <= status < 200) or status == 101:
-                    return status
+                final = not (100 <= status < 200) or status == 101
+                if final and (not read_head or status != 200):
+                    return status, sock
                 head_end = received.find(b"\r\n\r\n", start)
                 if head_end >= 0:
-                    start = head_end + 4
-                    continue
+                    if not final:
+                        start = head_end + 4
+                        continue
+                    # A tunnel carries nothing until the client speaks.
+                    if len(received) > head_end + 4:
+                        raise ProbeError("bytes after the answer, before the tunnel was used")
+                    return status, sock
             if len(received) >= PROBE_MAX_BYTES:
                 raise ProbeError(f"no final status in {PROBE_MAX_BYTES} bytes")
             left = end - time.monotonic()
@@ -213,6 +231,9 @@ def connect_status(proxy: Proxy, host: str, port: int, timeout: float) -> int:
             if not chunk:
                 raise ClosedWithoutAnswer("closed without a status line")
             received += chunk
+    except BaseException:
+        sock.close()
+        raise
 
 
 def refusal(proxy: Proxy, host: str, port: int, status: int) -> EntoError:

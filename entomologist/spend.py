@@ -119,8 +119,10 @@ class SpendRecord:
         self.entries: list[Entry] = []
 
     @classmethod
-    def open(cls, path: Path, now: Callable[[], float] = time.time) -> "SpendRecord":
-        """The record at ``path``, settled (and written back) if it cannot be trusted as is."""
+    def open(cls, path: Path, now: Callable[[], float] = time.time,
+             settle: bool = True) -> "SpendRecord":
+        """The record at ``path``, settled if it cannot be trusted as is, and written back
+        so unless ``settle`` is False (``boot.py --check`` writes nothing)."""
         record = cls(path, now)
         current = now()
         try:
@@ -128,10 +130,11 @@ class SpendRecord:
             record.entries = _parse(raw)
         except files.FileProblem as exc:
             if not exc.missing:
-                record._assume_the_worst(current, str(exc))
+                record._assume_the_worst(current, str(exc), settle)
             return record
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            record._assume_the_worst(current, f"{path} does not parse ({type(exc).__name__})")
+            record._assume_the_worst(current, f"{path} does not parse ({type(exc).__name__})",
+                                     settle)
             return record
         ahead = [entry for entry in record.entries if entry.at > current]
         if ahead:
@@ -140,14 +143,16 @@ class SpendRecord:
                         len(ahead), utc(max(entry.at for entry in ahead)), utc(current))
             for entry in ahead:
                 entry.at = current
-            record._save()
+            if settle:
+                record._save()
         return record
 
-    def _assume_the_worst(self, current: float, problem: str) -> None:
+    def _assume_the_worst(self, current: float, problem: str, settle: bool) -> None:
         log.warning("%s: taken as one RegisterThing that got no answer now, the worst it "
                     "could hide", problem)
         self.entries = [Entry(UNREADABLE, current)]
-        self._save()
+        if settle:
+            self._save()
 
     # -- queries
 

@@ -689,6 +689,50 @@ def data_layout(cam: Camera) -> str:
         cam.write_config(saved)
 
 
+def check_sees_the_sandbox(cam: Camera) -> str:
+    """boot.py --check by hand reads the unit's write rules from systemd: the /data
+    layout without its drop-in is 73 there, as the unit's first boot would be, and
+    passes with it; and it writes nothing, in /data or elsewhere."""
+    shipped = data_dropins(cam.root / "usr/src/entomologist/systemd")
+    data = "/data/entomologist"
+    saved = cam.config.read_bytes()
+    check = ["/opt/entomologist/venv/bin/python", "/opt/entomologist/boot.py", "--check",
+             "--config", f"{CONF_DIR}/ento.conf"]
+    cam.sh("mkdir", "-p", "/data")
+    cam.sh("mount", "-t", "tmpfs", "-o", "mode=0755,size=16m", "tmpfs", "/data")
+    try:
+        cam.sh("install", "-d", "-m", "0700", data, f"{data}/claim", f"{data}/standin")
+        for rel in ("claim/claim.pem.crt", "claim/claim.private.pem.key", "standin/ca.pem"):
+            cam.sh("cp", "-p", f"{CONF_DIR}/{rel}", f"{data}/{rel}")
+        cam.fresh_device("cert-data")
+        cam.sh("mv", f"{CONF_DIR}/ento.conf", f"{data}/ento.conf")
+        cam.sh("ln", "-s", f"{data}/ento.conf", f"{CONF_DIR}/ento.conf")
+        listing = cam.sh("ls", "-laR", "--full-time", data).stdout
+        without = cam.sh(*check, check=False)
+        storage = [line for line in without.stdout.splitlines() if line.startswith("FAIL storage")]
+        if without.returncode != 73 or not storage or "ReadWritePaths=" not in storage[0]:
+            raise Failed(f"--check without the drop-in: exit {without.returncode}\n"
+                         f"{without.stdout}{without.stderr}")
+        for p in shipped:
+            cam.write_dropin(f"70-{p.stem}", p.read_text())
+        with_dropin = cam.sh(*check, check=False)
+        if with_dropin.returncode != 0:
+            raise Failed(f"--check with {', '.join(p.name for p in shipped) or 'no drop-in'}: "
+                         f"exit {with_dropin.returncode}\n{with_dropin.stdout}"
+                         f"{with_dropin.stderr}")
+        if cam.sh("ls", "-laR", "--full-time", data).stdout != listing:
+            raise Failed(f"--check changed {data}")
+        return f"without the drop-in: {storage[0]}; with it: exit 0; {data} unchanged"
+    finally:
+        for p in shipped:
+            (cam.root / DROPINS.lstrip("/") / f"70-{p.stem}.conf").unlink(missing_ok=True)
+        cam.sh("systemctl", "daemon-reload", check=False)
+        cam.sh("umount", "/data", check=False)
+        if cam.config.is_symlink():
+            cam.config.unlink()
+        cam.write_config(saved)
+
+
 def stop_during(cam: Camera, event: str, cert_dir: str, delay: float) -> tuple[Run, Run, int]:
     """systemctl stop once the stand-in has seen `event` and holds its answer back `delay` s.
 
@@ -816,6 +860,7 @@ SCENARIOS: list[tuple[str, Callable[[Camera], str]]] = [
     ("three bugs in a row: ExecCondition skips until /run is cleared", three_bugs),
     ("read-only /etc/entomologist on a provisioned camera reports", read_only_config),
     ("/data layout with its documented drop-in", data_layout),
+    ("boot.py --check by hand sees the unit's sandbox", check_sees_the_sandbox),
     ("SIGTERM during a run: one line, the next run completes", sigterm),
     ("SIGTERM during RegisterThing: the registration is kept", sigterm_registering),
     ("memory limit in the unit (MemoryMax)", memory_limit),

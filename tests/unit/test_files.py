@@ -1,4 +1,5 @@
 """Durable writes, config rewrites, the run lock, and exit codes."""
+import fcntl
 import json
 import logging
 import os
@@ -179,6 +180,37 @@ def test_a_lock_file_others_could_open_is_refused(tmp_path):
     os.chmod(tmp_path / "run.lock", 0o644)
     with pytest.raises(errors.ConfigError, match="not a 0600 file"):
         lock.RunLock(tmp_path).acquire(retries.Deadline(1))
+
+
+def test_the_lock_holder_is_found_without_creating_or_taking_the_lock(tmp_path):
+    assert lock.holder(tmp_path) is None
+    assert os.listdir(tmp_path) == []  # no lock file: nothing runs, and none is made
+    with lock.RunLock(tmp_path) as held:
+        held.acquire(retries.Deadline(1))
+        assert lock.holder(tmp_path) == tmp_path / "run.lock"
+    assert lock.holder(tmp_path) is None
+    with lock.RunLock(tmp_path) as again:  # the probe left nothing held
+        again.acquire(retries.Deadline(0.5))
+
+
+def test_the_lock_holder_is_found_in_the_runtime_directory_and_on_the_folder(tmp_path):
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    cert_dir = tmp_path / "cert"
+    cert_dir.mkdir()
+    fd = os.open(runtime / "run.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert lock.holder(cert_dir, str(runtime)) == runtime / "run.lock"
+        assert lock.holder(cert_dir) is None
+    finally:
+        os.close(fd)
+    fd = os.open(cert_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert lock.holder(cert_dir) == cert_dir
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("error,code", [

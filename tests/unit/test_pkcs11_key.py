@@ -261,6 +261,12 @@ def test_missing_module_is_transient(token):
         open_token(token.settings(library=token.root / "no-such-module.so"))
 
 
+def test_the_pin_is_redacted_from_every_line_once_read(token):
+    from entomologist import logs
+    pin = read_pin(token.pin_file)
+    assert logs.clean_line(f"the token said {pin}") == "the token said [redacted]"
+
+
 def test_absent_token_label_is_transient(token):
     with pytest.raises(errors.TransientError, match="no token labelled 'not-up-yet'"):
         open_token(token.settings(token_label="not-up-yet"))

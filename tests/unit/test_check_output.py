@@ -1,0 +1,125 @@
+"""boot.py --check's output: one line per check, secrets redacted, JSON lines, its options."""
+import io
+import json
+
+import pytest
+
+import boot
+from entomologist import check, logs
+from entomologist.errors import ConfigError, StorageError, TransientError
+
+
+def test_a_failed_check_prints_its_problem_and_hint_on_one_line_without_secrets():
+    out = []
+    checks = check.Checks(out.append)
+    logs.redact("hunter2-proxy-password")
+
+    def failing():
+        raise ConfigError("the proxy said hunter2-proxy-password\nforged line",
+                          hint="HTTP_PROXY")
+    with pytest.raises(check.Failed):
+        checks.run("proxy", failing)
+    line = check.human_line(out[0])
+    assert "hunter2-proxy-password" not in line and "\n" not in line
+    assert line.startswith("FAIL proxy       the proxy said [redacted]\\nforged line; "
+                           "check HTTP_PROXY (")
+    assert checks.exit_code() == 78
+
+
+def test_the_exit_code_is_the_first_failures_in_the_boots_order():
+    checks = check.Checks(lambda result: None)
+    for name, error in (("storage", StorageError("read-only")), ("tcp", TransientError("down"))):
+        def failing(error=error):
+            raise error
+        with pytest.raises(check.Failed):
+            checks.run(name, failing)
+    assert checks.exit_code() == 73
+    # A provisioned camera writes its status only after the boot message: the link first.
+    assert checks.exit_code(frozenset({"storage"})) == 75
+
+
+def test_a_warning_does_not_change_the_exit_code():
+    checks = check.Checks(lambda result: None)
+    checks.run("lock", lambda: check.Warn("a boot is running now"))
+    assert [r.status for r in checks.results] == ["warn"] and checks.exit_code() == 0
+
+
+def test_a_bug_in_a_check_is_a_failure_with_70_not_a_crash():
+    checks = check.Checks(lambda result: None)
+    with pytest.raises(check.Failed):
+        checks.run("dns", lambda: 1 / 0)
+    assert checks.results[0].detail == "unexpected error (a bug): ZeroDivisionError"
+    assert checks.exit_code() == 70
+
+
+def test_json_output_is_one_object_per_line_ending_with_the_result(tmp_path):
+    out = io.StringIO()
+    code = check.run(tmp_path / "missing.conf", 5, True, False, out)
+    objects = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert code == 78
+    assert [o["name"] for o in objects] == ["config", "result"]
+    assert objects[0]["status"] == "fail" and objects[0]["exit_code"] == 78
+    assert objects[0]["detail"] == f"config file {tmp_path / 'missing.conf'} does not exist"
+    assert objects[1]["exit_code"] == 78
+
+
+@pytest.mark.parametrize("argv", [["--json"], ["--connect-as-thing"], ["--check", "--force"]])
+def test_check_options_are_refused_where_they_mean_nothing(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        boot.main(argv)
+    assert exc.value.code == 2
+
+
+def test_the_help_says_why_connecting_as_the_thing_is_off_by_default(capsys):
+    with pytest.raises(SystemExit):
+        boot.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert ("--connect-as-thing with --check on a provisioned camera: also open an MQTT "
+            "connection as THING_NAME. Off by default: AWS IoT keeps one connection per "
+            "client ID, so this drops the camera application's own connection if it uses "
+            "that client ID") in help_text
+
+
+# ------------------------------------------------ the claim connection, on AWS's terms
+
+def claim_check(device, cloud):
+    from entomologist import config as configuration
+    from entomologist.retries import Deadline
+    config = device.config()
+    settings = configuration.provisioning_settings(config)
+    return check.check_claim_mqtt(config, settings, Deadline(5), cloud)
+
+
+def test_the_claim_check_connects_subscribes_to_the_answers_and_publishes_nothing(device,
+                                                                                 cloud):
+    detail = claim_check(device, cloud)
+    assert cloud.calls == [
+        ("connect", "CAM-42", "claim.pem.crt"),
+        ("subscribe", "$aws/certificates/create/json/accepted"),
+        ("subscribe", "$aws/certificates/create/json/rejected"),
+        ("subscribe", "$aws/provisioning-templates/Fleet/provision/json/accepted"),
+        ("subscribe", "$aws/provisioning-templates/Fleet/provision/json/rejected"),
+        ("close",)]
+    assert detail.endswith("subscribed to $aws/certificates/create/* and "
+                           "$aws/provisioning-templates/Fleet/provision/*; nothing published")
+
+
+def test_the_claim_check_in_csr_mode_subscribes_to_the_csr_answers(device, cloud):
+    device.update(PROVISIONING_API="CreateCertificateFromCsr")
+    claim_check(device, cloud)
+    assert ("subscribe", "$aws/certificates/create-from-csr/json/accepted") in cloud.calls
+    assert not [c for c in cloud.calls if c[0] == "publish"]
+
+
+def test_a_subscription_aws_refuses_is_named_with_the_claim_policy_hint(device, cloud):
+    # AWS answers a SUBSCRIBE its policy denies with 0x80 and keeps the connection.
+    cloud.fail_with("subscribe", None, None, "refused")
+    with pytest.raises(TransientError) as refused:
+        claim_check(device, cloud)
+    assert str(refused.value) == ("the broker refused the subscription to "
+                                  "$aws/provisioning-templates/Fleet/provision/json/accepted")
+    assert refused.value.hint.startswith("the claim policy")
+    assert "it needs iot:Subscribe, iot:Receive and iot:Publish on " \
+           "$aws/certificates/create/* and $aws/provisioning-templates/Fleet/provision/*" \
+           in refused.value.hint
+    assert cloud.calls[-1] == ("close",)
