@@ -54,11 +54,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from standin import policy
+from standin import claimpair, policy
 from standin import template as templates
 from standin.broker import Broker, find_mosquitto, free_port
-from standin.ca import StandInCA, write_new
+from cryptography import x509
+
+from cloud.hook import secret_hash
+from cloud.inventory import new_secret
+from standin.ca import StandInCA, certificate_id, write_new
 from standin.enforce import Enforcer, Identity, Relay
+from standin.inventory import HookCaller, InventoryServer
 from standin.responder import (BOOT_PREFIX, CREATE, CREATE_CSR, MALFORMED_CREATE,
                                MALFORMED_REGISTER, REGISTER_PREFIX, REGISTER_SUFFIX, Answer,
                                Drop, Faults, Rejection, Responder)
@@ -76,10 +81,22 @@ MODES = ("CreateKeysAndCertificate", "CreateCertificateFromCsr", "Both")
 RESPONDER_ACL = "topic readwrite #\ntopic readwrite $aws/#\n"
 
 
-def stack_with(edit: Callable[[dict], None], mode: str | None = None) -> templates.Stack:
+def _stack_parameters(mode: str | None, hook: bool | None) -> dict | None:
+    """The stack parameters a StandIn's options set: ProvisioningMode, and the
+    PreProvisioningHook switch (None: the stack's defaults)."""
+    parameters = {}
+    if mode:
+        parameters["ProvisioningMode"] = mode
+    if hook is not None:
+        parameters["PreProvisioningHook"] = "Enabled" if hook else "Disabled"
+    return parameters or None
+
+
+def stack_with(edit: Callable[[dict], None], mode: str | None = None,
+               hook: bool | None = None) -> templates.Stack:
     """cloud/stack.yaml with its template body changed by ``edit`` (a test's variant:
     another device policy, another parameter); change ``claim_policies`` directly."""
-    stack = templates.load_stack(parameters={"ProvisioningMode": mode} if mode else None)
+    stack = templates.load_stack(parameters=_stack_parameters(mode, hook))
     body = copy.deepcopy(stack.template.body)
     edit(body)
     stack.template = templates.ProvisioningTemplate.from_body(body, stack.template_name)
@@ -101,17 +118,19 @@ class StandIn:
                  key_factory: Callable | None = None, host: str = "127.0.0.1",
                  overwrite: bool = True, tcp_nodelay: bool = True,
                  stack: "templates.Stack | Path | str | None" = None,
-                 mode: str | None = None, policies: bool = True):
+                 mode: str | None = None, policies: bool = True, hook: bool | None = None):
         self.workdir = Path(workdir)
         self.dir = self.workdir / "standin"
         self.serial = serial
         if isinstance(stack, templates.Stack):
             if mode is not None and mode != stack.parameters.get("ProvisioningMode"):
                 raise ValueError("give a Stack loaded with the mode wanted")
+            if hook is not None and hook != (stack.hook is not None):
+                raise ValueError("give a Stack loaded with PreProvisioningHook as wanted")
             self.stack = stack
         else:
             self.stack = templates.load_stack(stack or templates.STACK,
-                                              {"ProvisioningMode": mode} if mode else None)
+                                              _stack_parameters(mode, hook))
         self.mode = self.stack.parameters.get("ProvisioningMode", MODES[0])
         self.template = template or self.stack.template_name
         self.policies = policies
@@ -125,6 +144,9 @@ class StandIn:
         self.config_path = self.workdir / "ento.conf"
         self.claim_cert = self.workdir / "claim" / "claim.pem.crt"
         self.claim_key = self.workdir / "claim" / "claim.private.pem.key"
+        # The camera's provisioning secret, as the factory puts it in the image.
+        self.secret_path = self.workdir / "provisioning-secret"
+        self.inventory_server: InventoryServer | None = None
         self._broker: Broker | None = None
         self._relay: Relay | None = None
         self.enforcer: Enforcer | None = None
@@ -143,7 +165,8 @@ class StandIn:
         self.stop()
 
     def device_files(self) -> list[Path]:
-        return [p for p in (self.config_path, self.claim_cert, self.claim_key) if p.exists()]
+        return [p for p in (self.config_path, self.claim_cert, self.claim_key, self.secret_path)
+                if p.exists()]
 
     def prepare(self) -> None:
         """The CA, the certificates and the device's files, without a broker: enough
@@ -158,12 +181,19 @@ class StandIn:
         hosts = tuple(dict.fromkeys(("localhost", "127.0.0.1", self.host)))
         self._server_files = self.ca.write_pair(self.dir, "server", "localhost", server=True,
                                                 hosts=hosts)
-        self.ca.write_pair(self.workdir / "claim", "claim", CLAIM_CN)
+        claim_cert, _ = self.ca.write_pair(self.workdir / "claim", "claim", CLAIM_CN)
+        self.claim_certificate_id = certificate_id(
+            x509.load_pem_x509_certificate(Path(claim_cert).read_bytes()))
+        # The factory's step: a secret of the camera's own, 0600 from birth.
+        self._secret = new_secret()
+        self.secret_path.unlink(missing_ok=True)
+        write_new(self.secret_path, (self._secret + "\n").encode(), 0o600)
         self._responder_files = self.ca.write_pair(self.dir, "responder", RESPONDER_CN)
         self.responder = Responder(self.ca, self.template, self.serial, self.faults,
                                    self.record, self.key_factory,
                                    provisioning=self.stack.template,
-                                   on_registered=self._registered if self.policies else None)
+                                   on_registered=self._registered if self.policies else None,
+                                   hook_context=self._hook_context)
         if self.policies:
             # mosquitto on a loopback port of its own; devices reach it through
             # the relay, which holds back what a denial must never let through.
@@ -217,6 +247,15 @@ class StandIn:
         self._write_acl()
         self._reload()
 
+    def _hook_context(self, template: str) -> dict:
+        """The event fields AWS IoT gives the hook besides the request's."""
+        claims = self.enforcer.connected("claim") if self.enforcer else []
+        return {"claimCertificateId": self.claim_certificate_id,
+                "templateArn": self.stack.context().arn("provisioningtemplate", template),
+                # Which connection published the request is not in mosquitto's
+                # log: named only when one claim connection is open.
+                "clientId": claims[0] if len(claims) == 1 else ""}
+
     def _write_acl(self) -> None:
         text = "".join(f"user {i.username}\n{i.acl}\n"
                        for i in self.enforcer.identities.values())
@@ -244,6 +283,7 @@ class StandIn:
         self.prepare()
         self._broker.start()
         try:
+            self._start_inventory()
             if self.policies:
                 self._relay = Relay(self.host, self.port, ("127.0.0.1", self._broker.port),
                                     self.enforcer, self.tcp_nodelay)
@@ -253,6 +293,44 @@ class StandIn:
             self.stop()
             raise
         self.record("ready", port=self.port)
+
+    def _start_inventory(self) -> None:
+        """The fleet inventory (moto's DynamoDB) holding this device, and the hook on it."""
+        self.inventory_server = InventoryServer(self.stack)
+        self.inventory_server.start()
+        environment = self.inventory_server.environment()
+        write_new(self.dir / "aws.env", "".join(
+            f"{k}={v}\n" for k, v in environment.items()).encode(), 0o600)
+        if self.stack.inventory_table:
+            self.inventory.put(self.serial, secret_hash(self._secret))
+        if self.stack.hook is not None:
+            self.responder.hook = HookCaller(self.stack.hook, environment, self.record)
+
+    @property
+    def inventory(self):
+        """cloud/inventory.py's Inventory on this stand-in's table (allow-reprovision,
+        revoke, show, ... as an operator would)."""
+        return self.inventory_server.inventory()
+
+    @property
+    def secret(self) -> str:
+        """This device's provisioning secret (the content of ``secret_path``)."""
+        return self._secret
+
+    def claim_pair_register(self, serial: str, secret: str | None = None,
+                            client_id: str | None = None, timeout: float = 10.0):
+        """RegisterThing for ``serial`` with the claim pair alone, through AWS's own
+        client (standin.claimpair), as anyone holding the SD card's claim files can."""
+        parameters = {"SerialNumber": serial}
+        if secret is not None:
+            parameters["ProvisioningSecret"] = secret
+        return claimpair.register("localhost", self.port, self.ca_path, self.claim_cert,
+                                  self.claim_key, client_id or serial, self.template,
+                                  parameters, timeout)
+
+    def claim_pair_connects(self, client_id: str, timeout: float = 10.0) -> bool:
+        return claimpair.connects("localhost", self.port, self.ca_path, self.claim_cert,
+                                  self.claim_key, client_id, timeout)
 
     def _client(self, client_id: str):
         from awsiot import mqtt_connection_builder
@@ -288,6 +366,9 @@ class StandIn:
         if self._broker is not None:
             self._broker.stop()
             self._broker = None
+        if self.inventory_server is not None:
+            self.inventory_server.stop()
+            self.inventory_server = None
 
     def stop_broker(self) -> None:
         """Take the broker away, as a dead link would (the port then refuses)."""
@@ -312,6 +393,7 @@ class StandIn:
             "CLAIM_KEY": "claim/claim.private.pem.key",
             "ROOT_CA": "standin/ca.pem",
             "CERT_DIR": "cert",
+            "PROVISIONING_SECRET_FILE": self.secret_path.name,
         }
         device.update(overrides)
         doc = {"device": device, "camera": {"CAPTURE_INTERVAL_S": 60, "NOTE": "kept as is"}}
@@ -420,7 +502,7 @@ def _serve(args) -> int:
     try:
         standin = StandIn(Path(args.dir), serial=args.serial, template=args.template,
                           faults=faults, overwrite=args.overwrite, stack=args.stack,
-                          mode=args.mode)
+                          mode=args.mode, hook=False if args.no_hook else None)
     except (templates.TemplateError, OSError) as exc:
         log.error("cannot use the stack: %s", exc)
         return os.EX_CONFIG
@@ -442,6 +524,11 @@ def _serve(args) -> int:
             log.info("broker stopped: connections to localhost:%s are refused", standin.port)
         log.info("stand-in ready on localhost:%s; device config %s; events %s",
                  standin.port, standin.config_path, standin.events_path)
+        log.info("fleet inventory: table %s at %s; e.g. env $(cat %s) %s %s --table %s "
+                 "show %s", standin.stack.inventory_table,
+                 standin.inventory_server.endpoint, standin.dir / "aws.env",
+                 Path(sys.executable).name, HERE / "cloud" / "inventory.py",
+                 standin.stack.inventory_table, standin.serial)
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
@@ -461,9 +548,33 @@ def _listing(root: Path) -> str:
     return "\n".join(rows)
 
 
+def _attacks(standin: StandIn, out) -> None:
+    """The claim pair alone, as a thief with the SD card would use it."""
+    hook = "on" if standin.stack.hook else "OFF (--no-hook)"
+    out.write(f"The claim pair alone, through AWS's fleet provisioning client "
+              f"(pre-provisioning hook {hook}):\n")
+    thing = f"{standin.template.removesuffix('-fleet-template')}-{standin.serial}"
+    trials = (("an unknown serial CAM-9999", "CAM-9999", None),
+              (f"{standin.serial} again, without its secret", standin.serial, None),
+              (f"{standin.serial} again, with the camera's own secret file",
+               standin.serial, standin.secret))
+    for label, serial, secret in trials:
+        before = len(standin.events("hook"))
+        outcome = standin.claim_pair_register(serial, secret, client_id=f"thief-{serial}")
+        hooks = standin.events("hook")[before:]
+        reasons = [d.get("reason") for h in hooks for d in h.get("decisions", [])]
+        out.write(f"  RegisterThing for {label}: {outcome}"
+                  + (f" (hook: {', '.join(map(str, reasons))})" if reasons else "") + "\n")
+    connected = standin.claim_pair_connects(thing)
+    out.write(f"  Connect as {thing} with the claim certificate: "
+              f"{'ACCEPTED' if connected else 'refused (claim policy Deny)'}\n")
+    out.write(f"Inventory: {json.dumps(standin.inventory.show(standin.serial))}\n")
+
+
 def _demo(args) -> int:
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="ento-demo-") as tmp, StandIn(Path(tmp)) as standin:
+    with tempfile.TemporaryDirectory(prefix="ento-demo-") as tmp, \
+            StandIn(Path(tmp), hook=False if args.no_hook else None) as standin:
         root = Path(tmp)
         out = sys.stdout
         out.write(f"Stand-in for AWS IoT on localhost:{standin.port} (mosquitto, mutual TLS)\n")
@@ -497,7 +608,8 @@ def _demo(args) -> int:
         out.write(f"Device policy as mosquitto rules for certificate {applied['username']}: "
                   f"{'; '.join(applied['acl'])}\n")
         denied = standin.events("denied")
-        out.write(f"Policy denials: {len(denied)}\n")
+        out.write(f"Policy denials: {len(denied)}\n\n")
+        _attacks(standin, out)
         out.write(f"Demo finished in {time.monotonic() - started:.2f} s\n")
         out.flush()
     return 0
@@ -530,7 +642,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="drop the device's connection after this request, once")
     run.add_argument("--refuse-connections", action="store_true",
                      help="write the device's files, then close the broker's port")
-    sub.add_parser("demo", help="provision a simulated device and show the result")
+    run.add_argument("--no-hook", action="store_true",
+                     help="the stack's PreProvisioningHook Disabled: RegisterThing asks "
+                          "no fleet inventory")
+    demo = sub.add_parser("demo", help="provision a simulated device and show the result")
+    demo.add_argument("--no-hook", action="store_true",
+                      help="the stack's PreProvisioningHook Disabled: shows what is lost")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.command == "run":

@@ -172,7 +172,7 @@ def _decision_log() -> logging.Logger:
         out = logging.StreamHandler(sys.stdout)
         out.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(out)
-        log.propagate = False
+    log.propagate = False
     log.setLevel(logging.INFO)
     return log
 

@@ -49,9 +49,13 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_secret(directory: Path, serial: str, secret: str) -> Path:
-    """DIR/<serial>.secret, 0600 from birth, never replacing a file, durable."""
-    path = Path(directory) / f"{serial}.secret"
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def write_secret(path: Path, secret: str) -> Path:
+    """The secret and a line end, 0600 from birth, never replacing a file, durable."""
+    path = Path(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:
@@ -84,22 +88,30 @@ class Inventory:
     def add(self, serial: str, secrets_dir: Path) -> Path:
         """A manufactured camera: its secret file for the image, its hash in the table."""
         _check_serial(serial)
-        secret = secrets.token_urlsafe(32)
-        path = write_secret(secrets_dir, serial, secret)
+        secret = new_secret()
+        path = write_secret(Path(secrets_dir) / f"{serial}.secret", secret)
+        try:
+            self.put(serial, secret_hash(secret))
+        except BaseException:
+            # A secret the table does not know is useless; never leave it behind.
+            path.unlink()
+            raise
+        return path
+
+    def put(self, serial: str, digest: str) -> None:
+        """A manufactured camera whose secret has this SHA-256; never over an existing one."""
+        _check_serial(serial)
         try:
             self.client.put_item(
                 TableName=self.table,
-                Item={"serial": {"S": serial}, "secretSha256": {"S": secret_hash(secret)},
+                Item={"serial": {"S": serial}, "secretSha256": {"S": digest},
                       "state": {"S": "manufactured"}, "version": {"N": "0"},
                       "registrations": {"N": "0"}, "updatedAt": {"S": _now()}},
                 ConditionExpression="attribute_not_exists(serial)")
-        except BaseException as exc:
-            # A secret the table does not know is useless; never leave it behind.
-            path.unlink()
+        except Exception as exc:
             if _code(exc) == "ConditionalCheckFailedException":
                 raise InventoryError(f"{serial} is already in the inventory") from None
             raise
-        return path
 
     def _set_state(self, serial: str, state: str, refuse: tuple[str, ...]) -> None:
         _check_serial(serial)

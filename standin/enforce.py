@@ -184,6 +184,13 @@ class Enforcer:
                        identity.context.arn("topicfilter", topic_filter),
                        f"{decision.reason} ({identity.policy_label})")
 
+    def connected(self, kind: str) -> list[str]:
+        """Client IDs of the connections through the relay whose certificate is of ``kind``."""
+        with self._lock:
+            return [client_id for port, (client_id, username) in self._who.items()
+                    if port in self._relay_ports
+                    and getattr(self.identities.get(username), "kind", None) == kind]
+
     # -- the relay's questions
 
     def relayed(self, port: int) -> None:
