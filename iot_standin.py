@@ -354,6 +354,13 @@ class StandIn:
             future.result(10)
 
     def stop(self) -> None:
+        self.stop_broker()
+        if self.inventory_server is not None:
+            self.inventory_server.stop()
+            self.inventory_server = None
+
+    def stop_broker(self) -> None:
+        """Take the broker away, as a dead link would (the port then refuses)."""
         if self._connection is not None:
             try:
                 self._connection.disconnect().result(3)
@@ -366,13 +373,6 @@ class StandIn:
         if self._broker is not None:
             self._broker.stop()
             self._broker = None
-        if self.inventory_server is not None:
-            self.inventory_server.stop()
-            self.inventory_server = None
-
-    def stop_broker(self) -> None:
-        """Take the broker away, as a dead link would (the port then refuses)."""
-        self.stop()
 
     def issued_tokens(self) -> list[str]:
         """Every ownership token handed out, so tests can look for leaks."""

@@ -13,7 +13,7 @@ from e2e import ROOT, run_script
 
 def start(tmp_path, *options):
     proc = subprocess.Popen([sys.executable, str(ROOT / "iot_standin.py"), "run", "--dir",
-                             str(tmp_path), *options], stdin=subprocess.DEVNULL,
+                             str(tmp_path), "--no-hook", *options], stdin=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     end = time.monotonic() + 20
     for line in proc.stderr:
@@ -52,7 +52,7 @@ def test_fault_options_from_the_command_line(tmp_path, options, code, expected):
 
 
 def test_demo_shows_files_and_boot_messages():
-    proc = subprocess.run([sys.executable, str(ROOT / "iot_standin.py"), "demo"],
+    proc = subprocess.run([sys.executable, str(ROOT / "iot_standin.py"), "demo", "--no-hook"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "600    " in proc.stdout and "cert/private.pem.key" in proc.stdout
