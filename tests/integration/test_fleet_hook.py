@@ -92,6 +92,7 @@ def test_a_manufactured_camera_with_its_secret_is_allowed_and_recorded_provision
 
 @pytest.mark.parametrize("serial, secret, reason", [
     ("CAM-9999", "anything", "unknown-serial"),
+    ("CAM-9999", None, "unknown-serial"),
     ("CAM-0001", "not-its-secret", "wrong-secret"),
     ("CAM-0001", None, "wrong-secret"),
     ("CAM-0001", "", "wrong-secret"),
