@@ -63,7 +63,7 @@ from cloud.hook import secret_hash
 from cloud.inventory import new_secret
 from standin.ca import StandInCA, certificate_id, write_new
 from standin.enforce import Enforcer, Identity, Relay
-from standin.inventory import HookCaller, InventoryServer
+from standin.inventory import HOOK_LIMIT, HookCaller, InventoryServer
 from standin.responder import (BOOT_PREFIX, CREATE, CREATE_CSR, MALFORMED_CREATE,
                                MALFORMED_REGISTER, REGISTER_PREFIX, REGISTER_SUFFIX, Answer,
                                Drop, Faults, Rejection, Responder)
@@ -147,6 +147,9 @@ class StandIn:
         # The camera's provisioning secret, as the factory puts it in the image.
         self.secret_path = self.workdir / "provisioning-secret"
         self.inventory_server: InventoryServer | None = None
+        self._inventory_thread: threading.Thread | None = None
+        self._inventory_error: Exception | None = None
+        self._hook_caller: HookCaller | None = None
         self._broker: Broker | None = None
         self._relay: Relay | None = None
         self.enforcer: Enforcer | None = None
@@ -193,7 +196,8 @@ class StandIn:
                                    self.record, self.key_factory,
                                    provisioning=self.stack.template,
                                    on_registered=self._registered if self.policies else None,
-                                   hook_context=self._hook_context)
+                                   hook_context=self._hook_context,
+                                   hook=self._call_hook if self.stack.hook else None)
         if self.policies:
             # mosquitto on a loopback port of its own; devices reach it through
             # the relay, which holds back what a denial must never let through.
@@ -281,35 +285,66 @@ class StandIn:
         if not find_mosquitto():
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
         self.prepare()
-        self._broker.start()
+        # The fleet inventory comes up in the background (moto's import alone
+        # takes about 0.5 s): whatever needs it waits for it (the hook, below;
+        # ``inventory``), so nothing passes the hook while it starts.
+        self._inventory_thread = threading.Thread(target=self._start_inventory,
+                                                  name="standin-inventory", daemon=True)
+        self._inventory_thread.start()
         try:
-            self._start_inventory()
+            self._broker.start()
             if self.policies:
                 self._relay = Relay(self.host, self.port, ("127.0.0.1", self._broker.port),
                                     self.enforcer, self.tcp_nodelay)
                 self._relay.start()
             self._connect_responder()
-        except Exception:
+        except BaseException:
             self.stop()
             raise
         self.record("ready", port=self.port)
 
     def _start_inventory(self) -> None:
-        """The fleet inventory (moto's DynamoDB) holding this device, and the hook on it."""
-        self.inventory_server = InventoryServer(self.stack)
-        self.inventory_server.start()
-        environment = self.inventory_server.environment()
-        write_new(self.dir / "aws.env", "".join(
-            f"{k}={v}\n" for k, v in environment.items()).encode(), 0o600)
-        if self.stack.inventory_table:
-            self.inventory.put(self.serial, secret_hash(self._secret))
-        if self.stack.hook is not None:
-            self.responder.hook = HookCaller(self.stack.hook, environment, self.record)
+        """The fleet inventory (moto's DynamoDB) with this device in it, and the hook on it."""
+        try:
+            server = InventoryServer(self.stack)
+            self.inventory_server = server
+            server.start()
+            environment = server.environment()
+            write_new(self.dir / "aws.env", "".join(
+                f"{k}={v}\n" for k, v in environment.items()).encode(), 0o600)
+            if self.stack.inventory_table:
+                server.inventory().put(self.serial, secret_hash(self._secret))
+            if self.stack.hook is not None:
+                self._hook_caller = HookCaller(self.stack.hook, environment, self.record)
+        except Exception as exc:
+            self._inventory_error = exc
+            log.error("the fleet inventory did not start: %s", exc)
+
+    def inventory_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the fleet inventory serves; RuntimeError if it did not start."""
+        if self._inventory_thread is not None:
+            self._inventory_thread.join(timeout)
+            if self._inventory_thread.is_alive():
+                raise RuntimeError(f"the fleet inventory did not start in {timeout:.0f} s")
+        if self._inventory_error is not None:
+            raise RuntimeError(f"the fleet inventory did not start: {self._inventory_error}")
+
+    def _call_hook(self, event: dict) -> bool:
+        """The stack's hook, once the inventory serves; a hook that cannot run denies,
+        as a failing hook does on AWS."""
+        try:
+            self.inventory_ready(HOOK_LIMIT)
+        except RuntimeError:
+            self.record("hook", allowProvisioning=False, answered=False,
+                        error="the fleet inventory is not serving")
+            return False
+        return self._hook_caller(event)
 
     @property
     def inventory(self):
         """cloud/inventory.py's Inventory on this stand-in's table (allow-reprovision,
         revoke, show, ... as an operator would)."""
+        self.inventory_ready()
         return self.inventory_server.inventory()
 
     @property
@@ -355,6 +390,8 @@ class StandIn:
 
     def stop(self) -> None:
         self.stop_broker()
+        if self._inventory_thread is not None:
+            self._inventory_thread.join(30)
         if self.inventory_server is not None:
             self.inventory_server.stop()
             self.inventory_server = None
@@ -516,6 +553,12 @@ def _serve(args) -> int:
                   args.dir, exc)
         return os.EX_CANTCREAT
     except RuntimeError as exc:
+        log.error("%s", exc)
+        return os.EX_UNAVAILABLE
+    try:
+        standin.inventory_ready()
+    except RuntimeError as exc:
+        standin.stop()
         log.error("%s", exc)
         return os.EX_UNAVAILABLE
     try:

@@ -46,6 +46,7 @@ class InventoryServer:
         self._server = None
         self.endpoint: str | None = None
         self.credentials: dict[str, str] = {}
+        self._client = None
 
     def start(self) -> None:
         from moto.server import ThreadedMotoServer
@@ -71,7 +72,9 @@ class InventoryServer:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.stop()
+            # werkzeug notices a shutdown at its next 0.5 s poll: nobody need wait for it.
+            threading.Thread(target=self._server.stop, daemon=True,
+                             name="standin-inventory-stop").start()
             self._server = None
 
     def environment(self) -> dict[str, str]:
@@ -88,11 +91,15 @@ class InventoryServer:
             region_name=self.stack.region)
 
     def client(self):
-        from botocore.config import Config
-        return self._session(self.credentials).client(
+        """One DynamoDB client for the stand-in's own calls (thread-safe; making one
+        costs about 0.2 s)."""
+        if self._client is None:
+            from botocore.config import Config
+            self._client = self._session(self.credentials).client(
                 "dynamodb", endpoint_url=self.endpoint,
                 config=Config(connect_timeout=2, read_timeout=5,
                               retries={"max_attempts": 2, "mode": "standard"}))
+        return self._client
 
     def inventory(self):
         """cloud/inventory.py's Inventory on the stack's inventory table."""
