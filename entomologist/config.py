@@ -245,6 +245,9 @@ def parse_endpoint(value: object) -> tuple[str, int | None]:
 def load_config(path: Path) -> Config:
     """Read and check what every run needs.  Raises ConfigError."""
     real = files.trusted_path(path, "config file", hint=f"the owner and mode of {path}")
+    # Its folder is written to (the rewrite's temporary file, the sweep of
+    # leftovers): a sticky bit, enough to pass through, is not enough here.
+    files.trusted_dir(real.parent, "the config file's folder")
     device = read_document(real, path)["device"]
     serial = device.get("SERIAL_ID")
     if not isinstance(serial, str) or not SERIAL_RE.fullmatch(serial):

@@ -254,7 +254,8 @@ def test_a_rejection_with_odd_field_types_is_still_one_clean_error(device, cloud
 
 
 @pytest.mark.parametrize("status,code", [(429, "Throttling"), (500, "InternalError"),
-                                         (503, "ServiceUnavailable"), (400, "Throttling")])
+                                         (503, "ServiceUnavailable"), (400, "Throttling"),
+                                         (429, "AnErrorCodeNotKnownToday")])
 def test_a_busy_service_is_asked_again_on_the_same_connection(device, cloud, status, code):
     rejected = ("rejected", {"statusCode": status, "errorCode": code, "errorMessage": "busy"})
     cloud.register_answers.extend([rejected, rejected])
