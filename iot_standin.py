@@ -13,7 +13,13 @@ acl_file; standin/enforce.py enforces the rest from mosquitto's log, and
 records each denial as a "denied" event).  Every request, answer and boot message is recorded as a
 JSON line in <dir>/standin/events.jsonl.  It writes a ready ento.conf and claim
 files for one simulated device into <dir> (and refuses to replace a device's
-files that are already there, unless told --overwrite).
+files that are already there, unless told --overwrite).  The stack's fleet
+inventory is served by moto's DynamoDB server on loopback (standin/inventory.py;
+its endpoint and credentials in <dir>/standin/aws.env, for cloud/inventory.py),
+the device is added to it with a secret of its own (<dir>/provisioning-secret,
+named in ento.conf), and every RegisterThing is put to the stack's
+pre-provisioning hook (cloud/hook.py) unless the stack's PreProvisioningHook
+is Disabled (--no-hook).
 
     python iot_standin.py run --dir DIR [--overwrite] [--serial ID] [--template NAME]
                               [--stack FILE] [--mode CreateKeysAndCertificate|
@@ -24,17 +30,18 @@ files that are already there, unless told --overwrite).
                               [--malformed-create not-json|missing-cert|bad-pem|wrong-key]
                               [--malformed-register not-json|empty-thing]
                               [--drop-after create|register] [--refuse-connections]
-    python iot_standin.py demo
+                              [--no-hook]
+    python iot_standin.py demo [--no-hook]
 
 `run` serves until interrupted (Ctrl-C or SIGTERM, which also stop its
 mosquitto); `demo` provisions a simulated device in a temporary folder with
-boot.py and shows what it wrote.  A broker delivers $aws/.../accepted to
+boot.py, shows what it wrote, then what the claim pair alone is refused.  A broker delivers $aws/.../accepted to
 every subscriber (AWS answers only the requester), so provision one device
 at a time per stand-in.
 
 Exit codes: 0 done; 2 usage (a malformed option); 78 the stack cannot be
 used (an unsupported function, ...); 69 mosquitto is missing or would not
-start; 73 the device's files exist already; 1 the demo's boot.py run failed.
+start, or the fleet inventory would not; 73 the device's files exist already; 1 the demo's boot.py run failed.
 """
 from __future__ import annotations
 
