@@ -35,13 +35,14 @@ is Disabled (--no-hook).
 
 `run` serves until interrupted (Ctrl-C or SIGTERM, which also stop its
 mosquitto); `demo` provisions a simulated device in a temporary folder with
-boot.py, shows what it wrote, then what the claim pair alone is refused.  A broker delivers $aws/.../accepted to
-every subscriber (AWS answers only the requester), so provision one device
-at a time per stand-in.
+boot.py, shows what it wrote, then what the claim pair alone is refused.  A
+broker delivers $aws/.../accepted to every subscriber (AWS answers only the
+requester), so provision one device at a time per stand-in.
 
 Exit codes: 0 done; 2 usage (a malformed option); 78 the stack cannot be
 used (an unsupported function, ...); 69 mosquitto is missing or would not
-start, or the fleet inventory would not; 73 the device's files exist already; 1 the demo's boot.py run failed.
+start, or the fleet inventory would not; 73 the device's files exist already;
+1 the demo's boot.py run failed.
 """
 from __future__ import annotations
 
@@ -61,12 +62,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from standin import claimpair, policy
-from standin import template as templates
-from standin.broker import Broker, find_mosquitto, free_port
 from cryptography import x509
 
 from cloud.hook import secret_hash
+from standin import claimpair, policy
+from standin import template as templates
+from standin.broker import Broker, find_mosquitto, free_port
 from cloud.inventory import new_secret
 from standin.ca import StandInCA, certificate_id, write_new
 from standin.enforce import Enforcer, Identity, Relay
