@@ -16,6 +16,10 @@ INSTALL_PYTHON ?= /usr/bin/python3
 # KEY_STORAGE "pkcs11": PKCS11=softhsm or PKCS11=tpm2 also installs that drop-in,
 # which opens the token's store to the unit's sandbox.
 PKCS11 ?=
+# A read-only root with the config and CERT_DIR on a data partition:
+# DATA_DIR=/data/entomologist also installs the drop-in that makes that folder
+# writable inside the unit's sandbox.
+DATA_DIR ?=
 APP_FILES := boot.py update_boot_status.py AmazonRootCA1.pem requirements.txt README.md
 # The scripts' shared package; the stand-in (iot_standin.py, standin/) stays off the device.
 PACKAGE_FILES := $(wildcard entomologist/*.py)
@@ -24,7 +28,7 @@ PACKAGE_FILES := $(wildcard entomologist/*.py)
 # then compiles them, which needs these (see README, "32-bit boards").
 BUILD_DEPS := build-essential cmake python3-dev libffi-dev
 
-.PHONY: setup mosquitto tinyproxy softhsm2 systemd-analyze demo test test-slow bench clean install uninstall image-tools image-test
+.PHONY: setup mosquitto tinyproxy softhsm2 systemd-analyze demo test test-slow bench clean install uninstall image-tools image-test system-tools system-test
 
 setup: $(VENV)/.installed mosquitto tinyproxy softhsm2 systemd-analyze
 
@@ -106,6 +110,12 @@ ifneq ($(PKCS11),)
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)/$(UNIT).d
 	install -m 0644 systemd/pkcs11-$(PKCS11).conf $(DESTDIR)$(UNITDIR)/$(UNIT).d/pkcs11.conf
 endif
+ifneq ($(DATA_DIR),)
+	@case "$(DATA_DIR)" in /?*) ;; *) echo "DATA_DIR must be an absolute path" >&2; exit 2;; esac
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)/$(UNIT).d
+	sed 's#/data/entomologist#$(DATA_DIR)#g' systemd/data-dir.conf > $(DESTDIR)$(UNITDIR)/$(UNIT).d/data-dir.conf
+	chmod 0644 $(DESTDIR)$(UNITDIR)/$(UNIT).d/data-dir.conf
+endif
 ifeq ($(DESTDIR),)
 	systemctl daemon-reload
 	systemctl enable $(UNIT)
@@ -123,6 +133,20 @@ image-tools:
 image-test: setup image-tools
 	$(SUDO) $(PY) image/imagetest.py $(IMAGE_TEST_ARGS)
 
+# The installed unit under a real systemd: a Debian bookworm root booted by
+# systemd-nspawn with systemd as PID 1, the scenarios of README, Tests (root;
+# not part of `make test`). systemd-container is installed at the version of
+# the host's systemd, so that no host package is upgraded for it.
+system-tools:
+	@command -v debootstrap >/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) debootstrap; }
+	@command -v systemd-nspawn >/dev/null || { \
+		v=$$(dpkg-query -W -f='$${Version}' systemd 2>/dev/null); \
+		$(SUDO) apt-get update -qq; \
+		$(APT_INSTALL) systemd-container$${v:+=$$v} || $(APT_INSTALL) systemd-container; }
+
+system-test: setup system-tools
+	$(SUDO) $(PY) image/systemtest.py $(SYSTEM_TEST_ARGS)
+
 # Never touches /etc/entomologist: the config and the device's credentials stay.
 uninstall:
 	@case "$(PREFIX)" in /?*) ;; *) echo "PREFIX must be an absolute path" >&2; exit 2;; esac
@@ -130,7 +154,7 @@ ifeq ($(DESTDIR),)
 	-systemctl disable $(UNIT)
 endif
 	rm -f $(DESTDIR)$(UNITDIR)/multi-user.target.wants/$(UNIT) $(DESTDIR)$(UNITDIR)/$(UNIT)
-	rm -f $(DESTDIR)$(UNITDIR)/$(UNIT).d/pkcs11.conf
+	rm -f $(DESTDIR)$(UNITDIR)/$(UNIT).d/pkcs11.conf $(DESTDIR)$(UNITDIR)/$(UNIT).d/data-dir.conf
 	-rmdir $(DESTDIR)$(UNITDIR)/$(UNIT).d 2>/dev/null
 	rm -rf $(DESTDIR)$(PREFIX)
 ifeq ($(DESTDIR),)

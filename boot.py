@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logs.setup_logging(args.verbose)
-    code = run_main(lambda: boot(args.config, Deadline(args.timeout), args.force))
+    code = run_main(lambda: boot(args.config, Deadline(args.timeout), args.force,
+                                 runtime_dir=os.environ.get("RUNTIME_DIRECTORY")))
     note_outcome(code, os.environ.get("RUNTIME_DIRECTORY"))
     return code
 
@@ -59,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 def boot(config_path: Path, deadline: Deadline, force: bool = False,
          build: mqtt.Builder | None = None,
          sleep: Callable[[float], None] = time.sleep,
-         now: Callable[[], float] = time.time) -> None:
-    """The whole boot-time job, under the run lock."""
+         now: Callable[[], float] = time.time, runtime_dir: str | None = None) -> None:
+    """The whole boot-time job, under the run lock (``runtime_dir``: the unit's
+    RuntimeDirectory, see update_boot_status)."""
     config = load_config(config_path)
     # CERT_DIR holds the lock, so it exists (0700) before anything else happens.
     cert_dir = CertDir.open(config.cert_dir, create=True, token=config.token)
@@ -75,12 +77,43 @@ def boot(config_path: Path, deadline: Deadline, force: bool = False,
             log.info("installing thing %s, registered by an earlier run", registration.thing_name)
             cert_dir.install(config, registration, config.root_ca)
             config = load_config(config_path)
-        elif force or needs_provisioning(config, cert_dir):
+        elif (set_aside_foreign_pair(config, cert_dir) or force
+              or needs_provisioning(config, cert_dir)):
             provision(config, provisioning_settings(config), deadline, build, sleep, now,
                       lost=not force)
             config = load_config(config_path)
+        elif cert_dir.installed_for() is None:
+            record_installed_for(config, cert_dir)
         # The pair was just found sound or just installed from checked files.
-        update_boot_status(config, deadline, build, sleep, now, credentials_checked=True)
+        update_boot_status(config, deadline, build, sleep, now, credentials_checked=True,
+                           runtime_dir=runtime_dir)
+
+
+def set_aside_foreign_pair(config: Config, cert_dir: CertDir) -> bool:
+    """A pair installed for another SERIAL_ID came with a copied image: that
+    camera's identity, refused at connect for this one.  It is not this camera's
+    to use, nor to delete (the other camera, or an operator, may need it): moved
+    aside, and this camera provisions afresh with the claim.  True if it was."""
+    owner = cert_dir.installed_for()
+    if owner is None or owner == config.serial_id:
+        return False
+    folder = cert_dir.set_aside(owner)
+    log.warning("%s holds credentials installed for camera %s, not this one (%s): an image "
+                "copied after its first boot; moved them to %s, provisioning this camera",
+                cert_dir.path, owner, config.serial_id, folder)
+    return True
+
+
+def record_installed_for(config: Config, cert_dir: CertDir) -> None:
+    """A pair installed before installed-for.json existed is this camera's (nothing
+    says otherwise): record it, so that a copy of this image is recognised."""
+    try:
+        cert_dir.record_installed_for(config.serial_id,
+                                      Registration(config.thing_name or "",
+                                                   config.device.get("CERTIFICATE_ID") or "",
+                                                   {}))
+    except EntoError as exc:  # a read-only root: the boot report needs no write
+        log.debug("cannot record whom the pair is installed for: %s", exc)
 
 
 def needs_provisioning(config: Config, cert_dir: CertDir) -> bool:

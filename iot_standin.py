@@ -419,6 +419,24 @@ class StandIn:
             self._broker.stop()
             self._broker = None
 
+    def refuse_connections(self) -> None:
+        """An outage the service comes back from: the device's port refuses until
+        accept_connections(), while the CA, the broker, the registrations made and
+        the device's files stay (stop_broker() ends them for good)."""
+        if self._relay is None:
+            raise RuntimeError("refuse_connections needs the stand-in running with its policies")
+        self._relay.stop()
+        self.record("refusing", port=self.port)
+
+    def accept_connections(self) -> None:
+        """The service is back on the same port."""
+        if self._relay is not None and self._relay._listener is not None:
+            return
+        self._relay = Relay(self.host, self.port, ("127.0.0.1", self._broker.port),
+                            self.enforcer, self.tcp_nodelay)
+        self._relay.start()
+        self.record("accepting", port=self.port)
+
     def issued_tokens(self) -> list[str]:
         """Every ownership token handed out, so tests can look for leaks."""
         return list(self.responder.tokens) if self.responder else []

@@ -4,20 +4,26 @@ Connects to AWS IoT with the device's own certificate (client ID THING_NAME,
 else SERIAL_ID), publishes {"serialID": "<SERIAL_ID>", "bootStatus": true} with
 QoS 1 on cameraDevice/<SERIAL_ID>/booted, waits for the broker's
 acknowledgement, and only then writes PROVISION_STATUS "True" to the config
-(no write at all when it already says so).  boot.py calls
-update_boot_status() at the end of every boot; run alone:
+(no write at all when it already says so).  Under the unit, a retry after
+that write failed sends no second message in the same boot; on a read-only
+file system the boot stays reported and one warning says that the status
+could not be recorded.  boot.py calls update_boot_status() at the end of
+every boot; run alone:
 
     python update_boot_status.py [--config PATH] [--timeout SECONDS] [-v]
 
 Exit codes: 0 done; 75 transient (network, broker, time limit: try later);
 78 configuration (bad or untrusted config, or no installed credentials: run
-boot.py); 73 the config cannot be written; 70 a bug.
+boot.py); 73 the config cannot be written (but 0 with a warning when its file
+system is read-only); 70 a bug.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +32,7 @@ from typing import Callable
 from entomologist import clock, files, logs, mqtt
 from entomologist.config import DEFAULT_CONFIG, Config, load_config, update_device_config
 from entomologist.credentials import CertDir
-from entomologist.errors import ConfigError, run_main
+from entomologist.errors import ConfigError, EntoError, ReadOnlyStorage, run_main
 from entomologist.lock import RunLock
 from entomologist.retries import RUN_TIMEOUT, Deadline, positive_seconds, with_retries
 
@@ -41,14 +47,46 @@ def boot_message(serial_id: str) -> bytes:
     return json.dumps({"serialID": serial_id, "bootStatus": True}).encode()
 
 
+REPORTED_FILE = "boot-reported"
+
+
+def reported_mark(cert_pem: bytes, serial_id: str) -> bytes:
+    """What says that this boot's message was acknowledged, for this certificate."""
+    return f"{hashlib.sha256(cert_pem).hexdigest()} {serial_id}\n".encode()
+
+
+def reported_this_boot(runtime_dir: str | None, mark: bytes) -> bool:
+    if not runtime_dir:
+        return False
+    try:
+        return files.read_bounded(Path(runtime_dir) / REPORTED_FILE, "boot record",
+                                  4096) == mark
+    except ConfigError:
+        return False
+
+
+def note_reported(runtime_dir: str | None, mark: bytes) -> None:
+    if not runtime_dir:
+        return
+    try:
+        files.write_file_atomic(Path(runtime_dir) / REPORTED_FILE, mark, 0o600)
+    except EntoError as exc:
+        log.warning("cannot record that this boot was reported (a retry would report it "
+                    "again): %s", exc)
+
+
 def update_boot_status(config: Config, deadline: Deadline,
                        build: mqtt.Builder | None = None,
                        sleep: Callable[[float], None] = time.sleep,
                        now: Callable[[], float] = time.time,
-                       credentials_checked: bool = False) -> None:
+                       credentials_checked: bool = False,
+                       runtime_dir: str | None = None) -> None:
     """Publish the boot message with the installed credentials, then set the status.
 
     ``credentials_checked``: the caller has just checked (or installed) the pair.
+    ``runtime_dir``: the unit's RuntimeDirectory, which outlives the unit's
+    restarts but not a reboot: once this boot's message is acknowledged, a
+    retry (after the status write failed) only writes the status.
     """
     hint = "that boot.py has provisioned this device"
     cert_dir = CertDir.existing(config.cert_dir, config.token)
@@ -56,6 +94,11 @@ def update_boot_status(config: Config, deadline: Deadline,
         raise ConfigError(f"no device credentials: no folder {config.cert_dir}", hint=hint)
     if cert_dir.registration() is not None:
         raise ConfigError("new credentials are registered but not installed yet", hint=hint)
+    owner = cert_dir.installed_for()
+    if owner is not None and owner != config.serial_id:
+        raise ConfigError(f"the credentials in {cert_dir.path} were installed for {owner}, "
+                          f"not this camera ({config.serial_id}): a copied image",
+                          hint="boot.py, which sets them aside and provisions this camera")
     problem = None if credentials_checked else cert_dir.installed_problem()
     if problem:
         raise ConfigError(f"no device credentials: {problem}", hint=hint)
@@ -80,10 +123,25 @@ def update_boot_status(config: Config, deadline: Deadline,
         finally:
             link.close()
 
-    with_retries(attempt, deadline, "boot message", sleep=sleep)
-    log.info("boot message acknowledged on %s (client ID %s)", topic, client_id)
-    if not config.provisioned and update_device_config(config, {"PROVISION_STATUS": "True"}):
-        log.info("PROVISION_STATUS set to True in %s", config.path)
+    mark = reported_mark(files.read_bounded(cert_dir.cert, "certificate"), config.serial_id)
+    if reported_this_boot(runtime_dir, mark):
+        log.info("this boot's message was already acknowledged on %s: not sent again", topic)
+    else:
+        with_retries(attempt, deadline, "boot message", sleep=sleep)
+        log.info("boot message acknowledged on %s (client ID %s)", topic, client_id)
+        note_reported(runtime_dir, mark)
+    if config.provisioned:
+        return
+    try:
+        if update_device_config(config, {"PROVISION_STATUS": "True"}):
+            log.info("PROVISION_STATUS set to True in %s", config.path)
+    except ReadOnlyStorage as exc:
+        # The boot is reported, which is what the fleet needs; the installed pair,
+        # not the status, decides what the next boot does, and a read-only mount
+        # does not heal in a minute: a failed unit retrying for ever would only
+        # fill the journal of a camera that works.
+        log.warning("boot reported, but PROVISION_STATUS stays False: %s; check %s",
+                    exc, exc.hint)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             lock.acquire(deadline)
             config = load_config(args.config)
             files.remove_stray_temp_files(config.real_path.parent)
-            update_boot_status(config, deadline)
+            update_boot_status(config, deadline,
+                               runtime_dir=os.environ.get("RUNTIME_DIRECTORY"))
 
     return run_main(body)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -39,6 +40,10 @@ KEY_STORAGES = ("file", "pkcs11")
 OWNED_KEYS = ("THING_NAME", "CERTIFICATE_ID", "PROVISION_STATUS")
 
 DEFAULT_PORT = 8883
+# AWS IoT takes at most this in one MQTT message, RegisterThing's request included.
+MAX_MESSAGE_BYTES = 128 * 1024
+# Far above a real ownership token (about 1 KB); fleet refuses a longer one.
+MAX_OWNERSHIP_TOKEN_CHARS = 16 * 1024
 MAX_CONFIG_BYTES = files.MAX_FILE_BYTES
 MAX_DEPTH = 64
 
@@ -264,14 +269,26 @@ def load_config(path: Path) -> Config:
     if thing_name is not None and not THING_NAME_RE.fullmatch(thing_name):
         raise _bad("THING_NAME", "is not a valid thing name")
     _string(device, "CERTIFICATE_ID")
+    proxy = parse_proxy(device.get("HTTP_PROXY"))
+    if proxy is not None and proxy.password is not None:
+        check_secret_mode(real, path, "the HTTP_PROXY password")
     return Config(
         path=path, real_path=real, device=device, serial_id=serial, host=host, port=port,
         provisioned=provisioned, thing_name=thing_name,
         root_ca=_path(real, device, "ROOT_CA", SHIPPED_ROOT_CA),
         cert_dir=_path(real, device, "CERT_DIR", DEFAULT_CERT_DIR),
         token=token_settings(real, device),
-        proxy=parse_proxy(device.get("HTTP_PROXY")),
+        proxy=proxy,
     )
+
+
+def check_secret_mode(real: Path, shown: Path, secret: str) -> None:
+    """A config holding a secret must not be readable by others (as the PIN file:
+    a group given read access is the owner's choice)."""
+    mode = stat.S_IMODE(os.stat(real).st_mode)
+    if mode & stat.S_IROTH:
+        raise ConfigError(f"config file {shown} holds {secret} and others may read it "
+                          f"(mode {mode:04o})", hint=f"its mode: chmod 600 {real}")
 
 
 def token_settings(path: Path, device: Mapping) -> "TokenSettings | None":
@@ -315,6 +332,14 @@ def provisioning_settings(config: Config) -> ProvisioningSettings:
         if not isinstance(value, str):
             raise _bad(f"TEMPLATE_PARAMETERS.{logs.shown(key, 40)}",
                        f"must be a string, not {_json_type(value)}")
+    # As AWS's client encodes the request (json.dumps), with the longest token
+    # accepted: known too big before any certificate is created for it.
+    request = json.dumps({"certificateOwnershipToken": "x" * MAX_OWNERSHIP_TOKEN_CHARS,
+                          "parameters": params}).encode()
+    if len(request) > MAX_MESSAGE_BYTES:
+        raise _bad("TEMPLATE_PARAMETERS",
+                   f"makes a RegisterThing request of up to {len(request)} bytes, over the "
+                   f"128 KiB AWS IoT takes in one message")
     api = _string(device, "PROVISIONING_API", PROVISIONING_APIS[0])
     if api not in PROVISIONING_APIS:
         raise _bad("PROVISIONING_API", f"must be one of {', '.join(PROVISIONING_APIS)}")

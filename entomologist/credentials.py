@@ -15,6 +15,12 @@ Staged, as soon as its content exists:
 - registration.reserve: room held for that marker while RegisterThing is
   awaited, freed just before the marker is written, so that a full disk
   cannot refuse it.
+
+installed-for.json (0644): the SERIAL_ID, thing and certificate the installed
+pair was registered for, written with the pair.  An image copied from another
+camera after its first boot carries that camera's pair: its record names
+another serial, and the pair is moved aside into foreign-<serial>/ (0700),
+never used and never deleted.
 """
 from __future__ import annotations
 
@@ -57,6 +63,7 @@ class CertDir:
         self.staged_cert = path / "certificate.pem.crt.staging"
         self.registration_marker = path / "registration.json.staging"
         self.reserve_file = path / "registration.reserve"
+        self.installed_for_file = path / "installed-for.json"
 
     @classmethod
     def open(cls, directory: Path, create: bool = False, token=None) -> "CertDir":
@@ -104,6 +111,48 @@ class CertDir:
         if pair is None:
             return f"no key in token {self.token.token_label!r} belongs to the certificate"
         return None
+
+    def installed_for(self) -> str | None:
+        """The SERIAL_ID the installed pair was registered for; None when no record
+        says (a pair installed before the record existed, or a garbled record)."""
+        try:
+            doc = json.loads(files.read_bounded(self.installed_for_file, "installed-for record",
+                                                4096))
+            serial = doc["serialId"]
+            if not isinstance(serial, str) or not configuration.SERIAL_RE.fullmatch(serial):
+                raise ValueError("invalid serialId")
+        except files.FileProblem as exc:
+            if not exc.missing:
+                log.warning("ignoring %s: %s", self.installed_for_file, exc)
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring %s: it does not parse (%s)", self.installed_for_file,
+                        type(exc).__name__)
+            return None
+        return serial
+
+    def record_installed_for(self, serial_id: str, reg: Registration) -> None:
+        data = json.dumps({"serialId": serial_id, "thingName": reg.thing_name,
+                           "certificateId": reg.certificate_id}).encode()
+        files.write_file_atomic(self.installed_for_file, data, 0o644)
+
+    def set_aside(self, serial_id: str) -> Path:
+        """Move the pair installed for ``serial_id`` into foreign-<serial>/: the
+        certificate first (without it nothing counts as installed), the record
+        last (while it is there, a killed run's next run moves the rest)."""
+        folder = self.path / f"foreign-{serial_id}"
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise files.write_failure(f"cannot create {folder}", folder, exc,
+                                      hint=f"that {self.path} is writable") from None
+        for path in (self.cert, self.key, self.ca, self.device_configuration,
+                     self.installed_for_file):
+            if os.path.lexists(path):
+                files.rename_durably(path, folder / path.name)
+        return folder
 
     def ca_for_connection(self, fallback: Path) -> Path:
         return self.ca if self.ca.is_file() else fallback
@@ -211,6 +260,7 @@ class CertDir:
         configuration.update_device_config(cfg, {"THING_NAME": reg.thing_name,
                                                  "CERTIFICATE_ID": reg.certificate_id,
                                                  "PROVISION_STATUS": "False"})
+        self.record_installed_for(cfg.serial_id, reg)
         ca_pem = files.read_bounded(root_ca, "ROOT_CA", hint="ROOT_CA in the config")
         files.write_file_atomic(self.ca, ca_pem, 0o644)
         if self.staged_cert.exists():

@@ -20,7 +20,7 @@ import re
 import stat
 from pathlib import Path
 
-from .errors import ConfigError, StorageError
+from .errors import ConfigError, ReadOnlyStorage, StorageError
 
 log = logging.getLogger("entomologist")
 
@@ -163,8 +163,8 @@ def trusted_dir(directory: Path, what: str, create: bool = False) -> Path:
         except FileExistsError:
             pass
         except OSError as exc:
-            raise StorageError(f"cannot create {what} {real}: {exc.strerror}",
-                               hint=f"that {parent} is writable") from None
+            raise write_failure(f"cannot create {what} {real}", real, exc,
+                                hint=f"that {parent} is writable") from None
         real = trusted_path(real, what)
     if not os.path.isdir(real):
         raise ConfigError(f"{what} {directory} is not a folder")
@@ -214,13 +214,65 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
-def _storage_error(path: Path, exc: OSError) -> StorageError:
+MOUNTINFO = Path("/proc/self/mountinfo")
+SANDBOX_HINT = ("the unit's sandbox: ProtectSystem=strict leaves only the folders in "
+                "ReadWritePaths= writable; add this one in a drop-in (README, "
+                "\"A read-only root\")")
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def read_only_view(path: Path, mountinfo: Path = MOUNTINFO) -> bool:
+    """True when the mount holding ``path`` is read-only while its file system is
+    writable: a read-only bind mount, which is what ProtectSystem=strict makes of
+    every path outside ReadWritePaths=.  A root mounted read-only says ro twice."""
+    try:
+        target = os.path.realpath(path)
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+            lines = f.read(MAX_FILE_BYTES).splitlines()
+    except OSError:
+        return False
+    found = None
+    for line in lines:
+        fields = line.split(" ")
+        try:
+            point = _unescape_mountinfo(fields[4])
+            mount_options = fields[5].split(",")
+            super_options = fields[fields.index("-", 6) + 3].split(",")
+        except (IndexError, ValueError):
+            continue
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        # The last of stacked mounts on one point is the one in use.
+        if inside and (found is None or len(point) >= len(found[0])):
+            found = (point, mount_options, super_options)
+    return found is not None and "ro" in found[1] and "rw" in found[2]
+
+
+def write_failure(message: str, path: Path, exc: OSError, hint: str) -> StorageError:
+    """The error for a failed write, a removal or a rename at ``path``: on a read-only
+    file system, say whether the mount or the unit's sandbox made it so."""
     if exc.errno == errno.EPERM:
         why = "not permitted (the owner or group cannot be kept without privileges)"
     else:
         why = exc.strerror or str(exc)
-    return StorageError(f"cannot write {path}: {why}",
-                        hint=f"that {path.parent} is writable and the disk is not full")
+    if exc.errno != errno.EROFS:
+        return StorageError(f"{message}: {why}", hint=hint)
+    if read_only_view(path.parent):
+        if os.environ.get("INVOCATION_ID"):
+            return ReadOnlyStorage(f"{message}: {why}; the file system is writable, but not "
+                                   f"from inside this systemd unit", hint=SANDBOX_HINT)
+        return ReadOnlyStorage(f"{message}: {why} (a read-only bind mount of a writable "
+                               f"file system)", hint=f"the mounts of {path.parent}")
+    return ReadOnlyStorage(f"{message}: {why}",
+                           hint=f"whether {path.parent} is meant to be on a read-only file "
+                                f"system")
+
+
+def _storage_error(path: Path, exc: OSError) -> StorageError:
+    return write_failure(f"cannot write {path}", path, exc,
+                         hint=f"that {path.parent} is writable and the disk is not full")
 
 
 def write_file_atomic(path: Path, data: bytes, mode: int,
@@ -254,18 +306,22 @@ def rename_durably(source: Path, target: Path) -> None:
         os.replace(source, target)
         fsync_dir(target.parent)
     except OSError as exc:
-        raise StorageError(f"cannot install {target}: {exc.strerror}",
-                           hint=f"that {target.parent} is writable") from None
+        raise write_failure(f"cannot install {target}", target, exc,
+                            hint=f"that {target.parent} is writable") from None
 
 
 def remove_durably(path: Path) -> None:
+    """Remove ``path`` if it exists.  Asked first: on a read-only mount, unlink()
+    of a file that is not there fails with EROFS, not ENOENT, and a provisioned
+    camera on a read-only root must not fail over files it never had."""
     try:
+        os.lstat(path)
         os.unlink(path)
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise StorageError(f"cannot remove {path}: {exc.strerror}",
-                           hint=f"that {path.parent} is writable") from None
+        raise write_failure(f"cannot remove {path}", path, exc,
+                            hint=f"that {path.parent} is writable") from None
     fsync_dir(path.parent)
 
 

@@ -11,6 +11,7 @@ object is ever logged.
 """
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import logs
-from .config import CERTIFICATE_ID_RE, THING_NAME_RE
+from .config import CERTIFICATE_ID_RE, MAX_OWNERSHIP_TOKEN_CHARS, THING_NAME_RE
 from .errors import EntoError, ServiceBusy, ServiceError, TransientError
 from .mqtt import Link
 from .retries import BUSY_BACKOFF, Deadline, with_retries
@@ -34,7 +35,7 @@ RETRYABLE_ERROR_CODES = {"Throttling", "ThrottlingException", "TooManyRequests",
                          "ServiceUnavailable", "InternalError", "InternalFailure"}
 # Far above anything AWS sends (an RSA-2048 key is 1.7 KB, a token about 1 KB).
 MAX_PEM_CHARS = 16 * 1024
-MAX_TOKEN_CHARS = 16 * 1024
+MAX_TOKEN_CHARS = MAX_OWNERSHIP_TOKEN_CHARS
 MAX_DEVICE_CONFIGURATION_CHARS = 64 * 1024
 
 
@@ -163,17 +164,8 @@ class FleetProvisioning:
         if not THING_NAME_RE.fullmatch(thing_name):
             raise ServiceError(f"{REGISTER} answered an invalid thingName "
                                f"{logs.shown(thing_name)}", hint="the provisioning template")
-        configuration = getattr(answer, "device_configuration", None) or {}
-        if not isinstance(configuration, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in configuration.items()):
-            raise ServiceError(f"{REGISTER} answered a deviceConfiguration that is not an "
-                               f"object of strings", hint="the provisioning template")
-        if sum(len(k) + len(v) for k, v in configuration.items()) > MAX_DEVICE_CONFIGURATION_CHARS:
-            raise ServiceError(f"{REGISTER} answered a deviceConfiguration over "
-                               f"{MAX_DEVICE_CONFIGURATION_CHARS} characters",
-                               hint="the provisioning template")
         log.info("%s accepted: thing %s", REGISTER, thing_name)
-        return Registered(thing_name, dict(configuration))
+        return Registered(thing_name, device_configuration(answer))
 
     def _ask(self, operation: str, publish: Callable[[object], object]):
         """Send a request and await its answer.
@@ -246,6 +238,36 @@ class FleetProvisioning:
         hint = (register_hint(self.template_name, self.resources[REGISTER])
                 if operation == REGISTER else claim_policy_hint([self.resources[operation]]))
         return ServiceError(text, hint=hint)
+
+
+def device_configuration(answer) -> dict:
+    """The template's DeviceConfiguration, kept as it came when it is a JSON object
+    within the size cap.  It is the camera application's data, not ours: what is
+    not as AWS documents it (string to string) is one warning, and what cannot be
+    kept is dropped with one; neither costs the accepted registration."""
+    configuration = getattr(answer, "device_configuration", None)
+    if configuration is None:
+        return {}
+    if not isinstance(configuration, dict):
+        log.warning("%s answered a deviceConfiguration that is not a JSON object (%s): not "
+                    "stored; check the provisioning template", REGISTER,
+                    type(configuration).__name__)
+        return {}
+    try:
+        size = len(json.dumps(configuration))
+    except (TypeError, ValueError, RecursionError):
+        log.warning("%s answered a deviceConfiguration that cannot be stored as JSON: not "
+                    "stored; check the provisioning template", REGISTER)
+        return {}
+    if size > MAX_DEVICE_CONFIGURATION_CHARS:
+        log.warning("%s answered a deviceConfiguration of %d characters, over %d: not "
+                    "stored; check the provisioning template", REGISTER, size,
+                    MAX_DEVICE_CONFIGURATION_CHARS)
+        return {}
+    if not all(isinstance(value, str) for value in configuration.values()):
+        log.warning("%s answered a deviceConfiguration that is not all strings, as AWS "
+                    "documents it: kept as it came for the camera application", REGISTER)
+    return configuration
 
 
 def _string(answer, attribute: str, name: str, operation: str, limit: int) -> str:

@@ -20,6 +20,7 @@ _PEM = re.compile(r"-----BEGIN [A-Z0-9 ]+-----.*?(-----END [A-Z0-9 ]+-----|\Z)",
 # A service that echoes part of a secret leaks that part: any run of this many
 # characters of a secret is redacted too.
 SECRET_FRAGMENT = 16
+SHORT_SECRET = 4
 LINE_LIMIT = 1000
 # C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -29,8 +30,14 @@ class _Redactor(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.secrets: set[str] = set()
+        # Secrets too short to be cut out of any text without garbling it ("pw"
+        # in "pwd"): cut out where they stand alone, between non-alphanumerics.
+        self.short: set[str] = set()
 
     def redact(self, text: str) -> str:
+        for secret in self.short:
+            if secret in text:
+                text = re.sub(rf"(?<![^\W_]){re.escape(secret)}(?![^\W_])", "[redacted]", text)
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, "[redacted]")
@@ -71,8 +78,10 @@ def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
 
 def redact(secret: str | None) -> None:
     """Never let ``secret`` reach a log line (ownership tokens, PINs, passwords)."""
-    if secret and len(secret) >= 4:
+    if secret and len(secret) >= SHORT_SECRET:
         _REDACTOR.secrets.add(secret)
+    elif secret:
+        _REDACTOR.short.add(secret)
 
 
 class JournalFormatter(logging.Formatter):

@@ -63,14 +63,23 @@ def _bad(problem: str) -> ConfigError:
     return ConfigError(f"config key {KEY!r} {problem}", hint=CONFIG_HINT)
 
 
-def _valid_host(host: str) -> bool:
+def _host_problem(host: str) -> str | None:
+    """Why ``host`` is no proxy host (None if it is one)."""
+    if "%" in host:
+        return "names an IPv6 zone (%25...), which the connection cannot use"
     try:
         ipaddress.ip_address(host)
-        return True
+        return None
     except ValueError:
         pass
     labels = host.rstrip(".").split(".")
-    return 0 < len(host) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
+    # As URL parsers read it: a name ending in a number is an IPv4 address, and
+    # 999.1.1.1 or 1.2.3 is no valid one (a resolver would take it as a name).
+    if re.fullmatch(r"[0-9]+|0[xX][0-9A-Fa-f]*", labels[-1]):
+        return "is no valid IPv4 address (four numbers from 0 to 255)"
+    if 0 < len(host) <= 253 and all(_LABEL.fullmatch(label) for label in labels):
+        return None
+    return "does not name a valid proxy host"
 
 
 def parse(value: object) -> Proxy | None:
@@ -95,8 +104,9 @@ def parse(value: object) -> Proxy | None:
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise _bad(f"must not have a path, query or fragment; the form is {FORM}")
     host = parts.hostname or ""
-    if not _valid_host(host):
-        raise _bad(f"does not name a valid proxy host; the form is {FORM}")
+    problem = _host_problem(host)
+    if problem:
+        raise _bad(f"{problem}; the form is {FORM}")
     if not port:
         raise _bad(f"must give the proxy's port (1 to 65535); the form is {FORM}")
     username = password = None
@@ -109,6 +119,11 @@ def parse(value: object) -> Proxy | None:
         logs.redact(raw_password)
         if not username or not colon:
             raise _bad(f"has credentials without a user name or a password; the form is {FORM}")
+        if not password:
+            raise _bad(f"has an empty password; the form is {FORM}")
+        if not (username + password).isprintable():
+            raise _bad("has control characters (percent-encoded) in its user name or "
+                       f"password; the form is {FORM}")
     if ":" not in host:  # a name, not an IPv6 address
         host = host.rstrip(".").lower()
     return Proxy(host, port, username, password)

@@ -186,11 +186,12 @@ def unregister(entry: Path) -> None:
 
 # ------------------------------------------------------------------ the image
 
-def base_root(cache: Path, arch: str, mirror: str) -> tuple[Path, bool]:
+def base_root(cache: Path, arch: str, mirror: str,
+              include: tuple[str, ...] = INCLUDE) -> tuple[Path, bool]:
     """The debootstrapped root, made once per (suite, arch, mirror, packages)."""
     base = cache / f"{SUITE}-{arch}"
     base.mkdir(parents=True, exist_ok=True)
-    want = {"suite": SUITE, "arch": arch, "mirror": mirror, "include": list(INCLUDE)}
+    want = {"suite": SUITE, "arch": arch, "mirror": mirror, "include": list(include)}
     try:
         if (base / "root").is_dir() and json.loads((base / "stamp.json").read_text()) == want:
             return base / "root", True
@@ -208,10 +209,11 @@ def make_base_root(base: Path, arch: str, mirror: str, want: dict) -> None:
         if old.exists():
             shutil.rmtree(old)
     stamp.unlink(missing_ok=True)
-    log.info("debootstrap %s %s from %s (a few minutes under emulation)", SUITE, arch, mirror)
+    log.info("debootstrap %s %s from %s (a few minutes, more under emulation)", SUITE, arch,
+             mirror)
     try:
         run(["debootstrap", f"--arch={arch}", "--variant=minbase",
-             f"--include={','.join(INCLUDE)}", SUITE, str(partial), mirror],
+             f"--include={','.join(want['include'])}", SUITE, str(partial), mirror],
             stdout=subprocess.DEVNULL)
     except subprocess.CalledProcessError:
         log.error("debootstrap failed; its log: %s", partial / "debootstrap/debootstrap.log")
@@ -298,6 +300,37 @@ def in_chroot(root: Path, cmd: list[str], extra_env: dict[str, str] | None = Non
     if check:
         done.check_returncode()
     return done
+
+
+def install_in_image(stack: ExitStack, root: Path, pip_cache: Path) -> float:
+    """`make install DESTDIR=/` in the image's chroot, as an image builder runs it.
+
+    proc, sys and dev must already be mounted in root; pip's cache stays in
+    pip_cache between runs. Returns the install's seconds.
+    """
+    pip_cache.mkdir(parents=True, exist_ok=True)
+    (root / "root/.cache/pip").mkdir(parents=True, exist_ok=True)
+    mount(stack, ["--bind", str(pip_cache)], root / "root/.cache/pip")
+    shutil.copy(Path("/etc/resolv.conf").resolve(), root / "etc/resolv.conf")
+    hosts = root / "etc/hosts"
+    if not hosts.exists():
+        # debootstrap writes none; every image builder does (pi-gen's stage 0),
+        # and the device config names the stand-in "localhost".
+        hosts.write_text("127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n")
+    # `make install DESTDIR=` must not call systemctl: in an image it would
+    # act on the build host, or fail. This stand-in makes a call loud.
+    guard = root / "usr/local/sbin/systemctl"
+    guard.write_text("#!/bin/sh\necho \"systemctl $* called during an image install\" >&2\n"
+                     "exit 1\n")
+    guard.chmod(0o755)
+    n = copy_project(ROOT, root / SRC_IN_IMAGE.lstrip("/"))
+    log.info("copied %d project files to %s in the image; make install DESTDIR=/ "
+             "in the chroot", n, SRC_IN_IMAGE)
+    t0 = time.monotonic()
+    in_chroot(root, ["make", "-C", SRC_IN_IMAGE, "install", "DESTDIR=/"],
+              extra_env=host_ca(root))
+    guard.unlink()
+    return time.monotonic() - t0
 
 
 def elf_machine(path: Path) -> int:
@@ -438,30 +471,7 @@ def image_test(args: argparse.Namespace) -> dict:
         mount(stack, ["--bind", "/sys"], root / "sys")
         mount(stack, ["--bind", "/dev"], root / "dev")
         pip_cache = cache / f"pip-{args.arch}"
-        pip_cache.mkdir(exist_ok=True)
-        (root / "root/.cache/pip").mkdir(parents=True, exist_ok=True)
-        mount(stack, ["--bind", str(pip_cache)], root / "root/.cache/pip")
-        shutil.copy(Path("/etc/resolv.conf").resolve(), root / "etc/resolv.conf")
-        hosts = root / "etc/hosts"
-        if not hosts.exists():
-            # debootstrap writes none; every image builder does (pi-gen's stage 0),
-            # and the device config names the stand-in "localhost".
-            hosts.write_text("127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n")
-        # `make install DESTDIR=` must not call systemctl: in an image it would
-        # act on the build host, or fail. This stand-in makes a call loud.
-        guard = root / "usr/local/sbin/systemctl"
-        guard.write_text("#!/bin/sh\necho \"systemctl $* called during an image install\" >&2\n"
-                         "exit 1\n")
-        guard.chmod(0o755)
-
-        n = copy_project(ROOT, root / SRC_IN_IMAGE.lstrip("/"))
-        log.info("copied %d project files to %s in the image; make install DESTDIR=/ "
-                 "in the chroot", n, SRC_IN_IMAGE)
-        t0 = time.monotonic()
-        in_chroot(root, ["make", "-C", SRC_IN_IMAGE, "install", "DESTDIR=/"],
-                  extra_env=host_ca(root))
-        timings["install"] = time.monotonic() - t0
-        guard.unlink()
+        timings["install"] = install_in_image(stack, root, pip_cache)
         disk["install"] = du(root / "opt/entomologist")
         disk["pip cache"] = du(pip_cache)
         tags = check_install(root, args.arch)
@@ -497,6 +507,29 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def in_private_mount_namespace(script: Path, argv: list[str] | None) -> None:
+    """Runs script again in a private mount namespace, unless this is that run.
+
+    Whatever happens to the process, its mounts die with it and the host
+    never sees them.
+    """
+    if os.environ.get(UNSHARED_MARK) == "1":
+        return
+    os.environ[UNSHARED_MARK] = "1"
+    os.execvp("unshare", ["unshare", "--mount", "--propagation", "private", "--",
+                          sys.executable, str(script.resolve()),
+                          *(sys.argv[1:] if argv is None else argv)])
+
+
+def exit_on_signals() -> None:
+    """SIGTERM, SIGHUP and SIGINT unwind the run like an error: every cleanup step runs
+    (SIGINT too when the run was started with it ignored, as by nohup)."""
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", choices=sorted(ARCHES), default="arm64")
@@ -512,18 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         log.error("needs root (debootstrap, chroot, mounts): run it with sudo")
         return 77
-    if os.environ.get(UNSHARED_MARK) != "1":
-        # A private mount namespace: whatever happens to this process, its
-        # mounts die with it and the host never sees them.
-        os.environ[UNSHARED_MARK] = "1"
-        os.execvp("unshare", ["unshare", "--mount", "--propagation", "private", "--",
-                              sys.executable, str(Path(__file__).resolve()),
-                              *(sys.argv[1:] if argv is None else argv)])
-
-    def stop(signum, _frame):
-        raise SystemExit(128 + signum)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop)
+    in_private_mount_namespace(Path(__file__), argv)
+    exit_on_signals()
 
     args.cache.mkdir(parents=True, exist_ok=True)
     lock = open(args.cache / "lock", "w")

@@ -89,6 +89,9 @@ class Faults:
     # Called when a RegisterThing is accepted, before the answer is sent: a test
     # changes the device's world at the most expensive moment.
     after_register: "Callable[[], None] | None" = None
+    # Answer this deviceConfiguration instead of the template's: values that are
+    # not the strings AWS documents (a number, an object), as a template may hold.
+    device_configuration: "object | None" = None
     counts: dict = field(default_factory=dict)
 
     def throttled(self, kind: str) -> Rejection | None:
@@ -294,4 +297,7 @@ class Responder:
             return True, b"not json"
         if how == "empty-thing":
             thing = ""
-        return True, {**registration.accepted(), "thingName": thing}
+        answer = {**registration.accepted(), "thingName": thing}
+        if self.faults.device_configuration is not None:
+            answer["deviceConfiguration"] = self.faults.device_configuration
+        return True, answer

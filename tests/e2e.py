@@ -75,7 +75,7 @@ class DeviceState:
         if completed:
             leftovers = [p.name for p in self.cert_dir.iterdir()] if self.cert_dir.exists() else []
             assert set(leftovers) <= {"certificate.pem.crt", "private.pem.key",
-                                      "AmazonRootCA1.pem", "run.lock",
+                                      "AmazonRootCA1.pem", "run.lock", "installed-for.json",
                                       "device-configuration.json"}, leftovers
             assert not [p for p in self.config_path.parent.iterdir() if p.name.endswith(".tmp")]
         doc = json.loads(self.config_path.read_text())

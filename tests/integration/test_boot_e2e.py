@@ -26,8 +26,8 @@ def test_first_boot_provisions_installs_and_reports(standin):
     # The stack's template returns a deviceConfiguration; it is kept beside the pair.
     assert mode(cert_dir / "device-configuration.json") == 0o644
     assert sorted(os.listdir(cert_dir)) == ["AmazonRootCA1.pem", "certificate.pem.crt",
-                                           "device-configuration.json", "private.pem.key",
-                                           "run.lock"]
+                                           "device-configuration.json", "installed-for.json",
+                                           "private.pem.key", "run.lock"]
     cert = x509.load_pem_x509_certificate((cert_dir / "certificate.pem.crt").read_bytes())
     key = load_pem_private_key((cert_dir / "private.pem.key").read_bytes(), None)
     assert public_keys_equal(cert.public_key(), key.public_key())
@@ -88,3 +88,36 @@ def test_no_secret_reaches_the_output(standin):
     assert tokens
     for token in tokens:
         assert token not in result.stderr
+
+
+def test_a_device_configuration_of_numbers_and_objects_is_kept_and_the_registration_used(
+        standin):
+    import json
+    configuration = {"Fps": 2, "Zones": {"north": "on"}, "Night": True}
+    standin.faults.device_configuration = configuration
+    result = run_script("boot.py", standin.config_path)
+    assert result.code == 0, result.stderr
+    stored = standin.workdir / "cert" / "device-configuration.json"
+    assert json.loads(stored.read_text()) == configuration
+    warnings = [line for line in result.lines if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "deviceConfiguration" in warnings[0]
+    assert len(standin.events("register-request")) == 1
+    assert device_doc(standin)["device"]["PROVISION_STATUS"] == "True"
+
+
+def test_a_cloned_image_sets_the_other_cameras_pair_aside_and_provisions_itself(standin):
+    import json
+    assert run_script("boot.py", standin.config_path).code == 0
+    cert_dir = standin.workdir / "cert"
+    first = (cert_dir / "certificate.pem.crt").read_bytes()
+    doc = device_doc(standin)
+    doc["device"]["SERIAL_ID"] = "CAM-0002"  # the copy, given its own serial at flashing
+    standin.config_path.write_text(json.dumps(doc))
+    result = run_script("boot.py", standin.config_path, "--timeout", "30")
+    assert result.code == 0, result.stderr
+    warnings = [line for line in result.lines if line.startswith("WARNING")]
+    assert any("CAM-0001" in line and "CAM-0002" in line for line in warnings), warnings
+    assert (cert_dir / "foreign-CAM-0001" / "certificate.pem.crt").read_bytes() == first
+    assert (cert_dir / "certificate.pem.crt").read_bytes() != first
+    boots = standin.wait_for("boot", 2)
+    assert boots[-1]["topic"] == "cameraDevice/CAM-0002/booted"

@@ -89,6 +89,20 @@ def test_broker_down_exits_75_within_the_deadline(standin):
     assert result.seconds < 4 + 2.5
 
 
+def test_an_outage_the_service_comes_back_from_is_75_then_a_boot_with_nothing_redone(standin):
+    first = run_script("boot.py", standin.config_path)
+    assert first.code == 0, first.stderr
+    standin.refuse_connections()
+    state, result = run_boot(standin, "--timeout", "3")
+    assert result.code == 75, result.stderr
+    assert "AWS_IO_SOCKET_CONNECTION_REFUSED" in result.errors[0]
+    standin.accept_connections()
+    again = run_script("boot.py", standin.config_path)
+    assert again.code == 0, again.stderr
+    assert len(standin.events("boot")) == 2
+    assert len(standin.events("register-request")) == 1
+
+
 def test_broker_gone_mid_flow_exits_75_within_the_deadline(standin):
     standin.faults.delay = 0.5
     standin.faults.drop_after = None

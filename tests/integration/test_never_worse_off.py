@@ -198,17 +198,86 @@ def test_a_config_linked_into_a_trusted_folder_is_rewritten_at_its_target(standi
 
 # ------------------------------------------------------- reporting needs no write
 
+def config_in_its_own_folder(standin) -> Path:
+    """The stand-in's config and CERT_DIR in a folder of their own (etc/), the claim
+    files and the stand-in's state outside it: that folder can be mounted read-only."""
+    etc = standin.workdir / "etc"
+    etc.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(etc, 0o755)
+    doc = json.loads(standin.config_path.read_text())
+    for key in ("CLAIM_CERT", "CLAIM_KEY", "ROOT_CA"):
+        doc["device"][key] = str(standin.workdir / doc["device"][key])
+    doc["device"]["CERT_DIR"] = str(etc / "cert")
+    (etc / "ento.conf").write_text(json.dumps(doc))
+    os.chmod(etc / "ento.conf", 0o640)
+    return etc / "ento.conf"
+
+
+def run_config_as_service(config: Path, script="boot.py"):
+    proc = subprocess.run([*privilege_drop(), sys.executable, str(ROOT / script), "--config",
+                           str(config), "--timeout", "20"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    return proc, [line for line in proc.stderr.splitlines() if not line.startswith("INFO")]
+
+
 @needs_root
-def test_a_provisioned_device_with_a_read_only_config_folder_still_reports_its_boot(standin):
-    assert run_script("boot.py", standin.config_path).code == 0
-    os.chmod(standin.workdir, 0o555)
-    try:
-        for script in ("boot.py", "update_boot_status.py"):
-            proc, _ = run_as_service(standin, script)
-            assert proc.returncode == 0, proc.stderr
-    finally:
-        os.chmod(standin.workdir, 0o755)
-    assert len(standin.wait_for("boot", 3)) == 3
+def test_a_provisioned_camera_whose_root_is_mounted_read_only_reports_every_boot(
+        standin, read_only):
+    config = config_in_its_own_folder(standin)
+    proc, _ = run_config_as_service(config)
+    assert proc.returncode == 0, proc.stderr
+    read_only(config.parent)
+    for script in ("boot.py", "update_boot_status.py", "boot.py"):
+        proc, noise = run_config_as_service(config, script)
+        assert (proc.returncode, noise) == (0, []), proc.stderr
+    assert len(standin.wait_for("boot", 4)) == 4
+
+
+@needs_root
+def test_a_false_status_on_a_read_only_root_is_reported_once_with_one_warning_and_exit_0(
+        standin, read_only):
+    config = config_in_its_own_folder(standin)
+    assert run_config_as_service(config)[0].returncode == 0
+    doc = json.loads(config.read_text())
+    doc["device"]["PROVISION_STATUS"] = "False"
+    config.write_text(json.dumps(doc))
+    read_only(config.parent)
+    proc, noise = run_config_as_service(config)
+    assert proc.returncode == 0, proc.stderr
+    assert len(noise) == 1 and noise[0].startswith("WARNING") and "PROVISION_STATUS" in noise[0]
+    assert len(standin.wait_for("boot", 2)) == 2
+    assert json.loads(config.read_text())["device"]["PROVISION_STATUS"] == "False"
+
+
+@needs_root
+def test_a_full_disk_at_the_status_write_retries_the_write_and_never_the_boot_message(
+        standin, tmp_path):
+    """One boot, one message: the unit's retries (73, every 60 s) redo only the write."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = {"RUNTIME_DIRECTORY": str(runtime)}
+    with tmpfs(standin.workdir / "etc", "256k"):
+        config = config_in_its_own_folder(standin)
+        assert run_script("boot.py", config).code == 0
+        doc = json.loads(config.read_text())
+        doc["device"]["PROVISION_STATUS"] = "False"
+        config.write_text(json.dumps(doc))
+        fill(config.parent)
+        for _ in range(2):
+            result = run_script("boot.py", config, env=env)
+            assert result.code == 73, result.stderr
+            assert "No space left" in result.errors[0]
+        assert len(standin.wait_for("boot", 2)) == 2
+        (config.parent / "filler").unlink()
+        result = run_script("boot.py", config, env=env)
+        assert result.code == 0, result.stderr
+        assert json.loads(config.read_text())["device"]["PROVISION_STATUS"] == "True"
+        assert len(standin.events("boot")) == 2
+        # The next boot (a new /run) reports again.
+        fresh = tmp_path / "run2"
+        fresh.mkdir(mode=0o700)
+        assert run_script("boot.py", config, env={"RUNTIME_DIRECTORY": str(fresh)}).code == 0
+        assert len(standin.wait_for("boot", 3)) == 3
 
 
 # ------------------------------------------------------------- bounded reads

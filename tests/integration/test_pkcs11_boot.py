@@ -61,7 +61,8 @@ def test_first_boot_makes_the_key_in_the_token_and_writes_no_key_file(device, to
     assert attributes["SENSITIVE"] and not attributes["EXTRACTABLE"] and attributes["TOKEN"]
     cert_dir = device.workdir / "cert"
     assert sorted(p.name for p in cert_dir.iterdir()) == [
-        "AmazonRootCA1.pem", "certificate.pem.crt", "device-configuration.json", "run.lock"]
+        "AmazonRootCA1.pem", "certificate.pem.crt", "device-configuration.json",
+        "installed-for.json", "run.lock"]
     no_key_files(device)
     cert = x509.load_pem_x509_certificate((cert_dir / "certificate.pem.crt").read_bytes())
     (public_der,) = [pub for pub in _token_public_keys(token)]
@@ -175,7 +176,8 @@ def test_killed_at_each_step_the_next_run_completes_with_one_key_and_no_orphans(
     assert doc["PROVISION_STATUS"] == "True" and device.wait_for("boot", 1 + force)
     assert device.claim_key.read_bytes() == claim
     assert sorted(p.name for p in (device.workdir / "cert").iterdir()) == [
-        "AmazonRootCA1.pem", "certificate.pem.crt", "device-configuration.json", "run.lock"]
+        "AmazonRootCA1.pem", "certificate.pem.crt", "device-configuration.json",
+        "installed-for.json", "run.lock"]
     no_key_files(device)
     assert labels(token) == [("PRIVATE_KEY", FINAL), ("PUBLIC_KEY", FINAL)]
     cert = x509.load_pem_x509_certificate(

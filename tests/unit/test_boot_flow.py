@@ -16,6 +16,7 @@ from fakes import CREATE, crt_error
 REGISTER = "$aws/provisioning-templates/Fleet/provision/json"
 CERT, KEY, CA = "certificate.pem.crt", "private.pem.key", "AmazonRootCA1.pem"
 LOCK = "run.lock"
+RECORD = "installed-for.json"
 VALID_ID = "ab" * 32
 
 
@@ -45,7 +46,7 @@ def test_first_boot_installs_credentials_with_their_modes(device, cloud):
     assert (cert_dir / CERT).read_text() == issued["certificatePem"]
     assert (cert_dir / KEY).read_text() == issued["privateKey"]
     assert (cert_dir / CA).read_text() == cloud.ca.pem
-    assert sorted(os.listdir(cert_dir)) == [CA, CERT, KEY, LOCK]
+    assert sorted(os.listdir(cert_dir)) == [CA, CERT, RECORD, KEY, LOCK]
 
 
 def test_first_boot_records_thing_certificate_and_status_keeping_other_keys(device, cloud):
@@ -105,6 +106,25 @@ def test_register_thing_sends_configured_template_parameters(device, cloud):
     assert json.loads(payload)["parameters"] == {"SerialNumber": "CAM-42", "Site": "north"}
 
 
+@pytest.mark.parametrize("parameters", [{"Notes": "x" * (120 * 1024)},
+                                        {"Notes": "\u00e9" * (22 * 1024)},  # sent as \u00e9
+                                        {f"K{i}": "v" * 100 for i in range(1200)}])
+def test_template_parameters_too_big_for_one_message_are_78_before_any_certificate(
+        device, cloud, parameters):
+    device.update(TEMPLATE_PARAMETERS=parameters)
+    with pytest.raises(errors.ConfigError, match="TEMPLATE_PARAMETERS.*128 KiB") as caught:
+        run(device, cloud)
+    assert errors.exit_code(caught.value) == 78
+    assert cloud.calls == [] and cloud.connections == []
+
+
+def test_template_parameters_that_fit_one_message_with_any_token_are_sent(device, cloud):
+    device.update(TEMPLATE_PARAMETERS={"Notes": "x" * (100 * 1024)})
+    run(device, cloud)
+    (_, payload), = cloud.registers()
+    assert len(payload) < 128 * 1024
+
+
 def test_new_key_and_certificate_are_staged_durably_before_register_thing_is_sent(device, cloud):
     seen = {}
 
@@ -119,7 +139,7 @@ def test_new_key_and_certificate_are_staged_durably_before_register_thing_is_sen
     run(device, cloud)
     assert seen == {"key_mode": 0o600, "key": cloud.issued[0]["privateKey"],
                     "cert": cloud.issued[0]["certificatePem"], "installed": False}
-    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY, LOCK]
+    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, RECORD, KEY, LOCK]
 
 
 def test_boot_message_uses_device_certificate_and_thing_name(device, cloud):
@@ -197,7 +217,7 @@ def test_force_provisions_again_and_replaces_the_credentials(device, cloud):
     assert len(cloud.issued) == 2
     assert (device.cert_dir / CERT).read_text() == cloud.issued[1]["certificatePem"]
     assert device.device["CERTIFICATE_ID"] == cloud.issued[1]["certificateId"]
-    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY, LOCK]
+    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, RECORD, KEY, LOCK]
 
 
 def test_force_keeps_the_old_credentials_when_registration_is_refused(device, cloud):
@@ -210,7 +230,7 @@ def test_force_keeps_the_old_credentials_when_registration_is_refused(device, cl
     assert (device.cert_dir / CERT).read_bytes() == old_cert
     assert CertDir.open(device.cert_dir).installed_problem() is None
     assert device.device["PROVISION_STATUS"] == "True"
-    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, KEY, LOCK]
+    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, RECORD, KEY, LOCK]
 
 
 def test_a_staged_key_left_by_a_killed_force_run_is_cleaned_on_a_normal_boot(device, cloud):
@@ -361,9 +381,7 @@ def test_a_certificate_that_does_not_match_the_key_is_refused(device, cloud):
 
 
 @pytest.mark.parametrize("body", [{"thingName": ""}, {"deviceConfiguration": {}}, b"nope",
-                                  {"thingName": "bad/name"}, {"thingName": "x" * 129},
-                                  {"thingName": "ok", "deviceConfiguration": [1]},
-                                  {"thingName": "ok", "deviceConfiguration": {"a": 1}}])
+                                  {"thingName": "bad/name"}, {"thingName": "x" * 129}])
 def test_malformed_register_answers_fail_with_nothing_installed(device, cloud, body):
     cloud.register_answers.append(("accepted", body))
     with pytest.raises(errors.ServiceError):
@@ -378,6 +396,35 @@ def test_device_configuration_from_the_template_is_kept_beside_the_pair(device, 
     path = device.cert_dir / "device-configuration.json"
     assert json.loads(path.read_text()) == {"Fps": "2"}
     assert mode(path) == 0o644
+
+
+@pytest.mark.parametrize("configuration", [{"Fps": 2}, {"Camera": {"Fps": "2", "On": True}},
+                                           {"Zones": [1, None, 2.5]}, {"Fps": "2", "N": 1}])
+def test_a_device_configuration_that_is_not_all_strings_is_kept_as_it_came_with_one_warning(
+        device, cloud, caplog, configuration):
+    cloud.register_answers.append(("accepted", {"thingName": "cam",
+                                                "deviceConfiguration": configuration}))
+    run(device, cloud)
+    assert device.device["PROVISION_STATUS"] == "True"
+    path = device.cert_dir / "device-configuration.json"
+    assert json.loads(path.read_text()) == configuration and mode(path) == 0o644
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "deviceConfiguration" in warnings[0], warnings
+    assert len(cloud.registers()) == 1
+
+
+@pytest.mark.parametrize("configuration", [[1], "Fps=2", 5, {"Big": "x" * (200 * 1024)}])
+def test_a_device_configuration_that_is_no_object_or_too_big_is_not_stored_but_the_thing_is(
+        device, cloud, caplog, configuration):
+    cloud.register_answers.append(("accepted", {"thingName": "cam",
+                                                "deviceConfiguration": configuration}))
+    run(device, cloud)
+    assert device.device["THING_NAME"] == "cam" and device.device["PROVISION_STATUS"] == "True"
+    assert not (device.cert_dir / "device-configuration.json").exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "deviceConfiguration" in warnings[0], warnings
+    assert "x" * 200 not in warnings[0]
+    assert len(cloud.registers()) == 1
 
 
 def test_answers_for_other_requests_are_ignored(device, cloud):

@@ -64,7 +64,8 @@ def test_first_boot_in_csr_mode_installs_its_own_key(csr_device, cloud):
     assert isinstance(installed_key(csr_device), ec.EllipticCurvePrivateKey)
     assert stat.S_IMODE(os.stat(csr_device.cert_dir / KEY).st_mode) == 0o600
     assert sorted(os.listdir(csr_device.cert_dir)) == ["AmazonRootCA1.pem",
-                                                       "certificate.pem.crt", "private.pem.key",
+                                                       "certificate.pem.crt",
+                                                       "installed-for.json", "private.pem.key",
                                                        "run.lock"]
     assert csr_device.device["PROVISION_STATUS"] == "True"
     assert CREATE not in [topic for topic, _ in cloud.published()]

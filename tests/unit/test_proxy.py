@@ -2,6 +2,7 @@
 import io
 import json
 import logging
+import os
 
 import pytest
 from awscrt import http
@@ -20,6 +21,7 @@ SECRET = "s3cr3t-Pa55"
 def load(tmp_path, value):
     path = tmp_path / "ento.conf"
     path.write_text(json.dumps({"device": {**GOOD, "HTTP_PROXY": value}}))
+    os.chmod(path, 0o600)  # it may hold a password
     return configuration.load_config(path)
 
 
@@ -32,7 +34,7 @@ def load(tmp_path, value):
      SECRET),
     # ':', '@' and '%' travel percent-encoded in a URL's credentials.
     ("http://cam%40site:p%3Aw%40rd%25@10.0.0.1:80", "10.0.0.1", 80, "cam@site", "p:w@rd%"),
-    ("http://camera:@proxy.example.com:3128", "proxy.example.com", 3128, "camera", ""),
+    ("http://proxy-1.example.com:3128", "proxy-1.example.com", 3128, None, None),
 ])
 def test_a_good_http_proxy_is_parsed_into_host_port_and_credentials(
         tmp_path, value, host, port, user, password):
@@ -67,6 +69,13 @@ def test_no_http_proxy_or_an_empty_one_means_a_direct_connection(tmp_path, value
     (f"http://camera:{SECRET}\n@proxy.example.com:3128", "control"),
     (3128, "string"),
     ({"host": "proxy", "password": SECRET}, "string"),
+    (f"http://camera:{SECRET}@999.1.1.1:3128", "IPv4"),
+    (f"http://camera:{SECRET}@1.2.3:3128", "IPv4"),
+    (f"http://camera:{SECRET}@proxy.10:3128", "IPv4"),
+    (f"http://camera:{SECRET}@[fe80::1%25eth0]:3128", "zone"),
+    (f"http://cam%00era:{SECRET}@proxy.example.com:3128", "control"),
+    (f"http://camera:{SECRET}%0A@proxy.example.com:3128", "control"),
+    ("http://camera:@proxy.example.com:3128", "empty password"),
 ])
 def test_a_bad_http_proxy_is_a_config_error_naming_the_key_never_the_password(
         tmp_path, value, problem):
@@ -93,6 +102,16 @@ def test_the_password_is_redacted_from_any_log_line_once_the_config_is_read(tmp_
     logs.setup_logging(stream=stream)
     logging.getLogger("entomologist").error("the proxy said %s", f"no to {SECRET}!")
     assert SECRET not in stream.getvalue() and "no to [redacted]!" in stream.getvalue()
+
+
+@pytest.mark.parametrize("password", ["Q", "pw", "p4s"])
+def test_a_short_password_is_redacted_too_where_it_stands_alone(tmp_path, password):
+    load(tmp_path, f"http://camera:{password}@proxy.example.com:3128")
+    stream = io.StringIO()
+    logs.setup_logging(stream=stream)
+    logging.getLogger("entomologist").error("the proxy said %s", f"no to {password}!")
+    assert stream.getvalue().strip() == "ERROR the proxy said no to [redacted]!"
+    assert logs.shown(f"({password})") == "([redacted])"
 
 
 def test_the_connection_options_carry_a_tunnel_with_basic_credentials():
@@ -227,3 +246,31 @@ def test_the_https_proxy_variable_is_noted_once_and_its_value_never_shown(caplog
     assert len(caplog.records) == 1 and SECRET not in caplog.text
     assert "https_proxy is set in the environment but not used" in caplog.text
     assert proxy.note_environment({}) is None
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o444])
+def test_a_config_holding_the_proxy_password_that_others_can_read_is_78_with_the_fix(
+        tmp_path, mode):
+    path = tmp_path / "ento.conf"
+    path.write_text(json.dumps({"device": {
+        **GOOD, "HTTP_PROXY": f"http://camera:{SECRET}@proxy.example.com:3128"}}))
+    os.chmod(path, mode)
+    with pytest.raises(errors.ConfigError) as caught:
+        configuration.load_config(path)
+    message = f"{caught.value}; check {caught.value.hint}"
+    assert errors.exit_code(caught.value) == 78
+    assert "HTTP_PROXY" in message and f"chmod 600 {path}" in message
+    assert SECRET not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("mode,value", [
+    (0o600, f"http://camera:{SECRET}@proxy.example.com:3128"),
+    (0o640, f"http://camera:{SECRET}@proxy.example.com:3128"),  # a group chosen to read it
+    (0o644, "http://proxy.example.com:3128"),  # nothing secret in it
+])
+def test_a_config_whose_secret_others_cannot_read_or_without_one_is_accepted(
+        tmp_path, mode, value):
+    path = tmp_path / "ento.conf"
+    path.write_text(json.dumps({"device": {**GOOD, "HTTP_PROXY": value}}))
+    os.chmod(path, mode)
+    assert configuration.load_config(path).proxy.host == "proxy.example.com"

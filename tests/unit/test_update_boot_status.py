@@ -71,20 +71,3 @@ def test_main_without_credentials_exits_78(device, capsys):
     err = capsys.readouterr().err
     assert "no device credentials" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
-
-
-def test_a_provisioned_device_reports_its_boot_from_a_read_only_config_folder(device, cloud):
-    provisioned(device, cloud)
-    folder = device.config_path.parent
-    os.chmod(folder, 0o555)
-    try:
-        code = ubs.main(["--config", str(device.config_path)]) if os.geteuid() else None
-        if code is None:  # root writes anyway: prove it did not need to
-            before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-            ubs.update_boot_status(device.config(), retries.Deadline(5), build=cloud)
-            assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
-            assert set(before) == {"ento.conf", "cert"}
-        else:
-            assert code == 0
-    finally:
-        os.chmod(folder, 0o755)

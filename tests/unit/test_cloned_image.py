@@ -1,0 +1,83 @@
+"""A cloned image: CERT_DIR copied from another camera after its first boot."""
+import json
+import logging
+import stat
+
+import pytest
+
+import boot
+import update_boot_status as ubs
+from entomologist import errors, retries
+
+PAIR = ("certificate.pem.crt", "private.pem.key", "AmazonRootCA1.pem")
+
+
+def run(device, cloud):
+    boot.boot(device.config_path, retries.Deadline(30), build=cloud, sleep=lambda s: None)
+
+
+def cloned(device, cloud, serial="CAM-99"):
+    """This device's files as another camera's image left them, then given its own serial."""
+    run(device, cloud)
+    first = {name: (device.cert_dir / name).read_bytes() for name in PAIR}
+    cloud.calls.clear()
+    cloud.connections.clear()
+    device.update(SERIAL_ID=serial)
+    return first
+
+
+def test_install_records_the_serial_the_pair_was_registered_for(device, cloud):
+    run(device, cloud)
+    record = device.cert_dir / "installed-for.json"
+    assert json.loads(record.read_text()) == {
+        "serialId": "CAM-42", "thingName": device.device["THING_NAME"],
+        "certificateId": device.device["CERTIFICATE_ID"]}
+    assert stat.S_IMODE(record.stat().st_mode) == 0o644
+
+
+def test_a_pair_installed_for_another_serial_is_set_aside_and_this_camera_provisioned(
+        device, cloud, caplog):
+    first = cloned(device, cloud)
+    caplog.set_level(logging.INFO)
+    run(device, cloud)
+    aside = device.cert_dir / "foreign-CAM-42"
+    assert {name: (aside / name).read_bytes() for name in PAIR} == first
+    assert json.loads((aside / "installed-for.json").read_text())["serialId"] == "CAM-42"
+    assert stat.S_IMODE(aside.stat().st_mode) == 0o700
+    assert (device.cert_dir / "certificate.pem.crt").read_bytes() != first[PAIR[0]]
+    assert json.loads((device.cert_dir / "installed-for.json").read_text())["serialId"] == "CAM-99"
+    assert [c.client_id for c in cloud.connections][0] == "CAM-99"
+    assert cloud.published()[-1][0] == "cameraDevice/CAM-99/booted"
+    assert device.device["PROVISION_STATUS"] == "True"
+    said = [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "CAM-42" in r.getMessage()]
+    assert len(said) == 1 and "CAM-99" in said[0] and "foreign-CAM-42" in said[0]
+
+
+def test_the_boot_report_alone_refuses_another_cameras_pair_and_says_to_run_boot(
+        device, cloud):
+    cloned(device, cloud)
+    with pytest.raises(errors.ConfigError, match="installed for CAM-42.*CAM-99") as caught:
+        ubs.update_boot_status(device.config(), retries.Deadline(5), build=cloud)
+    assert "boot.py" in str(caught.value) + caught.value.hint
+    assert cloud.calls == []
+
+
+def test_a_pair_installed_before_the_record_existed_is_kept_and_recorded(device, cloud):
+    run(device, cloud)
+    (device.cert_dir / "installed-for.json").unlink()
+    first = (device.cert_dir / "certificate.pem.crt").read_bytes()
+    cloud.calls.clear()
+    run(device, cloud)
+    assert (device.cert_dir / "certificate.pem.crt").read_bytes() == first
+    assert cloud.registers() == [] and len(cloud.published()) == 1
+    assert json.loads((device.cert_dir / "installed-for.json").read_text())["serialId"] == "CAM-42"
+
+
+def test_a_garbled_record_is_ignored_and_the_pair_kept(device, cloud):
+    run(device, cloud)
+    (device.cert_dir / "installed-for.json").write_text('{"serialId": "../x"}')
+    cloud.calls.clear()
+    run(device, cloud)
+    assert cloud.registers() == [] and len(cloud.published()) == 1
+    assert not any(p.name.startswith("foreign-") for p in device.cert_dir.iterdir())
