@@ -8,10 +8,11 @@ signed by that CA.  It applies cloud/stack.yaml, the stack an operator deploys
 (or --stack FILE): RegisterThing evaluates its fleet provisioning template
 (standin/template.py), the claim certificate is held to the claim policy of
 the stack's ProvisioningMode (or --mode) and each device certificate to the
-template's device policy (standin/policy.py renders them as mosquitto's
-acl_file; standin/enforce.py enforces the rest from mosquitto's log, and
-records each denial as a "denied" event).  Every request, answer and boot message is recorded as a
-JSON line in <dir>/standin/events.jsonl.  It writes a ready ento.conf and claim
+template's device policy (standin/policy.py renders them as rules for
+mosquitto's dynamic-security plugin, which refuses a denied subscribe with
+SUBACK 0x80 as AWS does; standin/enforce.py enforces the rest from mosquitto's
+log, and records each denial as a "denied" event).  Every request, answer and
+boot message is recorded as a JSON line in <dir>/standin/events.jsonl.  It writes a ready ento.conf and claim
 files for one simulated device into <dir> (and refuses to replace a device's
 files that are already there, unless told --overwrite).  The stack's fleet
 inventory is served by moto's DynamoDB server on loopback (standin/inventory.py;
@@ -85,8 +86,13 @@ DEFAULT_SERIAL = "CAM-0001"
 CLAIM_CN = "ento-fleet-claim"
 RESPONDER_CN = "standin-responder"
 MODES = ("CreateKeysAndCertificate", "CreateCertificateFromCsr", "Both")
-# The stand-in's own client answers every request and hears every boot message.
-RESPONDER_ACL = "topic readwrite #\ntopic readwrite $aws/#\n"
+# The stand-in's own clients answer every request, hear every boot message and
+# change the broker's rules ($CONTROL, the dynamic-security plugin's API).
+RESPONDER_ACL = "topic readwrite #\ntopic readwrite $aws/#\ntopic readwrite $CONTROL/#\n"
+RESPONDER_DYNSEC = [{"acltype": kind, "topic": topic, "priority": 0, "allow": True}
+                    for kind in ("publishClientSend", "publishClientReceive", "subscribePattern")
+                    for topic in ("#", "$aws/#", "$CONTROL/#")]
+DYNSEC_TOPIC = "$CONTROL/dynamic-security/v1"
 
 
 def _stack_parameters(mode: str | None, hook: bool | None) -> dict | None:
@@ -161,7 +167,11 @@ class StandIn:
         self._broker: Broker | None = None
         self._relay: Relay | None = None
         self.enforcer: Enforcer | None = None
-        self.acl_path = self.dir / "acl"
+        self.acl_path = self.dir / "acl"        # the rules in acl_file's words, to read
+        self.dynsec_path = self.dir / "dynsec.json"  # what mosquitto enforces
+        self._admin = None
+        self._admin_answers: dict[str, dict] = {}
+        self._admin_answered = threading.Condition()
         self._connection = None
         self.responder: Responder | None = None
         self._lock = threading.Lock()
@@ -211,12 +221,14 @@ class StandIn:
             # the relay, which holds back what a denial must never let through.
             self._broker = Broker(self.dir, self.ca_path, *self._server_files,
                                   host="127.0.0.1", tcp_nodelay=self.tcp_nodelay,
-                                  acl_file=self.acl_path)
+                                  dynsec_file=self.dynsec_path)
             self.port = free_port(self.host)
             self.enforcer = Enforcer(self._broker.log_path, self.record)
-            self.enforcer.add(Identity(RESPONDER_CN, "service", acl=RESPONDER_ACL))
+            self.enforcer.add(Identity(RESPONDER_CN, "service", acl=RESPONDER_ACL,
+                                       dynsec=RESPONDER_DYNSEC))
             self.enforcer.add(self._claim_identity())
             self._write_acl()
+            self._write_dynsec()
         else:
             self._broker = Broker(self.dir, self.ca_path, *self._server_files, host=self.host,
                                   tcp_nodelay=self.tcp_nodelay)
@@ -235,7 +247,8 @@ class StandIn:
                                                                          "rejected")])
         return Identity(CLAIM_CN, "claim", list(self.stack.claim_policies),
                         f"claim policy for ProvisioningMode {self.mode}", context,
-                        acl="\n".join(rendering.lines) + "\n", notes=rendering.notes)
+                        acl="\n".join(rendering.lines) + "\n", notes=rendering.notes,
+                        dynsec=rendering.dynsec_acls())
 
     def _registered(self, registration: templates.Registration, common_name: str) -> None:
         """The device certificate's policies, in force before RegisterThing answers."""
@@ -251,13 +264,15 @@ class StandIn:
                                    "stand-in has no registry and grants nothing for it"
                                    for n in named]
         label = f"device policy of thing {registration.thing_name} (template {self.template})"
-        self.enforcer.add(Identity(common_name, "device", documents, label, context,
-                                   active=registration.certificate_status == "ACTIVE",
-                                   acl="\n".join(rendering.lines) + "\n", notes=notes))
+        identity = Identity(common_name, "device", documents, label, context,
+                            active=registration.certificate_status == "ACTIVE",
+                            acl="\n".join(rendering.lines) + "\n", notes=notes,
+                            dynsec=rendering.dynsec_acls())
+        self.enforcer.add(identity)
         self.record("policy-applied", username=common_name, thingName=registration.thing_name,
                     acl=rendering.lines, notes=notes)
         self._write_acl()
-        self._reload()
+        self._grant(identity)
 
     def _hook_context(self, template: str) -> dict:
         """The event fields AWS IoT gives the hook besides the request's."""
@@ -275,19 +290,68 @@ class StandIn:
         write_new(tmp, text.encode(), 0o644)
         os.replace(tmp, self.acl_path)
 
-    def _reload(self, limit: float = 3.0) -> None:
-        """SIGHUP, and wait until mosquitto says it re-read its files."""
-        if self._broker is None or not self._broker.running:
+    def _write_dynsec(self) -> None:
+        """The dynamic-security plugin's starting configuration: one role and one
+        client (the certificate's CN) per identity; anything not allowed is denied."""
+        identities = list(self.enforcer.identities.values())
+        doc = {"defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
+                                    "subscribe": False, "unsubscribe": True},
+               "clients": [{"username": i.username, "roles": [{"rolename": i.username}]}
+                           for i in identities],
+               "roles": [{"rolename": i.username, "acls": i.dynsec} for i in identities],
+               "groups": []}
+        write_new(self.dynsec_path, json.dumps(doc, indent=1).encode(), 0o600)
+
+    def _grant(self, identity: Identity, limit: float = 3.0) -> None:
+        """A new certificate's rules, in force before RegisterThing answers: sent to
+        the plugin over its $CONTROL API, and its answer awaited."""
+        if self._admin is None:
             return
-        before = self.enforcer.reloads
-        self._broker.reload()
+        from awscrt import mqtt
+        correlation = secrets.token_hex(8)
+        commands = {"commands": [
+            {"command": "createRole", "rolename": identity.username, "acls": identity.dynsec},
+            {"command": "createClient", "username": identity.username,
+             "roles": [{"rolename": identity.username}], "correlationData": correlation}]}
+        self._admin.publish(DYNSEC_TOPIC, json.dumps(commands), mqtt.QoS.AT_LEAST_ONCE)
         end = time.monotonic() + limit
-        while time.monotonic() < end:
-            self.enforcer.catch_up()
-            if self.enforcer.reloads > before:
-                return
-            time.sleep(0.005)
-        log.warning("mosquitto did not confirm the acl_file reload in %.0f s", limit)
+        with self._admin_answered:
+            while correlation not in self._admin_answers:
+                left = end - time.monotonic()
+                if left <= 0:
+                    log.warning("mosquitto did not confirm the rules of %s in %.0f s",
+                                identity.username, limit)
+                    return
+                self._admin_answered.wait(left)
+            answer = self._admin_answers.pop(correlation)
+        if answer.get("error"):
+            log.warning("mosquitto refused the rules of %s: %s", identity.username,
+                        answer["error"])
+
+    def _on_admin_answer(self, topic: str, payload: bytes, **_) -> None:
+        try:
+            responses = json.loads(payload).get("responses", [])
+        except (ValueError, AttributeError):
+            return
+        with self._admin_answered:
+            errors = [r["error"] for r in responses if r.get("error")]
+            for r in responses:
+                if "correlationData" in r:
+                    self._admin_answers[r["correlationData"]] = {
+                        "error": "; ".join(errors)}
+            self._admin_answered.notify_all()
+
+    def _connect_admin(self) -> None:
+        """The plugin's administrator: a connection on an event loop of its own, so
+        that a responder callback can wait for its answers."""
+        from awscrt import io, mqtt
+        group = io.EventLoopGroup(1)
+        bootstrap = io.ClientBootstrap(group, io.DefaultHostResolver(group))
+        self._admin = self._client(f"standin-admin-{secrets.token_hex(3)}", bootstrap)
+        self._admin.connect().result(10)
+        future, _ = self._admin.subscribe(f"{DYNSEC_TOPIC}/response", mqtt.QoS.AT_LEAST_ONCE,
+                                          callback=self._on_admin_answer)
+        future.result(10)
 
     def start(self) -> None:
         if not find_mosquitto():
@@ -305,6 +369,7 @@ class StandIn:
                 self._relay = Relay(self.host, self.port, ("127.0.0.1", self._broker.port),
                                     self.enforcer, self.tcp_nodelay)
                 self._relay.start()
+                self._connect_admin()
             self._connect_responder()
         except BaseException:
             self.stop()
@@ -375,7 +440,7 @@ class StandIn:
         return claimpair.connects("localhost", self.port, self.ca_path, self.claim_cert,
                                   self.claim_key, client_id, timeout)
 
-    def _client(self, client_id: str):
+    def _client(self, client_id: str, bootstrap=None):
         from awsiot import mqtt_connection_builder
         cert, key = self._responder_files
         # Straight to mosquitto: the stand-in's own connections pass no policy.
@@ -383,7 +448,8 @@ class StandIn:
         return mqtt_connection_builder.mtls_from_path(
             endpoint=host, port=self._broker.port, cert_filepath=str(cert),
             pri_key_filepath=str(key), ca_filepath=str(self.ca_path), client_id=client_id,
-            clean_session=True, keep_alive_secs=30, enable_metrics_collection=False)
+            clean_session=True, keep_alive_secs=30, enable_metrics_collection=False,
+            **({"client_bootstrap": bootstrap} if bootstrap is not None else {}))
 
     def _connect_responder(self) -> None:
         from awscrt import mqtt
@@ -406,12 +472,14 @@ class StandIn:
 
     def stop_broker(self) -> None:
         """Take the broker away, as a dead link would (the port then refuses)."""
-        if self._connection is not None:
-            try:
-                self._connection.disconnect().result(3)
-            except Exception:
-                pass
-            self._connection = None
+        for name in ("_connection", "_admin"):
+            connection = getattr(self, name)
+            if connection is not None:
+                try:
+                    connection.disconnect().result(3)
+                except Exception:
+                    pass
+                setattr(self, name, None)
         if self._relay is not None:
             self._relay.stop()
             self._relay = None
