@@ -9,6 +9,10 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 
 # Installation on a device (`make install`) or into an image's staging tree
 # (`make install DESTDIR=/path/to/rootfs`, which calls no systemctl).
+# systemctl only talks to a running systemd: in an image's chroot (pi-gen, a
+# plain `make install` there) the unit is enabled by its symlink instead, as
+# Debian's deb-systemd-helper decides, by this folder's existence.
+SYSTEMD_RUNDIR ?= /run/systemd/system
 PREFIX ?= /opt/entomologist
 UNITDIR ?= /etc/systemd/system
 UNIT := entomologist-provision.service
@@ -82,7 +86,9 @@ clean:
 
 install:
 	@case "$(PREFIX)" in /?*) ;; *) echo "PREFIX must be an absolute path" >&2; exit 2;; esac
-	install -d -m 0755 $(DESTDIR)$(PREFIX) $(DESTDIR)/etc/entomologist
+	install -d -m 0755 $(DESTDIR)$(PREFIX)
+	@# An existing config folder keeps its owner and mode (0700 stays 0700).
+	[ -d $(DESTDIR)/etc/entomologist ] || install -d -m 0755 $(DESTDIR)/etc/entomologist
 	install -m 0644 $(APP_FILES) $(DESTDIR)$(PREFIX)/
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/entomologist
 	install -m 0644 $(PACKAGE_FILES) $(DESTDIR)$(PREFIX)/entomologist/
@@ -116,13 +122,14 @@ ifneq ($(DATA_DIR),)
 	sed 's#/data/entomologist#$(DATA_DIR)#g' systemd/data-dir.conf > $(DESTDIR)$(UNITDIR)/$(UNIT).d/data-dir.conf
 	chmod 0644 $(DESTDIR)$(UNITDIR)/$(UNIT).d/data-dir.conf
 endif
-ifeq ($(DESTDIR),)
-	systemctl daemon-reload
-	systemctl enable $(UNIT)
-else
-	install -d -m 0755 $(DESTDIR)$(UNITDIR)/multi-user.target.wants
-	ln -sfn $(UNITDIR)/$(UNIT) $(DESTDIR)$(UNITDIR)/multi-user.target.wants/$(UNIT)
-endif
+	@if [ -z "$(DESTDIR)" ] && [ -d "$(SYSTEMD_RUNDIR)" ]; then \
+		echo "systemctl daemon-reload && systemctl enable $(UNIT)"; \
+		systemctl daemon-reload && systemctl enable $(UNIT); \
+	else \
+		[ -n "$(DESTDIR)" ] || echo "systemd is not running (no $(SYSTEMD_RUNDIR)): enabling $(UNIT) by its symlink"; \
+		install -d -m 0755 $(DESTDIR)$(UNITDIR)/multi-user.target.wants && \
+		ln -sfn $(UNITDIR)/$(UNIT) $(DESTDIR)$(UNITDIR)/multi-user.target.wants/$(UNIT); \
+	fi
 
 # As an image builder would: make install inside an emulated Debian arm64 root,
 # then boot it against the stand-in (root; slow, so not part of `make test`).
@@ -150,13 +157,11 @@ system-test: setup system-tools
 # Never touches /etc/entomologist: the config and the device's credentials stay.
 uninstall:
 	@case "$(PREFIX)" in /?*) ;; *) echo "PREFIX must be an absolute path" >&2; exit 2;; esac
-ifeq ($(DESTDIR),)
-	-systemctl disable $(UNIT)
-endif
+	@# Quiet when there is nothing left to remove: a second uninstall prints no error.
+	@if [ -z "$(DESTDIR)" ] && [ -d "$(SYSTEMD_RUNDIR)" ] && [ -e $(UNITDIR)/$(UNIT) ]; then \
+		systemctl disable $(UNIT) || true; fi
 	rm -f $(DESTDIR)$(UNITDIR)/multi-user.target.wants/$(UNIT) $(DESTDIR)$(UNITDIR)/$(UNIT)
 	rm -f $(DESTDIR)$(UNITDIR)/$(UNIT).d/pkcs11.conf $(DESTDIR)$(UNITDIR)/$(UNIT).d/data-dir.conf
-	-rmdir $(DESTDIR)$(UNITDIR)/$(UNIT).d 2>/dev/null
+	[ ! -d $(DESTDIR)$(UNITDIR)/$(UNIT).d ] || rmdir --ignore-fail-on-non-empty $(DESTDIR)$(UNITDIR)/$(UNIT).d
 	rm -rf $(DESTDIR)$(PREFIX)
-ifeq ($(DESTDIR),)
-	-systemctl daemon-reload
-endif
+	@if [ -z "$(DESTDIR)" ] && [ -d "$(SYSTEMD_RUNDIR)" ]; then systemctl daemon-reload || true; fi

@@ -35,6 +35,7 @@ from entomologist.credentials import CertDir, Registration
 from entomologist.errors import ConfigError, EntoError, ServiceError, note_outcome, run_main
 from entomologist.lock import RunLock
 from entomologist.retries import RUN_TIMEOUT, Deadline, positive_seconds, with_retries
+from entomologist.stop import Stop
 from update_boot_status import update_boot_status
 
 log = logging.getLogger("entomologist.boot")
@@ -51,18 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logs.setup_logging(args.verbose)
-    code = run_main(lambda: boot(args.config, Deadline(args.timeout), args.force,
-                                 runtime_dir=os.environ.get("RUNTIME_DIRECTORY")))
-    note_outcome(code, os.environ.get("RUNTIME_DIRECTORY"))
+    runtime_dir = os.environ.get("RUNTIME_DIRECTORY")
+    with Stop(on_exit=lambda code: note_outcome(code, runtime_dir)).installed() as stop:
+        code = run_main(lambda: boot(args.config, Deadline(args.timeout), args.force,
+                                     runtime_dir=runtime_dir, stop=stop))
+    note_outcome(code, runtime_dir)
     return code
 
 
 def boot(config_path: Path, deadline: Deadline, force: bool = False,
          build: mqtt.Builder | None = None,
          sleep: Callable[[float], None] = time.sleep,
-         now: Callable[[], float] = time.time, runtime_dir: str | None = None) -> None:
+         now: Callable[[], float] = time.time, runtime_dir: str | None = None,
+         stop: Stop | None = None) -> None:
     """The whole boot-time job, under the run lock (``runtime_dir``: the unit's
-    RuntimeDirectory, see update_boot_status)."""
+    RuntimeDirectory, see update_boot_status; ``stop``: the run's signal handling)."""
     config = load_config(config_path)
     # CERT_DIR holds the lock, so it exists (0700) before anything else happens.
     cert_dir = CertDir.open(config.cert_dir, create=True, token=config.token)
@@ -80,7 +84,7 @@ def boot(config_path: Path, deadline: Deadline, force: bool = False,
         elif (set_aside_foreign_pair(config, cert_dir) or force
               or needs_provisioning(config, cert_dir)):
             provision(config, provisioning_settings(config), deadline, build, sleep, now,
-                      lost=not force)
+                      lost=not force, stop=stop)
             config = load_config(config_path)
         elif cert_dir.installed_for() is None:
             record_installed_for(config, cert_dir)
@@ -152,7 +156,8 @@ def check_claim(settings: ProvisioningSettings, root_ca: Path) -> None:
 def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline,
               build: mqtt.Builder | None = None,
               sleep: Callable[[float], None] = time.sleep,
-              now: Callable[[], float] = time.time, lost: bool = False) -> Registration:
+              now: Callable[[], float] = time.time, lost: bool = False,
+              stop: Stop | None = None) -> Registration:
     """Fleet provisioning by claim, retried from scratch on transient failures.
 
     ``lost``: the installed credentials are gone or broken (not --force), so a
@@ -161,8 +166,11 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
     Everything that can fail here is checked before the first request; every
     file is staged as soon as its content exists; once RegisterThing is
     accepted the registration is recorded in CERT_DIR, and a run that fails
-    after that point is completed by the next one without any request.
+    after that point is completed by the next one without any request.  A
+    SIGTERM while RegisterThing's answer is on its way waits (bounded) for
+    that record (``stop``).
     """
+    stop = stop or Stop()
     check_claim(settings, config.root_ca)
     clock.check_clock([settings.claim_cert, config.root_ca], now)
     rehearse_update(config)
@@ -193,12 +201,14 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
             created = service.create(csr)
             check_created(created, cert_dir, device_key)
             cert_dir.stage_created(created.certificate_pem, created.private_key_pem)
-            registered = service.register(created.token, settings.template_parameters)
+            # Recorded before the disconnect, which may take its time.
+            with stop.answer_awaited("RegisterThing"):
+                registered = service.register(created.token, settings.template_parameters)
+                registration = Registration(registered.thing_name, created.certificate_id,
+                                            registered.device_configuration)
+                cert_dir.record_registration(registration)
         finally:
             link.close()
-        registration = Registration(registered.thing_name, created.certificate_id,
-                                    registered.device_configuration)
-        cert_dir.record_registration(registration)
         return registration
 
     started = time.monotonic()

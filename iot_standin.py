@@ -638,8 +638,11 @@ def _serve(args) -> int:
         log.error("cannot use the stack: %s", exc)
         return os.EX_CONFIG
     stop = threading.Event()
-    # SIGTERM (systemd, kill, a test harness) must stop mosquitto too.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGTERM (systemd, kill, a test harness) and SIGINT must stop mosquitto too; a
+    # process started with SIGINT ignored (nohup, `&` in a script) gets no
+    # KeyboardInterrupt from Python, so Ctrl-C needs its own handler.
+    for signo in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signo, lambda *_: stop.set())
     try:
         standin.start()
     except FileExistsError as exc:

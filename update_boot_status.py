@@ -35,6 +35,7 @@ from entomologist.credentials import CertDir
 from entomologist.errors import ConfigError, EntoError, ReadOnlyStorage, run_main
 from entomologist.lock import RunLock
 from entomologist.retries import RUN_TIMEOUT, Deadline, positive_seconds, with_retries
+from entomologist.stop import Stop
 
 log = logging.getLogger("entomologist.boot_status")
 
@@ -167,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             update_boot_status(config, deadline,
                                runtime_dir=os.environ.get("RUNTIME_DIRECTORY"))
 
-    return run_main(body)
+    # No registration happens here: a signal ends the run at once.
+    with Stop().installed():
+        return run_main(body)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,11 @@ EXIT_CODES: tuple[tuple[type[EntoError], int], ...] = (
 )
 
 
+# A run stopped by a signal or Ctrl-C did not finish: transient.  systemd never
+# restarts a unit it stopped itself, whatever the code (see entomologist.stop).
+STOPPED = os.EX_TEMPFAIL
+
+
 def exit_code(exc: EntoError) -> int:
     return next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
 
@@ -74,7 +79,7 @@ def run_main(body: Callable[[], None]) -> int:
         return exit_code(exc)
     except KeyboardInterrupt:
         log.error("interrupted")
-        return os.EX_TEMPFAIL
+        return STOPPED
     except Exception:
         log.exception("unexpected error (a bug): please report it with this log")
         return os.EX_SOFTWARE

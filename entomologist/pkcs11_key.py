@@ -15,6 +15,12 @@ interrupted delete leaves a harmless public key, which the next ``open``
 clears away with any other half pair under our two labels.  Objects under
 other labels are never touched.
 
+Only what this program made is ever deleted: its pairs' ``CKA_ID`` starts
+with ID_TAG.  Anything else under our two labels (another program's pair, a
+key sharing our ID) is a configuration error (78) that names what was found,
+and nothing is deleted.  A pair from before the tag, matching the installed
+certificate, is still used.
+
 Errors: the module file missing, the token absent or failing → TransientError
 (75: a TPM may not be up yet); a wrong or locked PIN → ConfigError (78), and a
 PIN refused once is never offered again in this process, since a TPM counts
@@ -38,6 +44,8 @@ from .keys import csr_common_name
 log = logging.getLogger("entomologist")
 
 DEFAULT_KEY_LABEL = "entomologist-device"
+# Marks the pairs this program made (then 8 random bytes).
+ID_TAG = b"entomologist:"
 STAGING_SUFFIX = ".staging"
 KEY_ALGORITHMS = ("EC-P256", "RSA-2048")
 # A PIN is a few dozen bytes at most; anything bigger is not a PIN file.
@@ -84,9 +92,29 @@ class TokenKey:
 
 
 def token_key(settings: "TokenSettings") -> TokenKey:
-    """What awscrt needs to connect with the final key, the PIN read from its file."""
-    return TokenKey(settings.library, settings.token_label, settings.key_label,
-                    read_pin(settings.pin_file))
+    """What awscrt needs to connect with the final key, the PIN read from its file;
+    the module is the checked real path, since awscrt loads (runs) it."""
+    return TokenKey(trusted_library(settings.library), settings.token_label,
+                    settings.key_label, read_pin(settings.pin_file))
+
+
+def trusted_library(path: Path) -> Path:
+    """The real path of the PKCS#11 module, once it is known that nobody but root or
+    us can change it or any folder above it.  Loading a module runs its code (its
+    constructors first) in this process, as root under the unit: it gets the same
+    checks as every file we trust, before anything loads it."""
+    hint = "PKCS11_LIBRARY, and the module's and its folders' owner and mode"
+    try:
+        real = files.trusted_path(Path(path), "PKCS#11 module", hint=hint)
+    except files.FileProblem as exc:
+        if exc.missing:
+            # A package not installed yet, or a module on a device that comes up late.
+            raise TransientError(f"PKCS#11 module {path} is not there",
+                                 hint="PKCS11_LIBRARY, and that its package is installed") from None
+        raise
+    if not stat.S_ISREG(os.stat(real).st_mode):
+        raise ConfigError(f"PKCS#11 module {path} is not a regular file", hint=hint)
+    return real
 
 
 # ------------------------------------------------------------------ the PIN
@@ -208,10 +236,10 @@ class Token:
 
     # -- finding
 
-    def pairs(self, label: str) -> list[KeyPair]:
+    def pairs(self, label: str, accept: bytes | None = None) -> list[KeyPair]:
         """Every pair whose private key has this label (after a crash in ``promote``,
         two under the final label)."""
-        return [pair for pair in self._our_pairs() if pair.label == label]
+        return [pair for pair in self._our_pairs(accept=accept) if pair.label == label]
 
     def find(self, label: str) -> KeyPair | None:
         found = self.pairs(label)
@@ -227,7 +255,10 @@ class Token:
                         {p.Attribute.CLASS: cls, p.Attribute.LABEL: label}))
         return objects
 
-    def _our_pairs(self, remove_orphans: bool = False) -> list[KeyPair]:
+    def _our_pairs(self, remove_orphans: bool = False,
+                   accept: bytes | None = None) -> list[KeyPair]:
+        """The pairs under our two labels; ConfigError if any object there is not ours.
+        ``accept``: the installed certificate's key, whose pair is ours even untagged."""
         p = _pkcs11()
         by_id: dict[bytes, dict] = {}
         with _token_errors("list the token's keys"):
@@ -238,8 +269,21 @@ class Token:
         for key_id, group in by_id.items():
             privates = group.get(p.ObjectClass.PRIVATE_KEY, [])
             publics = group.get(p.ObjectClass.PUBLIC_KEY, [])
-            if len(privates) == 1 and len(publics) == 1:
-                pairs.append(KeyPair(privates[0], publics[0], privates[0].label, key_id))
+            if len(privates) > 1 or len(publics) > 1:
+                # This program never gives two keys one ID.
+                raise self._not_ours(f"{len(privates)} private keys and {len(publics)} "
+                                     f"public keys share the CKA_ID {key_id.hex()} under "
+                                     f"label {(privates + publics)[0].label!r}")
+            pair = (KeyPair(privates[0], publics[0], privates[0].label, key_id)
+                    if privates and publics else None)
+            if not key_id.startswith(ID_TAG) and not (
+                    pair is not None and accept is not None and pair.public_key_der() == accept):
+                what = ("a private key and a public key" if pair is not None
+                        else "a private key" if privates else "a public key")
+                raise self._not_ours(f"{what} under label {(privates + publics)[0].label!r} "
+                                     f"(CKA_ID {key_id.hex()}) that this program did not make")
+            if pair is not None:
+                pairs.append(pair)
             else:
                 orphans.extend(privates + publics)
         if remove_orphans and orphans:
@@ -251,6 +295,13 @@ class Token:
                     obj.destroy()
         return pairs
 
+    def _not_ours(self, found: str) -> ConfigError:
+        return ConfigError(f"token {self.settings.token_label!r} holds {found}; this "
+                           f"program deletes nothing it did not make",
+                           hint=f"the token's objects: remove or relabel the ones that are "
+                                f"not this camera's, or set PKCS11_KEY_LABEL to a label of "
+                                f"its own")
+
     def remove_orphans(self) -> None:
         """Delete half pairs under our labels (left by a run killed mid-operation)."""
         self._our_pairs(remove_orphans=True)
@@ -261,7 +312,7 @@ class Token:
         """A new pair made inside the token, by default under the staging label."""
         p = _pkcs11()
         label = label or self.settings.staging_label
-        key_id = secrets.token_bytes(16)
+        key_id = ID_TAG + secrets.token_bytes(8)
         private_template = {p.Attribute.TOKEN: True, p.Attribute.PRIVATE: True,
                             p.Attribute.SENSITIVE: True, p.Attribute.EXTRACTABLE: False}
         public_template = {p.Attribute.TOKEN: True}
@@ -330,7 +381,8 @@ class Token:
     def promote(self, pair: KeyPair) -> KeyPair:
         """Give a registered pair the final label, then delete the key it replaces (last)."""
         final = self.settings.key_label
-        old = [other for other in self.pairs(final) if other.id != pair.id]
+        old = [other for other in self.pairs(final, accept=pair.public_key_der())
+               if other.id != pair.id]
         if pair.label != final:
             self.relabel(pair, final)
         for other in old:
@@ -340,7 +392,7 @@ class Token:
     def reconcile(self, certificate_public_key_der: bytes) -> KeyPair | None:
         """The final pair matching the installed certificate, finishing a promotion that
         a killed run left half done; None if no pair matches (provision again)."""
-        pairs = self._our_pairs(remove_orphans=True)
+        pairs = self._our_pairs(remove_orphans=True, accept=certificate_public_key_der)
         matching = [pair for pair in pairs if pair.public_key_der() == certificate_public_key_der]
         if not matching:
             return None
@@ -421,10 +473,7 @@ def _token_errors(what: str, unsupported_hint: str | None = None):
 
 def open_token(settings: TokenSettings) -> Token:
     """Load the module, find the token by label, log in with the PIN file's PIN."""
-    library = Path(settings.library)
-    if not library.is_file():
-        raise TransientError(f"PKCS#11 module {library} is not there",
-                             hint="PKCS11_LIBRARY, and that its package is installed")
+    library = trusted_library(settings.library)
     pin = read_pin(Path(settings.pin_file))
     memo = (os.path.realpath(library), settings.token_label,
             hashlib.sha256(pin.encode()).digest())

@@ -183,3 +183,83 @@ def test_killed_at_each_step_the_next_run_completes_with_one_key_and_no_orphans(
     cert = x509.load_pem_x509_certificate(
         (device.workdir / "cert" / "certificate.pem.crt").read_bytes())
     assert spki(cert.public_key()) == _token_public_keys(token)[0]
+
+
+CONSTRUCTOR_SOURCE = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void ran(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fputs("constructor ran\n", f); fclose(f); }
+}
+"""
+
+
+def test_a_module_others_can_write_is_78_and_never_loaded(device, token, tmp_path):
+    import subprocess
+    open_folder = tmp_path / "anyone-writes"
+    open_folder.mkdir()
+    open_folder.chmod(0o777)
+    marker = tmp_path / "constructor-ran"
+    source = tmp_path / "evil.c"
+    source.write_text(CONSTRUCTOR_SOURCE)
+    module = open_folder / "libevil.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(module),
+                    str(source)], check=True)
+    module.chmod(0o777)
+    device.write_device_config(PROVISIONING_API="CreateCertificateFromCsr",
+                               KEY_STORAGE="pkcs11", PKCS11_LIBRARY=str(module),
+                               PKCS11_TOKEN_LABEL=token.label,
+                               PKCS11_PIN_FILE=str(token.pin_file))
+    result = boot(device, token)
+    assert result.code == 78, result.stderr
+    assert not marker.exists()
+    error = result.errors[-1]
+    assert "PKCS#11 module" in error and "written by group or others" in error
+    # The module itself tight, its folder still open to everyone: refused all the same.
+    module.chmod(0o755)
+    result = boot(device, token)
+    assert result.code == 78, result.stderr
+    assert not marker.exists()
+    assert "anyone-writes" in result.errors[-1]
+
+
+def test_a_folder_given_as_the_module_is_78(device, token, tmp_path):
+    device.write_device_config(PROVISIONING_API="CreateCertificateFromCsr",
+                               KEY_STORAGE="pkcs11", PKCS11_LIBRARY=str(tmp_path),
+                               PKCS11_TOKEN_LABEL=token.label,
+                               PKCS11_PIN_FILE=str(token.pin_file))
+    result = boot(device, token)
+    assert result.code == 78, result.stderr
+    assert "not a regular file" in result.errors[-1]
+
+
+def _add_foreign_pair(token, key_id: bytes | None) -> None:
+    """Another program's RSA pair under our final label; ``key_id`` None: the same
+    CKA_ID as the product's own pair."""
+    import pkcs11
+    from pkcs11 import Attribute, ObjectClass
+    lib = pkcs11.lib(str(SOFTHSM_MODULE))
+    try:
+        with lib.get_token(token_label=token.label).open(rw=True,
+                                                         user_pin="4711-test-pin") as s:
+            if key_id is None:
+                (ours,) = s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                                         Attribute.LABEL: FINAL})
+                key_id = bytes(ours[Attribute.ID])
+            s.generate_keypair(pkcs11.KeyType.RSA, 2048, store=True, label=FINAL, id=key_id)
+    finally:
+        lib.finalize()
+
+
+@pytest.mark.parametrize("key_id", [None, b"another-app"], ids=["same ID", "own ID"])
+def test_a_key_pair_another_program_put_under_our_label_is_78_and_nothing_is_deleted(
+        device, token, key_id):
+    assert boot(device, token).code == 0
+    _add_foreign_pair(token, key_id)
+    before = token.objects()
+    result = boot(device, token)
+    assert result.code == 78, result.stderr
+    assert "that this program did not make" in result.errors[-1] or \
+        "share the CKA_ID" in result.errors[-1], result.stderr
+    assert token.objects() == before
+    assert len([e for e in device.events() if e["event"] == "register-request"]) == 1

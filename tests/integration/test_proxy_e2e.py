@@ -4,6 +4,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -176,3 +177,131 @@ def test_port_443_through_a_proxy_allowing_only_443_offers_the_aws_iot_alpn(
     assert result.code == 75, result.stderr
     assert alpn_listener == ["x-amzn-mqtt-ca"], result.stderr
     assert proxy.connects(443) >= 1, proxy.log()
+
+
+class ScriptedProxy:
+    """A loopback socket that reads each CONNECT and answers it as ``answer(sock, n)``
+    says (``n``: the connection's number, from 0): a captive portal, a hostile or a
+    broken proxy."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.requests: list[bytes] = []
+        self.stopping = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self):
+        n = 0
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn, n), daemon=True).start()
+            n += 1
+
+    def _handle(self, conn, n):
+        with conn:
+            head = b""
+            try:
+                while b"\r\n\r\n" not in head and len(head) < 8192:
+                    chunk = conn.recv(1024)
+                    if not chunk:
+                        return
+                    head += chunk
+                self.requests.append(head)
+                self.answer(conn, n, self.stopping)
+            except OSError:
+                pass
+
+    def stop(self):
+        self.stopping.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def scripted_proxy():
+    started = []
+
+    def start(answer):
+        proxy = ScriptedProxy(answer)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+def status(code, reason="Whatever", headers=b""):
+    def answer(conn, n, stopping):
+        conn.sendall(f"HTTP/1.1 {code} {reason}\r\n".encode() + headers
+                     + b"Content-Length: 0\r\n\r\n")
+    return answer
+
+
+def refused_then(hostile):
+    """403 to awscrt's CONNECT, then ``hostile`` to the status probe that follows."""
+    def answer(conn, n, stopping):
+        (status(403) if n == 0 else hostile)(conn, n, stopping)
+    return answer
+
+
+def endless_continue(conn, n, stopping):
+    while not stopping.is_set():
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        time.sleep(0.01)
+
+
+def one_byte_a_second(conn, n, stopping):
+    # Each byte comes well within any one read's time-out.
+    for byte in b"HTTP/1.1 100 Continue\r\n\r\n" * 1000:
+        conn.sendall(bytes([byte]))
+        if stopping.wait(1):
+            return
+
+
+@pytest.mark.parametrize("hostile", [endless_continue, one_byte_a_second],
+                         ids=["endless 100 Continue", "one byte a second"])
+def test_the_proxy_status_probe_ends_by_the_runs_deadline(device_files, scripted_proxy, hostile):
+    proxy = scripted_proxy(refused_then(hostile))
+    device_files.write_device_config(HTTP_PROXY=proxy.url())
+    result = run_script("boot.py", device_files.config_path, "--timeout", "4", timeout=60)
+    assert result.code == 75, result.stderr
+    # The deadline, plus the interpreter's start and one bounded disconnect.
+    assert result.seconds < 4 + 4, result.stderr
+    assert len(proxy.requests) >= 2, "the probe was never sent"
+
+
+@pytest.mark.parametrize("code", [401, 403, 407])
+def test_a_proxy_refusing_for_its_rules_or_credentials_is_78(device_files, scripted_proxy, code):
+    proxy = scripted_proxy(status(code))
+    device_files.write_device_config(HTTP_PROXY=proxy.url())
+    result = run_script("boot.py", device_files.config_path, "--timeout", "4")
+    assert result.code == 78, result.stderr
+    assert f"(HTTP {code})" in result.errors[-1], result.stderr
+
+
+@pytest.mark.parametrize("code", [101, 301, 302, 303, 307, 400, 404, 418])
+def test_a_captive_portal_or_any_other_answer_is_transient(device_files, scripted_proxy, code):
+    proxy = scripted_proxy(status(code, headers=b"Location: http://portal.example/login\r\n"))
+    device_files.write_device_config(HTTP_PROXY=proxy.url())
+    result = run_script("boot.py", device_files.config_path, "--timeout", "2")
+    assert result.code == 75, result.stderr
+    assert f"(HTTP {code})" in result.errors[-1], result.stderr
+
+
+def test_a_proxy_that_allows_the_tunnel_then_closes_it_is_not_called_unreachable(
+        device_files, scripted_proxy):
+    proxy = scripted_proxy(status(200, "Connection established"))
+    device_files.write_device_config(HTTP_PROXY=proxy.url())
+    result = run_script("boot.py", device_files.config_path, "--timeout", "2", "-v")
+    assert result.code == 75, result.stderr
+    error = result.errors[-1]
+    assert "cannot reach" not in error, result.stderr
+    assert f"the HTTP proxy 127.0.0.1:{proxy.port} opened the tunnel" in error, result.stderr

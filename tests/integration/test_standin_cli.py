@@ -12,10 +12,10 @@ import pytest
 from e2e import ROOT, run_script
 
 
-def start(tmp_path, *options):
+def start(tmp_path, *options, preexec_fn=None):
     proc = subprocess.Popen([sys.executable, str(ROOT / "iot_standin.py"), "run", "--dir",
                              str(tmp_path), "--no-hook", *options], stdin=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
     end = time.monotonic() + 20
     for line in proc.stderr:
         if "stand-in ready" in line:
@@ -148,3 +148,20 @@ def test_run_puts_the_device_in_the_fleet_inventory_and_its_secret_beside_its_co
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
+
+
+def test_sigint_stops_the_stand_in_and_its_mosquitto_even_when_started_with_it_ignored(
+        tmp_path):
+    # As `nohup` or `&` in a script start it: SIGINT ignored, inherited through exec.
+    proc = start(tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    port = json.loads((tmp_path / "ento.conf").read_text())["device"]["PORT"]
+    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    proc.send_signal(signal.SIGINT)
+    try:
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()

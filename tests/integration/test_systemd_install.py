@@ -64,6 +64,25 @@ def test_unit_runs_once_per_boot_retries_transient_failures_and_stops_on_config_
     assert d["UMask"] == ["0077"] and d["SyslogIdentifier"]
 
 
+def size(value: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
+
+
+def test_unit_bounds_memory_with_headroom_over_the_measured_peak():
+    d = directives()
+    # The highest measured peak: a first boot in CSR mode, 44 MiB (README, Performance).
+    peak = 44 << 20
+    high, limit = size(d["MemoryHigh"][0]), size(d["MemoryMax"][0])
+    assert 2 * peak <= high < limit <= 4 * peak
+    assert d["MemorySwapMax"] == ["0"]
+
+
+def test_unit_gives_a_stopped_run_more_than_its_registration_grace():
+    from entomologist.stop import GRACE_S
+    assert int(directives()["TimeoutStopSec"][0]) >= 3 * GRACE_S
+
+
 def test_unit_sandbox_leaves_only_the_config_folder_writable():
     d = directives()
     assert d["ProtectSystem"] == ["strict"]
@@ -135,6 +154,54 @@ def test_uninstall_removes_what_install_added_and_keeps_the_device_config(staged
     assert not (copy / "etc" / "systemd" / "system" / "multi-user.target.wants" /
                 UNIT.name).is_symlink()
     assert (copy / "etc" / "entomologist" / "ento.conf").read_text() == "{}"
+
+
+def make(*args, cwd_root=ROOT):
+    return subprocess.run(["make", "-C", str(cwd_root), *args, f"INSTALL_PYTHON={sys.executable}"],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_install_never_loosens_an_existing_config_folder(staged, tmp_path):
+    copy = tmp_path / "rootfs"
+    shutil.copytree(staged, copy, symlinks=True)
+    config_dir = copy / "etc" / "entomologist"
+    config_dir.chmod(0o700)
+    proc = make("install", f"DESTDIR={copy}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert oct(config_dir.stat().st_mode & 0o7777) == oct(0o700)
+
+
+def test_install_in_a_chroot_without_a_running_systemd_enables_the_unit_by_its_symlink(
+        staged, tmp_path):
+    # As in an image's chroot: no DESTDIR, and systemd not running there (no
+    # /run/systemd/system); systemctl would fail at daemon-reload.
+    copy = tmp_path / "rootfs"
+    shutil.copytree(staged, copy, symlinks=True)
+    unitdir = copy / "etc" / "systemd" / "system"
+    (unitdir / "multi-user.target.wants" / UNIT.name).unlink()
+    config_dir_existed = os.path.isdir("/etc/entomologist")
+    try:
+        proc = make("install", f"PREFIX={copy}/opt/entomologist", f"UNITDIR={unitdir}",
+                    f"SYSTEMD_RUNDIR={copy}/run/systemd/system")
+    finally:
+        if not config_dir_existed and os.path.isdir("/etc/entomologist"):
+            os.rmdir("/etc/entomologist")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "systemd is not running" in proc.stdout
+    assert "systemctl" not in proc.stderr
+    link = unitdir / "multi-user.target.wants" / UNIT.name
+    assert os.readlink(link) == str(unitdir / UNIT.name)
+
+
+def test_a_second_uninstall_prints_no_error(staged, tmp_path):
+    copy = tmp_path / "rootfs"
+    shutil.copytree(staged, copy, symlinks=True)
+    first = make("uninstall", f"DESTDIR={copy}")
+    second = make("uninstall", f"DESTDIR={copy}")
+    for proc in (first, second):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        output = proc.stdout + proc.stderr
+        assert "Error" not in output and "ignored" not in output
 
 
 def test_on_the_journal_every_line_carries_its_priority(standin, tmp_path):

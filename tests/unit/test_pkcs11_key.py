@@ -53,7 +53,9 @@ def test_a_new_key_is_sensitive_unextractable_sign_only_and_a_token_object_under
                      "SIGN": True, "DECRYPT": False, "UNWRAP": False, "DERIVE": False}
     assert labels(token.objects()) == [("PRIVATE_KEY", STAGING), ("PUBLIC_KEY", STAGING)]
     ids = {key_id for _, _, key_id in token.objects()}
-    assert len(ids) == 1 and len(ids.pop()) == 16
+    # Marked as this program's, then random.
+    (key_id,) = ids
+    assert key_id.startswith(pkcs11_key.ID_TAG) and len(key_id) == len(pkcs11_key.ID_TAG) + 8
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -164,6 +166,65 @@ def test_half_pairs_under_our_labels_are_removed_and_other_labels_left_alone(tok
         foreign.public.destroy()
         t.remove_orphans()
     assert labels(token.objects()) == [("PRIVATE_KEY", "another-app")]
+
+
+def another_apps_pair(t, label, key_id):
+    """A key pair some other software made in the same token, as it would: its own ID."""
+    import pkcs11
+    return t._session.generate_keypair(pkcs11.KeyType.RSA, 2048, store=True, label=label,
+                                       id=key_id)
+
+
+@pytest.mark.parametrize("label", [FINAL, STAGING])
+def test_a_second_key_pair_under_our_label_not_made_by_us_is_78_and_nothing_is_deleted(
+        token, label):
+    with open_token(token.settings()) as t:
+        ours = t.generate("EC-P256", label=FINAL)
+        installed = ours.public_key_der()
+        another_apps_pair(t, label, b"their-key-01")
+    before = token.objects()
+    with open_token(token.settings()) as t:
+        for operation in (lambda: t.reconcile(installed), lambda: t.staged_or_new("EC-P256"),
+                          t.remove_orphans, lambda: t.pairs(FINAL)):
+            with pytest.raises(errors.ConfigError) as caught:
+                operation()
+            assert errors.exit_code(caught.value) == 78
+            assert (f"a private key and a public key under label {label!r} "
+                    f"(CKA_ID {b'their-key-01'.hex()}) that this program did not make"
+                    in str(caught.value))
+    assert token.objects() == before
+
+
+def test_keys_sharing_the_id_of_ours_are_78_and_ours_is_kept(token):
+    with open_token(token.settings()) as t:
+        ours = t.generate("EC-P256", label=FINAL)
+        installed = ours.public_key_der()
+        another_apps_pair(t, FINAL, ours.id)
+    before = token.objects()
+    with open_token(token.settings()) as t:
+        with pytest.raises(errors.ConfigError) as caught:
+            t.reconcile(installed)
+        assert "2 private keys and 2 public keys share the CKA_ID" in str(caught.value)
+    assert token.objects() == before
+
+
+def test_a_lone_key_not_made_by_us_under_our_label_is_78_not_removed(token):
+    with open_token(token.settings()) as t:
+        public, _ = another_apps_pair(t, STAGING, b"their-key-02")
+        public.destroy()   # only their private key is left
+    before = token.objects()
+    with open_token(token.settings()) as t:
+        with pytest.raises(errors.ConfigError, match="a private key under label"):
+            t.remove_orphans()
+    assert token.objects() == before
+
+
+def test_a_pair_from_before_keys_were_marked_still_serves_the_certificate_it_matches(token):
+    with open_token(token.settings()) as t:
+        public, private = another_apps_pair(t, FINAL, os.urandom(16))
+        installed = pkcs11_key.KeyPair(private, public, FINAL, b"").public_key_der()
+        assert t.reconcile(installed) is not None
+    assert labels(token.objects()) == [("PRIVATE_KEY", FINAL), ("PUBLIC_KEY", FINAL)]
 
 
 # ------------------------------------------------------------------ the CSR

@@ -177,7 +177,7 @@ def no_secret(exc):
 
 
 @pytest.mark.parametrize("name", ["AWS_IO_SOCKET_CONNECTION_REFUSED", "AWS_IO_SOCKET_TIMEOUT",
-                                  "AWS_IO_SOCKET_CLOSED", "AWS_IO_DNS_INVALID_NAME"])
+                                  "AWS_IO_DNS_INVALID_NAME"])
 def test_an_unreachable_proxy_is_transient_and_named(name):
     exc = no_secret(failure(name))
     assert isinstance(exc, errors.TransientError) and errors.exit_code(exc) == 75
@@ -229,6 +229,25 @@ def test_a_proxy_that_cannot_reach_the_endpoint_is_transient(monkeypatch, status
 def test_a_refusal_that_is_gone_when_asked_again_is_transient(monkeypatch):
     exc = no_secret(failure(proxy.CONNECT_FAILED, 200, monkeypatch))
     assert errors.exit_code(exc) == 75 and "allowed it when asked again" in str(exc)
+
+
+def test_a_closed_connection_that_the_proxy_allows_when_asked_says_the_tunnel_was_cut(
+        monkeypatch):
+    exc = no_secret(failure("AWS_IO_SOCKET_CLOSED", 200, monkeypatch))
+    assert errors.exit_code(exc) == 75
+    assert "opened the tunnel to iot.example.com:443, then the connection closed" in str(exc)
+
+
+def test_a_closed_connection_that_the_proxy_refuses_when_asked_is_that_refusal(monkeypatch):
+    exc = no_secret(failure("AWS_IO_SOCKET_CLOSED", 403, monkeypatch))
+    assert errors.exit_code(exc) == 78 and "(HTTP 403)" in str(exc)
+
+
+def test_a_proxy_that_closes_without_answering_says_so(monkeypatch):
+    exc = no_secret(failure("AWS_IO_SOCKET_CLOSED", None, monkeypatch,
+                            probe_error=proxy.ClosedWithoutAnswer("closed")))
+    assert errors.exit_code(exc) == 75
+    assert "closes them without answering CONNECT" in str(exc)
 
 
 def test_a_refusal_that_cannot_be_asked_about_again_is_transient(monkeypatch):
