@@ -1,88 +1,150 @@
-"""Bounded spend end to end: boot.py as systemd runs it, against a stand-in that
-carries out every RegisterThing and never answers it (a claim policy without
-iot:Receive), with the camera's provisioning secret configured."""
-import json
-import os
-import secrets
-import stat
+"""The fleet guard end to end: the claim pair alone, used as an attacker would, against the
+stand-in applying cloud/stack.yaml (its pre-provisioning hook on, the fleet inventory in moto).
 
-from e2e import run_script
+The attacker drives AWS's own fleet provisioning client (standin.claimpair over
+awsiot.iotidentity) with the claim files every camera carries.  A camera's own
+registration is driven the same way with its secret, as boot.py sends it.
+"""
+import io
+import threading
 
-RUNS = 10
-# Long enough for a claim connection and both requests; the spend bound does not
-# depend on it (the wait after an unanswered RegisterThing is a minute).
-TIMEOUT = "6"
+import pytest
 
+import iot_standin
+from iot_standin import StandIn
 
-def claim_connections(standin) -> int:
-    return (standin.dir / "mosquitto.log").read_text().count(f" as {standin.serial} ")
+THING = "ento-CAM-0001"
 
 
-def test_unanswered_registrations_back_to_back_mint_at_most_2_certificates(standin):
-    device = json.loads(standin.config_path.read_text())["device"]
-    if "PROVISIONING_SECRET_FILE" in device:  # the factory's, made by the stand-in
-        secret = (standin.config_path.parent / device["PROVISIONING_SECRET_FILE"]
-                  ).read_text().strip()
-    else:
-        secret = secrets.token_urlsafe(32)
-        secret_file = standin.workdir / "provisioning-secret"
-        secret_file.write_text(secret + "\n")
-        os.chmod(secret_file, 0o600)
-        standin.write_device_config(PROVISIONING_SECRET_FILE="provisioning-secret")
-    standin.faults.drop_register_answers = True
-
-    results = []
-    for run in range(RUNS):
-        requests_before = [e for e in standin.events() if e["event"].endswith("-request")]
-        connections_before = claim_connections(standin)
-        result = run_script("boot.py", standin.config_path, "--timeout", TIMEOUT)
-        results.append(result)
-        assert result.code == 75, result.stderr
-        assert len(result.errors) == 1, result.stderr
-        if run == 0:
-            assert claim_connections(standin) > connections_before
-            assert "RegisterThing: no answer" in result.errors[0]
-            assert "check that the claim policy allows iot:Receive on " in result.errors[0]
-            assert "the next provisioning attempt is allowed at" in result.errors[0]
-            continue
-        # Inside the wait: at once, nothing sent, not even a connection.
-        assert "provisioning held back, nothing sent" in result.errors[0]
-        assert "allowed at 20" in result.errors[0]
-        assert result.seconds < 5
-        assert [e for e in standin.events() if e["event"].endswith("-request")] == \
-            requests_before
-        assert claim_connections(standin) == connections_before
-
-    created = standin.events("create-accepted")
-    assert 1 <= len(created) <= 2
-    # Each registration happened at the service (an orphan the bound keeps to few).
-    assert len(standin.events("register-answer-dropped")) == len(created)
-    registers = standin.events("register-request")
-    # Sent with each (a stand-in may keep it out of its record).
-    assert registers and all(r["parameters"].get("ProvisioningSecret") in (secret, "<redacted>")
-                             for r in registers)
-
-    cert_dir = standin.workdir / "cert"
-    record = cert_dir / "provisioning-spend.json"
-    assert stat.S_IMODE(os.stat(record).st_mode) == 0o600
-    assert "register-sent" in record.read_text()
-    for result in results:
-        assert secret not in result.stderr and secret[:16] not in result.stderr
-    for path in [standin.config_path, *cert_dir.iterdir()]:
-        if path.is_file():
-            assert secret.encode() not in path.read_bytes(), path
+@pytest.fixture
+def guarded(tmp_path):
+    with StandIn(tmp_path, hook=True) as s:
+        yield s
 
 
-def test_a_hook_refusal_is_65_at_once_with_one_line_naming_the_fleet_inventory(
-        standin):
-    from iot_standin import Rejection
-    standin.faults.reject_register = Rejection(
-        403, "ACCESS_DENIED", "ACCESS_DENIED: the pre-provisioning hook did not allow this")
-    result = run_script("boot.py", standin.config_path, "--timeout", "20")
-    assert result.code == 65, result.stderr
-    assert len(result.errors) == 1, result.stderr
-    line = result.errors[0]
-    assert f"the fleet inventory refused this camera (serial {standin.serial})" in line
-    assert f"`python cloud/inventory.py show {standin.serial}`" in line
-    assert len(standin.events("register-request")) == 1
-    assert not (standin.workdir / "cert" / "certificate.pem.crt").exists()
+def refused_by_the_hook(outcome, standin, reason):
+    assert not outcome.accepted and outcome.step == "register", outcome
+    assert (outcome.status_code, outcome.error_code) == (403, "ACCESS_DENIED"), outcome
+    hook = standin.events("hook")[-1]
+    assert hook["allowProvisioning"] is False
+    assert [d["reason"] for d in hook["decisions"]] == [reason]
+    return True
+
+
+def registered_things(standin) -> list[str]:
+    return [e["thingName"] for e in standin.events("register-accepted")]
+
+
+def test_the_device_config_names_its_secret_file_written_0600_as_the_factory_would(guarded):
+    device = iot_standin.json.loads(guarded.config_path.read_text())["device"]
+    path = guarded.workdir / device["PROVISIONING_SECRET_FILE"]
+    assert path == guarded.secret_path and oct(path.stat().st_mode & 0o777) == "0o600"
+    assert path.read_text() == guarded.secret + "\n"
+    assert guarded.inventory.show(guarded.serial)["state"] == "manufactured"
+
+
+def test_a_camera_with_its_secret_registers_once(guarded):
+    outcome = guarded.claim_pair_register(guarded.serial, guarded.secret)
+    assert outcome.accepted and outcome.answer["thingName"] == THING
+    record = guarded.inventory.show(guarded.serial)
+    assert record["state"] == "provisioned" and record["registrations"] == 1
+    assert guarded.secret not in guarded.events_path.read_text()
+    accepted, = guarded.events("register-accepted")
+    assert guarded.secret not in str(accepted["attributes"])
+    assert guarded.secret not in str(accepted["deviceConfiguration"])
+
+
+def test_the_claim_pair_alone_cannot_register_an_unknown_serial(guarded):
+    outcome = guarded.claim_pair_register("CAM-9999", "guessed", client_id="thief")
+    assert refused_by_the_hook(outcome, guarded, "unknown-serial")
+    assert registered_things(guarded) == []
+
+
+def test_the_claim_pair_alone_cannot_register_a_serial_with_a_wrong_or_no_secret(guarded):
+    assert refused_by_the_hook(guarded.claim_pair_register(guarded.serial, "guessed"),
+                               guarded, "wrong-secret")
+    assert refused_by_the_hook(guarded.claim_pair_register(guarded.serial), guarded,
+                               "wrong-secret")
+    assert registered_things(guarded) == []
+    assert guarded.inventory.show(guarded.serial)["state"] == "manufactured"
+
+
+def test_the_claim_pair_cannot_register_a_provisioned_serial_not_even_with_its_secret(guarded):
+    assert guarded.claim_pair_register(guarded.serial, guarded.secret).accepted
+    assert refused_by_the_hook(guarded.claim_pair_register(guarded.serial, client_id="thief"),
+                               guarded, "wrong-secret")
+    assert refused_by_the_hook(guarded.claim_pair_register(guarded.serial, guarded.secret,
+                                                           client_id="thief"),
+                               guarded, "already-provisioned")
+    assert registered_things(guarded) == [THING]
+
+
+def test_the_claim_certificate_cannot_connect_with_a_things_client_id(guarded):
+    assert guarded.claim_pair_connects(guarded.serial)  # the camera's own claim connection
+    assert not guarded.claim_pair_connects(THING)
+    assert not guarded.claim_pair_connects("ento-CAM-0002")
+    denied = guarded.events("denied")
+    assert [(d["action"], d["client_id"]) for d in denied] == [
+        ("iot:Connect", THING), ("iot:Connect", "ento-CAM-0002")]
+    assert all("explicit deny" in d["reason"] for d in denied)
+
+
+def test_reprovisioning_works_only_after_allow_reprovision_and_only_once(guarded):
+    assert guarded.claim_pair_register(guarded.serial, guarded.secret).accepted
+    assert refused_by_the_hook(guarded.claim_pair_register(guarded.serial, guarded.secret),
+                               guarded, "already-provisioned")
+    guarded.inventory.allow_reprovision(guarded.serial)
+    assert guarded.claim_pair_register(guarded.serial, guarded.secret).accepted
+    assert refused_by_the_hook(guarded.claim_pair_register(guarded.serial, guarded.secret),
+                               guarded, "already-provisioned")
+    assert registered_things(guarded) == [THING, THING]
+
+
+def test_a_revoked_camera_is_refused(guarded):
+    guarded.inventory.revoke(guarded.serial)
+    assert refused_by_the_hook(guarded.claim_pair_register(guarded.serial, guarded.secret),
+                               guarded, "revoked")
+    assert registered_things(guarded) == []
+
+
+def test_of_two_concurrent_registrations_of_one_serial_one_passes(guarded):
+    # The broker hands each answer to both requesters (AWS answers the requester
+    # only), so the stand-in's record says which passed, not the clients.
+    threads = [threading.Thread(target=guarded.claim_pair_register,
+                                args=(guarded.serial, guarded.secret),
+                                kwargs={"client_id": f"camera-{i}"}) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert guarded.wait_for("hook", 2)
+    assert sorted(h["allowProvisioning"] for h in guarded.events("hook")) == [False, True]
+    assert registered_things(guarded) == [THING]
+    assert guarded.inventory.show(guarded.serial)["registrations"] == 1
+
+
+def test_with_the_hook_disabled_the_claim_pair_alone_registers_anything(tmp_path):
+    """What the stack's PreProvisioningHook=Disabled gives up (the README says so)."""
+    with StandIn(tmp_path, hook=False) as standin:
+        assert standin.stack.hook is None
+        assert standin.claim_pair_register("CAM-9999", client_id="thief").accepted
+        assert standin.claim_pair_register(standin.serial, client_id="thief").accepted
+        assert standin.claim_pair_register(standin.serial, client_id="thief").accepted
+        assert standin.events("hook") == []
+        # The claim policy's Deny does not depend on the hook.
+        assert not standin.claim_pair_connects(THING)
+
+
+def test_the_demo_shows_the_claim_pair_alone_refused(guarded):
+    assert guarded.claim_pair_register(guarded.serial, guarded.secret).accepted
+    out = io.StringIO()
+    iot_standin._attacks(guarded, out)
+    text = out.getvalue()
+    assert "RegisterThing for an unknown serial CAM-9999: register rejected: 403 " \
+           "ACCESS_DENIED (hook: unknown-serial)" in text
+    assert "CAM-0001 again, without its secret: register rejected: 403 ACCESS_DENIED " \
+           "(hook: wrong-secret)" in text
+    assert "with the camera's own secret file: register rejected: 403 ACCESS_DENIED " \
+           "(hook: already-provisioned)" in text
+    assert f"Connect as {THING} with the claim certificate: refused" in text
+    assert guarded.secret not in text
