@@ -1,12 +1,16 @@
-"""Bounded spend end to end: boot.py as systemd runs it, against a stand-in that
-carries out every RegisterThing and never answers it (a claim policy without
-iot:Receive), with the camera's provisioning secret configured."""
+"""The fleet guard's device side end to end: boot.py as systemd runs it, with the
+camera's provisioning secret, against the stand-in's fleet inventory and hook; and
+bounded spend against a stand-in that carries out every RegisterThing and never
+answers it (a claim policy without iot:Receive)."""
 import json
 import os
 import secrets
 import stat
 
-from e2e import run_script
+import pytest
+
+from e2e import DeviceState, run_script
+from iot_standin import StandIn
 
 RUNS = 10
 # Long enough for a claim connection and both requests; the spend bound does not
@@ -18,7 +22,62 @@ def claim_connections(standin) -> int:
     return (standin.dir / "mosquitto.log").read_text().count(f" as {standin.serial} ")
 
 
-def test_unanswered_registrations_back_to_back_mint_at_most_2_certificates(standin):
+@pytest.fixture
+def guarded(tmp_path):
+    """The stand-in with the stack's pre-provisioning hook on, as deployed."""
+    with StandIn(tmp_path, hook=True) as s:
+        yield s
+
+
+def secret_nowhere(standin, secret, outputs):
+    for text in outputs:
+        assert secret not in text and secret[:16] not in text
+    cert_dir = standin.workdir / "cert"
+    for path in [standin.config_path, *cert_dir.iterdir()]:
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_camera_with_its_secret_provisions_through_the_fleet_inventory(guarded):
+    state = DeviceState(guarded)
+    result = run_script("boot.py", guarded.config_path)
+    assert result.code == 0, result.stderr
+    assert state.check([result.stderr], completed=True) == {"installed": True, "status": True}
+    hook, = guarded.events("hook")
+    assert hook["allowProvisioning"] is True
+    assert guarded.inventory.show(guarded.serial)["state"] == "provisioned"
+    secret_nowhere(guarded, guarded.secret, [result.stderr])
+
+
+def test_force_is_refused_by_the_inventory_until_the_operator_allows_it(guarded):
+    assert run_script("boot.py", guarded.config_path).code == 0
+    cert_dir = guarded.workdir / "cert"
+    installed = (cert_dir / "certificate.pem.crt").read_bytes()
+    refused = run_script("boot.py", guarded.config_path, "--force")
+    assert refused.code == 65, refused.stderr
+    assert len(refused.errors) == 1, refused.stderr
+    assert (f"the fleet inventory refused this camera (serial {guarded.serial}): RegisterThing "
+            f"rejected: statusCode=403 errorCode=ACCESS_DENIED") in refused.errors[0]
+    assert f"allow-reprovision {guarded.serial}" in refused.errors[0]
+    assert (cert_dir / "certificate.pem.crt").read_bytes() == installed
+    guarded.inventory.allow_reprovision(guarded.serial)
+    again = run_script("boot.py", guarded.config_path, "--force")
+    assert again.code == 0, again.stderr
+    assert (cert_dir / "certificate.pem.crt").read_bytes() != installed
+    assert not (cert_dir / "provisioning-spend.json").exists()
+    secret_nowhere(guarded, guarded.secret, [refused.stderr, again.stderr])
+
+
+def test_a_wrong_secret_is_refused_65_naming_the_inventory(guarded):
+    guarded.secret_path.write_text("not-this-cameras-secret-0123456789\n")
+    result = run_script("boot.py", guarded.config_path)
+    assert result.code == 65, result.stderr
+    assert "the fleet inventory refused this camera" in result.errors[0]
+    assert [d["reason"] for d in guarded.events("hook")[-1]["decisions"]] == ["wrong-secret"]
+
+
+def test_unanswered_registrations_back_to_back_mint_at_most_2_certificates(guarded):
+    standin = guarded
     device = json.loads(standin.config_path.read_text())["device"]
     if "PROVISIONING_SECRET_FILE" in device:  # the factory's, made by the stand-in
         secret = (standin.config_path.parent / device["PROVISIONING_SECRET_FILE"]
@@ -86,3 +145,23 @@ def test_a_hook_refusal_is_65_at_once_with_one_line_naming_the_fleet_inventory(
     assert f"`python cloud/inventory.py show {standin.serial}`" in line
     assert len(standin.events("register-request")) == 1
     assert not (standin.workdir / "cert" / "certificate.pem.crt").exists()
+
+
+def test_a_lost_answer_then_the_inventory_refusing_the_next_registration_says_why(guarded):
+    """The inventory records the registration whose answer was lost as this camera's:
+    the next one, a minute later, is refused as already provisioned, and the line
+    says the lost one may have been it (the operator's allow-reprovision is the way)."""
+    from e2e import let_the_spend_wait_pass
+    guarded.faults.drop_register_answers = True
+    first = run_script("boot.py", guarded.config_path, "--timeout", TIMEOUT)
+    assert first.code == 75, first.stderr
+    assert let_the_spend_wait_pass(guarded.workdir / "cert")
+    guarded.faults.drop_register_answers = False
+    second = run_script("boot.py", guarded.config_path, "--timeout", TIMEOUT)
+    assert second.code == 65, second.stderr
+    assert "got no answer and may have been that registration" in second.errors[0]
+    assert [d["reason"] for d in guarded.events("hook")[-1]["decisions"]] == \
+        ["already-provisioned"]
+    guarded.inventory.allow_reprovision(guarded.serial)
+    third = run_script("boot.py", guarded.config_path)
+    assert third.code == 0, third.stderr
