@@ -146,8 +146,8 @@ class FleetProvisioning:
         self.link.wait_subscribed(
             pending, self.deadline.step("subscribe"),
             refused_hint=f"the claim policy, the claim certificate's: a refused SUBACK means it "
-                         f"does not allow iot:Subscribe on that topic; it needs iot:Subscribe, "
-                         f"iot:Receive and iot:Publish on {resources}")
+                         f"does not allow iot:Subscribe on that topic; it needs iot:Publish, "
+                         f"iot:Receive and iot:Subscribe on {resources}")
 
     def _deliver(self, operation: str, outcome: str):
         def deliver(answer) -> None:

@@ -158,13 +158,16 @@ def test_a_claim_policy_without_the_answer_topics_fails_the_mqtt_line_with_75(tm
         requests = REQUESTS & {e["event"] for e in standin.events()}
     assert proc.returncode == 75, proc.stdout
     line = lines(proc)["mqtt"]
-    # The stand-in closes the connection on a denied SUBSCRIBE (AWS answers 0x80 for that
-    # topic): every subscription still pending fails, and the first one is named.
-    assert line.startswith("FAIL mqtt        subscribe to $aws/"), line
-    assert "the certificate's policy may not allow iot:Subscribe on $aws/" in line
-    assert [d["action"] for d in denied] == ["iot:Subscribe"]
-    assert denied[0]["resource"].endswith(
-        "topicfilter/$aws/provisioning-templates/ento-fleet-template/provision/json/accepted")
+    # The stand-in answers a denied SUBSCRIBE with 0x80, as AWS does, and keeps the
+    # connection: the refused topic is named, with the claim policy.
+    assert line.startswith("FAIL mqtt        the broker refused the subscription to "
+                           "$aws/provisioning-templates/ento-fleet-template/provision/json/"), line
+    assert "check the claim policy" in line and "iot:Subscribe on $aws/" in line
+    # Both register answer topics are refused; the connection stays up for the second.
+    assert {d["action"] for d in denied} == {"iot:Subscribe"}
+    assert sorted(d["resource"].rsplit("/", 1)[1] for d in denied) == ["accepted", "rejected"]
+    assert all("topicfilter/$aws/provisioning-templates/ento-fleet-template/provision/json/"
+               in d["resource"] for d in denied)
     assert requests == {"denied"}
 
 

@@ -187,7 +187,7 @@ def test_a_config_linked_into_a_trusted_folder_is_rewritten_at_its_target(standi
     real.mkdir()
     target = real / "ento.conf"
     doc = json.loads(standin.config_path.read_text())
-    for key in ("CLAIM_CERT", "CLAIM_KEY", "ROOT_CA", "CERT_DIR"):
+    for key in ("CLAIM_CERT", "CLAIM_KEY", "PROVISIONING_SECRET_FILE", "ROOT_CA", "CERT_DIR"):
         doc["device"][key] = str(standin.workdir / doc["device"][key])
     target.write_text(json.dumps(doc))
     os.chmod(target, 0o640)
@@ -208,7 +208,7 @@ def config_in_its_own_folder(standin) -> Path:
     etc.mkdir(mode=0o755, exist_ok=True)
     os.chmod(etc, 0o755)
     doc = json.loads(standin.config_path.read_text())
-    for key in ("CLAIM_CERT", "CLAIM_KEY", "ROOT_CA"):
+    for key in ("CLAIM_CERT", "CLAIM_KEY", "PROVISIONING_SECRET_FILE", "ROOT_CA"):
         doc["device"][key] = str(standin.workdir / doc["device"][key])
     doc["device"]["CERT_DIR"] = str(etc / "cert")
     (etc / "ento.conf").write_text(json.dumps(doc))
@@ -358,7 +358,7 @@ def test_a_symlinked_config_with_relative_paths_is_one_device_with_one_registrat
     data = standin.workdir / "data"
     data.mkdir()
     doc = json.loads(standin.config_path.read_text())
-    for key in ("CLAIM_CERT", "CLAIM_KEY", "ROOT_CA"):
+    for key in ("CLAIM_CERT", "CLAIM_KEY", "PROVISIONING_SECRET_FILE", "ROOT_CA"):
         doc["device"][key] = "../" + doc["device"][key]
     (data / "ento.conf").write_text(json.dumps(doc))  # CERT_DIR "cert": data/cert
     os.chmod(data / "ento.conf", 0o640)

@@ -119,7 +119,7 @@ def test_a_subscription_aws_refuses_is_named_with_the_claim_policy_hint(device, 
     assert str(refused.value) == ("the broker refused the subscription to "
                                   "$aws/provisioning-templates/Fleet/provision/json/accepted")
     assert refused.value.hint.startswith("the claim policy")
-    assert "it needs iot:Subscribe, iot:Receive and iot:Publish on " \
+    assert "it needs iot:Publish, iot:Receive and iot:Subscribe on " \
            "$aws/certificates/create/* and $aws/provisioning-templates/Fleet/provision/*" \
            in refused.value.hint
     assert cloud.calls[-1] == ("close",)
