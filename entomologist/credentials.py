@@ -24,9 +24,42 @@ never used and never deleted.
 
 provisioning-spend.json (0600): what attempts that installed nothing spent at
 the service (entomologist.spend); removed once a pair is installed.
+
+States.  ``CertDir.state()`` only reads, and returns exactly one of these (the
+first that holds, in this order); ``CertDir.recover()`` takes the local step
+that state calls for; provisioning (the network) is boot.py's.
+
+  state           what holds                                  recover()            then
+  REGISTERED      registration.json.staging parses, and its   install()            SOUND
+                  certificate is staged with its key (or the
+                  pair it names is already installed)
+  FOREIGN         installed-for.json names another SERIAL_ID  set_aside()          EMPTY/STAGED
+  EMPTY           no certificate installed, nothing staged    nothing: provision   REGISTERED
+  STAGED          no certificate installed; files of an       nothing: provision   REGISTERED
+                  unregistered attempt wait (a device-made    (it reuses a
+                  key, a staged pair, the reserve, a marker   device-made key)
+                  that does not hold)
+  BROKEN          a certificate, but no key that belongs to   nothing: provision   REGISTERED
+                  it, or one that does not parse
+  KEY_UNPROMOTED  (token) installed and sound, but its key is  promote the key,     SOUND
+                  not the only one under the final label, or  delete the staged
+                  not under it yet, or a staged key is stale  one, then as SOUND
+  SOUND           a certificate and its key                   discard leftovers,   SOUND
+                                                              record installed-for
+
+A provisioning attempt moves EMPTY, STAGED or BROKEN to STAGED (its files
+written as soon as their content exists), to REGISTERED (the marker, when
+RegisterThing is accepted), then install() to SOUND; a failed attempt goes
+back to STAGED (``discard_unregistered``).  install() takes its steps in this
+order, each of which may be repeated: PROVISION_STATUS False with the new
+THING_NAME and CERTIFICATE_ID in the config, installed-for.json, the CA copy,
+the old certificate away, the key, the certificate, the token key's final
+label, device-configuration.json (written, or removed), the marker, and last
+the leftovers and the spend record.
 """
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -34,7 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import certs, config as configuration, files, spend
-from .errors import StorageError
+from .errors import EntoError, StorageError
 
 log = logging.getLogger("entomologist")
 
@@ -47,6 +80,39 @@ class Registration:
     thing_name: str
     certificate_id: str
     device_configuration: dict
+
+
+class State(enum.Enum):
+    EMPTY = "empty"
+    STAGED = "staged, not registered"
+    REGISTERED = "registered, not installed"
+    FOREIGN = "installed for another camera"
+    BROKEN = "installed and broken"
+    KEY_UNPROMOTED = "installed, the token key not under its final label"
+    SOUND = "installed and sound"
+
+
+# What makes a state without an installed pair STAGED rather than EMPTY.
+_STAGED_NAMES = ("private.pem.key.device-made", "private.pem.key.staging",
+                 "certificate.pem.crt.staging", "registration.json.staging",
+                 "registration.reserve")
+
+
+@dataclass(frozen=True)
+class Look:
+    """What ``CertDir.state()`` found: the state and what acting on it needs."""
+    state: State
+    problem: str | None = None              # EMPTY, STAGED, BROKEN: why nothing sound is installed
+    registration: Registration | None = None  # REGISTERED
+    owner: str | None = None                # the SERIAL_ID installed-for.json names, if any
+
+    @property
+    def installed(self) -> bool:
+        return self.state in (State.SOUND, State.KEY_UNPROMOTED)
+
+    @property
+    def needs_provisioning(self) -> bool:
+        return self.state in (State.EMPTY, State.STAGED, State.BROKEN, State.FOREIGN)
 
 
 class CertDir:
@@ -85,43 +151,107 @@ class CertDir:
 
     # -- what is installed
 
-    def installed_problem(self, repair: bool = True) -> str | None:
-        """None if a certificate and its key are installed, else what is wrong.
+    def state(self, serial_id: str) -> Look:
+        """The one state CERT_DIR (and the token) is in, for the camera ``serial_id``;
+        reads only (the table in the module's docstring)."""
+        registration = self.registration()
+        if registration is not None:
+            return Look(State.REGISTERED, registration=registration)
+        owner = self.installed_for()
+        if owner is not None and owner != serial_id:
+            return Look(State.FOREIGN, owner=owner)
+        problem, unpromoted = self._installed()
+        if problem is None:
+            return Look(State.KEY_UNPROMOTED if unpromoted else State.SOUND, owner=owner)
+        if os.path.lexists(self.cert):
+            return Look(State.BROKEN, problem=problem, owner=owner)
+        staged = any(os.path.lexists(self.path / name) for name in _STAGED_NAMES)
+        return Look(State.STAGED if staged else State.EMPTY, problem=problem, owner=owner)
 
-        ``repair`` False only looks: a token's half-done promotion is not finished."""
+    def installed_problem(self) -> str | None:
+        """None if a certificate and its key are installed, else what is wrong."""
+        return self._installed()[0]
+
+    def _installed(self) -> tuple[str | None, bool]:
+        """(what is wrong with the installed pair or None, whether a token key still
+        waits for its final label or a promotion a killed run left half done)."""
         try:
             cert = files.read_bounded(self.cert, "certificate")
         except files.FileProblem as exc:
-            return f"no certificate in {self.path}" if exc.missing else str(exc)
+            return (f"no certificate in {self.path}" if exc.missing else str(exc)), False
         if self.token is not None:
-            return self._token_problem(cert, repair)
+            return self._token_problem(cert)
         try:
             key = files.read_bounded(self.key, "private key")
         except files.FileProblem as exc:
-            return str(exc)
-        return certs.pair_problem(cert, key)
+            return str(exc), False
+        return certs.pair_problem(cert, key), False
 
-    def _token_problem(self, cert_pem: bytes, repair: bool = True) -> str | None:
-        """None if the token holds the key of ``cert_pem`` (given the final label now,
-        if a run was killed before it could), else why not.  Once the installed pair
-        is known, a staged key is stale (no registration waits for it): it goes, so
-        no orphan piles up in the token."""
+    def _token_problem(self, cert_pem: bytes) -> tuple[str | None, bool]:
         from . import pkcs11_key
         problem = certs.certificate_problem(cert_pem)
         if problem:
-            return problem
+            return problem, False
+        spki = pkcs11_key.certificate_public_key_der(cert_pem)
+        settings = self.token
+        with pkcs11_key.open_token(settings) as token:
+            pair = token.matching(spki)
+            if pair is None:
+                return f"no key in token {settings.token_label!r} belongs to the certificate", False
+            finals = token.pairs(settings.key_label, accept=spki)
+            unpromoted = (pair.label != settings.key_label or len(finals) > 1
+                          or bool(token.pairs(settings.staging_label, accept=spki)))
+        return None, unpromoted
+
+    def promote_token_key(self) -> None:
+        """Give the installed certificate's token key the final label (finishing a
+        promotion a killed run left half done); once the installed pair is known, a
+        staged key is stale (no registration waits for it): it goes, so no orphan
+        piles up in the token."""
+        from . import pkcs11_key
+        cert_pem = files.read_bounded(self.cert, "certificate")
+        problem = certs.certificate_problem(cert_pem)
+        if problem:
+            raise StorageError(f"cannot install the token key: {problem}", hint="the token")
         spki = pkcs11_key.certificate_public_key_der(cert_pem)
         with pkcs11_key.open_token(self.token) as token:
-            if not repair:
-                pair = token.matching(spki)
-                return None if pair is not None else (
-                    f"no key in token {self.token.token_label!r} belongs to the certificate")
             pair = token.reconcile(spki)
             if pair is not None and token.delete_label(self.token.staging_label):
                 log.info("removed a key a run killed before registering left in the token")
         if pair is None:
-            return f"no key in token {self.token.token_label!r} belongs to the certificate"
+            raise StorageError(f"cannot install the token key: no key in token "
+                               f"{self.token.token_label!r} belongs to the certificate",
+                               hint="the token")
+
+    # -- acting on the state
+
+    def recover(self, look: Look, cfg: configuration.Config) -> Path | None:
+        """The local step ``look`` calls for (see the table): install a registered
+        pair, set a foreign pair aside (its folder is returned), or tidy a sound
+        one.  EMPTY, STAGED and BROKEN need provisioning, which is not local:
+        nothing is done here."""
+        if look.state is State.REGISTERED:
+            self.install(cfg, look.registration, cfg.root_ca)
+        elif look.state is State.FOREIGN:
+            return self.set_aside(look.owner)
+        elif look.installed:
+            if self.token is not None:
+                self.promote_token_key()
+            # What a --force run killed before it registered left behind.
+            self.discard_stale()
+            if look.owner is None:
+                self._record_installed_for_existing(cfg)
         return None
+
+    def _record_installed_for_existing(self, cfg: configuration.Config) -> None:
+        """A pair installed before installed-for.json existed is this camera's (nothing
+        says otherwise): record it, so that a copy of this image is recognised."""
+        try:
+            self.record_installed_for(cfg.serial_id,
+                                      Registration(cfg.thing_name or "",
+                                                   cfg.device.get("CERTIFICATE_ID") or "", {}))
+        except EntoError as exc:  # a read-only root: the boot report needs no write
+            log.debug("cannot record whom the pair is installed for: %s", exc)
 
     def installed_for(self) -> str | None:
         """The SERIAL_ID the installed pair was registered for; None when no record
@@ -170,9 +300,8 @@ class CertDir:
 
     # -- what is staged
 
-    def registration(self, repair: bool = True) -> Registration | None:
-        """The registration an earlier run recorded and has not finished installing
-        (``repair``: as for ``installed_problem``)."""
+    def registration(self) -> Registration | None:
+        """The registration an earlier run recorded and has not finished installing."""
         try:
             raw = files.read_bounded(self.registration_marker, "registration record", 256 * 1024)
             doc = json.loads(raw)
@@ -196,7 +325,7 @@ class CertDir:
                 log.warning("ignoring %s: no staged key belongs to its certificate",
                             self.registration_marker)
                 return None
-        elif self.installed_problem(repair) is not None:
+        elif self.installed_problem() is not None:
             log.warning("ignoring %s: its credentials are gone", self.registration_marker)
             return None
         return reg
@@ -284,10 +413,7 @@ class CertDir:
         if self.token is not None:
             # The new pair is installed: give its key the final label, and delete
             # the key it replaces, last.
-            problem = self._token_problem(files.read_bounded(self.cert, "certificate"))
-            if problem:
-                raise StorageError(f"cannot install the token key: {problem}",
-                                   hint="the token")
+            self.promote_token_key()
         if reg.device_configuration:
             files.write_file_atomic(self.device_configuration,
                                     (json.dumps(reg.device_configuration, indent=2) + "\n"
