@@ -8,13 +8,10 @@ Staged, as soon as its content exists:
 - private.pem.key.device-made: a key made here (CSR mode), before anything is sent;
 - private.pem.key.staging: a key the service sent, when CreateKeysAndCertificate answers;
 - certificate.pem.crt.staging: the new certificate, at the same moment;
-- registration.json.staging: written when RegisterThing is accepted.  While it
-  exists the staged pair is registered and is installed by the next run
-  without any request (a failing disk or a power cut never wastes a
-  registration); it is removed last, once the pair and the config are in place.
+- registration.json.staging: written when RegisterThing is accepted; while it
+  exists the next run installs the staged pair without any request; removed last;
 - registration.reserve: room held for that marker while RegisterThing is
-  awaited, freed just before the marker is written, so that a full disk
-  cannot refuse it.
+  awaited, freed just before the marker is written (a full disk cannot refuse it).
 
 installed-for.json (0644): the SERIAL_ID, thing and certificate the installed
 pair was registered for, written with the pair.  An image copied from another
@@ -35,10 +32,8 @@ that state calls for; provisioning (the network) is boot.py's.
                   pair it names is already installed)
   FOREIGN         installed-for.json names another SERIAL_ID  set_aside()          EMPTY/STAGED
   EMPTY           no certificate installed, nothing staged    nothing: provision   REGISTERED
-  STAGED          no certificate installed; files of an       nothing: provision   REGISTERED
-                  unregistered attempt wait (a device-made    (it reuses a
-                  key, a staged pair, the reserve, a marker   device-made key)
-                  that does not hold)
+  STAGED          no certificate installed; an unregistered   nothing: provision   REGISTERED
+                  attempt's files (a device-made key is reused)
   BROKEN          a certificate, but no key that belongs to   nothing: provision   REGISTERED
                   it, or one that does not parse
   KEY_UNPROMOTED  (token) installed and sound, but its key is  promote the key,     SOUND
@@ -50,12 +45,7 @@ that state calls for; provisioning (the network) is boot.py's.
 A provisioning attempt moves EMPTY, STAGED or BROKEN to STAGED (its files
 written as soon as their content exists), to REGISTERED (the marker, when
 RegisterThing is accepted), then install() to SOUND; a failed attempt goes
-back to STAGED (``discard_unregistered``).  install() takes its steps in this
-order, each of which may be repeated: PROVISION_STATUS False with the new
-THING_NAME and CERTIFICATE_ID in the config, installed-for.json, the CA copy,
-the old certificate away, the key, the certificate, the token key's final
-label, device-configuration.json (written, or removed), the marker, and last
-the leftovers and the spend record.
+back to STAGED (``discard_unregistered``).
 """
 from __future__ import annotations
 
@@ -90,12 +80,6 @@ class State(enum.Enum):
     BROKEN = "installed and broken"
     KEY_UNPROMOTED = "installed, the token key not under its final label"
     SOUND = "installed and sound"
-
-
-# What makes a state without an installed pair STAGED rather than EMPTY.
-_STAGED_NAMES = ("private.pem.key.device-made", "private.pem.key.staging",
-                 "certificate.pem.crt.staging", "registration.json.staging",
-                 "registration.reserve")
 
 
 @dataclass(frozen=True)
@@ -165,7 +149,9 @@ class CertDir:
             return Look(State.KEY_UNPROMOTED if unpromoted else State.SOUND, owner=owner)
         if os.path.lexists(self.cert):
             return Look(State.BROKEN, problem=problem, owner=owner)
-        staged = any(os.path.lexists(self.path / name) for name in _STAGED_NAMES)
+        staged = any(os.path.lexists(path) for path in (
+            self.device_key, self.staged_key, self.staged_cert, self.registration_marker,
+            self.reserve_file))
         return Look(State.STAGED if staged else State.EMPTY, problem=problem, owner=owner)
 
     def installed_problem(self) -> str | None:
