@@ -347,3 +347,34 @@ def test_a_certificate_whose_key_is_not_in_the_token_is_broken(device, ca, token
     look = cert_dir.state("CAM-42")
     assert look.state is State.BROKEN and "no key in token" in look.problem
     assert token.objects() == []
+
+
+def test_a_token_install_promotes_the_new_key_after_the_certificate_and_drops_the_old(
+        monkeypatch, device, ca, token):
+    settings = token.settings()
+    cert_dir = CertDir.open(device.cert_dir, create=True, token=settings)
+    write(cert_dir.cert, token_cert(ca, settings, settings.key_label), 0o644)
+    new_cert = token_cert(ca, settings, settings.staging_label)
+    write(cert_dir.staged_cert, new_cert, 0o644)
+    write(cert_dir.registration_marker, json.dumps(
+        {"thingName": REG.thing_name, "certificateId": REG.certificate_id}), 0o600)
+    look = cert_dir.state("CAM-42")
+    assert look.state is State.REGISTERED
+    steps = []
+    record_steps(monkeypatch, steps)
+    real_promote = CertDir.promote_token_key
+    monkeypatch.setattr(CertDir, "promote_token_key",
+                        lambda self: (steps.append(("token", "promote")), real_promote(self)))
+    cert_dir.recover(look, device.config())
+    assert steps[:6] == [
+        ("config", "THING_NAME CERTIFICATE_ID PROVISION_STATUS=False"),
+        ("write", "installed-for.json"),
+        ("write", "AmazonRootCA1.pem"),
+        ("remove", "certificate.pem.crt"),
+        ("rename", "certificate.pem.crt.staging -> certificate.pem.crt"),
+        ("token", "promote")]
+    assert steps.index(("remove", "registration.json.staging")) > steps.index(("token", "promote"))
+    assert cert_dir.cert.read_text() == new_cert
+    assert labels(token) == [settings.key_label]
+    assert not cert_dir.key.exists()
+    assert cert_dir.state("CAM-42").state is State.SOUND
