@@ -111,7 +111,7 @@ def boot(config_path: Path, deadline: Deadline, force: bool = False,
                      look.registration.thing_name)
             cert_dir.recover(look, config)
             config = run.reload()
-        elif look.state is State.FOREIGN or force or look.needs_provisioning:
+        elif force or look.needs_provisioning:
             if look.state is State.FOREIGN:
                 set_aside_foreign_pair(config, cert_dir, look)
             elif not force:
