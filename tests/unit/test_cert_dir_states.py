@@ -378,3 +378,36 @@ def test_a_token_install_promotes_the_new_key_after_the_certificate_and_drops_th
     assert labels(token) == [settings.key_label]
     assert not cert_dir.key.exists()
     assert cert_dir.state("CAM-42").state is State.SOUND
+
+
+# ----------------------------------------------------------- boot.py --check reads, never recovers
+
+@pytest.mark.parametrize("build, action", [("registered", "install"), ("foreign", "provision"),
+                                           ("broken", "provision"), ("sound", "report")])
+def test_check_plans_from_the_state_and_changes_nothing(device, cert_dir, ca, build, action):
+    from entomologist import check
+    if build == "registered":
+        stage_registered(cert_dir, ca)
+    else:
+        install_pair(cert_dir, ca, serial=None if build == "sound" else
+                     "CAM-7" if build == "foreign" else "CAM-42")
+        write(cert_dir.staged_key, ca.pair()[1], 0o600)  # what recover() would remove
+        if build == "broken":
+            os.unlink(cert_dir.key)
+    before = snapshot(cert_dir.path)
+    _, plan = check.check_cert_dir(device.config())
+    assert plan.action == action
+    assert snapshot(cert_dir.path) == before
+
+
+def test_check_leaves_an_unpromoted_token_key_as_it_is(device, ca, token):
+    from entomologist import check
+    settings = token.settings()
+    device.update(KEY_STORAGE="pkcs11", PROVISIONING_API="CreateCertificateFromCsr",
+                  PKCS11_LIBRARY=str(settings.library),
+                  PKCS11_TOKEN_LABEL=settings.token_label, PKCS11_PIN_FILE=str(settings.pin_file))
+    cert_dir = CertDir.open(device.cert_dir, create=True, token=device.config().token)
+    write(cert_dir.cert, token_cert(ca, settings, settings.staging_label), 0o644)
+    _, plan = check.check_cert_dir(device.config())
+    assert plan.action == "report"
+    assert labels(token) == [settings.staging_label]
