@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Callable
 
 from entomologist import certs, check, clock, files, fleet, keys, logs, mqtt, secret, spend
+from entomologist.bugs import note_outcome
 from entomologist.config import (DEFAULT_CONFIG, Config, ProvisioningSettings, load_config,
                                  provisioning_settings, rehearse_update, update_device_config)
 from entomologist.credentials import CertDir, Registration
 from entomologist.errors import (ConfigError, EntoError, InventoryRefused, Rejected,
                                  ServiceBusy, ServiceError, SubscriptionRefused, TransientError,
-                                 note_outcome, run_main)
+                                 run_main)
 from entomologist.lock import RunLock
 from entomologist.retries import RUN_TIMEOUT, Deadline, positive_seconds, with_retries
 from entomologist.spend import SpendRecord
