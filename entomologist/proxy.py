@@ -31,14 +31,13 @@ from typing import Mapping
 from urllib.parse import unquote, urlsplit
 
 from . import logs
+from .config_file import HOST_LABEL_RE, bad_key
 from .errors import ConfigError, EntoError, TransientError
 
 log = logging.getLogger("entomologist")
 
 KEY = "HTTP_PROXY"
 FORM = "http://[user:password@]host:port"
-CONFIG_HINT = "the config file"
-_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 CONNECT_FAILED = "AWS_ERROR_HTTP_PROXY_CONNECT_FAILED"
 PROBE_LIMIT_S = 10.0
 
@@ -56,10 +55,6 @@ class Proxy:
         return f"{host}:{self.port}"
 
 
-def _bad(problem: str) -> ConfigError:
-    return ConfigError(f"config key {KEY!r} {problem}", hint=CONFIG_HINT)
-
-
 def _host_problem(host: str) -> str | None:
     """Why ``host`` is no proxy host (None if it is one)."""
     if "%" in host:
@@ -74,7 +69,7 @@ def _host_problem(host: str) -> str | None:
     # 999.1.1.1 or 1.2.3 is no valid one (a resolver would take it as a name).
     if re.fullmatch(r"[0-9]+|0[xX][0-9A-Fa-f]*", labels[-1]):
         return "is no valid IPv4 address (four numbers from 0 to 255)"
-    if 0 < len(host) <= 253 and all(_LABEL.fullmatch(label) for label in labels):
+    if 0 < len(host) <= 253 and all(HOST_LABEL_RE.fullmatch(label) for label in labels):
         return None
     return "does not name a valid proxy host"
 
@@ -87,25 +82,25 @@ def parse(value: object) -> Proxy | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise _bad(f"must be a string like {FORM}, not {type(value).__name__}")
+        raise bad_key(KEY, f"must be a string like {FORM}, not {type(value).__name__}")
     if any(ch.isspace() or not ch.isprintable() for ch in value):
-        raise _bad(f"must be a URL like {FORM}, without spaces or control characters")
+        raise bad_key(KEY, f"must be a URL like {FORM}, without spaces or control characters")
     try:
         parts = urlsplit(value)
         port = parts.port
     except ValueError:
-        raise _bad(f"has an invalid host or port; the form is {FORM}") from None
+        raise bad_key(KEY, f"has an invalid host or port; the form is {FORM}") from None
     if "://" not in value or parts.scheme.lower() != "http":
-        raise _bad(f"must start with http:// (a proxy reached over plain HTTP; the tunnel "
-                   f"it opens carries TLS end to end); the form is {FORM}")
+        raise bad_key(KEY, f"must start with http:// (a proxy reached over plain HTTP; the tunnel "
+                           f"it opens carries TLS end to end); the form is {FORM}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise _bad(f"must not have a path, query or fragment; the form is {FORM}")
+        raise bad_key(KEY, f"must not have a path, query or fragment; the form is {FORM}")
     host = parts.hostname or ""
     problem = _host_problem(host)
     if problem:
-        raise _bad(f"{problem}; the form is {FORM}")
+        raise bad_key(KEY, f"{problem}; the form is {FORM}")
     if not port:
-        raise _bad(f"must give the proxy's port (1 to 65535); the form is {FORM}")
+        raise bad_key(KEY, f"must give the proxy's port (1 to 65535); the form is {FORM}")
     username = password = None
     if "@" in parts.netloc:
         userinfo = parts.netloc.rpartition("@")[0]
@@ -115,12 +110,13 @@ def parse(value: object) -> Proxy | None:
         logs.redact(password)
         logs.redact(raw_password)
         if not username or not colon:
-            raise _bad(f"has credentials without a user name or a password; the form is {FORM}")
+            raise bad_key(KEY, "has credentials without a user name or a password; "
+                               f"the form is {FORM}")
         if not password:
-            raise _bad(f"has an empty password; the form is {FORM}")
+            raise bad_key(KEY, f"has an empty password; the form is {FORM}")
         if not (username + password).isprintable():
-            raise _bad("has control characters (percent-encoded) in its user name or "
-                       f"password; the form is {FORM}")
+            raise bad_key(KEY, "has control characters (percent-encoded) in its user name or "
+                               f"password; the form is {FORM}")
     if ":" not in host:  # a name, not an IPv6 address
         host = host.rstrip(".").lower()
     return Proxy(host, port, username, password)
