@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from . import config as configuration, files, fleet, mqtt
+from . import config as configuration, files, fleet, mqtt, proxy_probe
 from . import proxy as http_proxy
 from .check_local import Plan, device_ca
 from .errors import ConfigError, TransientError
@@ -65,10 +65,10 @@ def check_dns(config: configuration.Config, deadline: Deadline):
 def check_proxy(config: configuration.Config, deadline: Deadline):
     proxy = config.proxy
     try:
-        status, sock = http_proxy.open_tunnel(proxy, config.host, config.port,
-                                              min(deadline.step("HTTP proxy"),
-                                                  http_proxy.PROBE_LIMIT_S))
-    except http_proxy.ProbeError as exc:
+        status, sock = proxy_probe.open_tunnel(proxy, config.host, config.port,
+                                               min(deadline.step("HTTP proxy"),
+                                                   proxy_probe.PROBE_LIMIT_S))
+    except proxy_probe.ProbeError as exc:
         raise TransientError(f"the HTTP proxy {proxy} did not answer CONNECT as an HTTP "
                              f"proxy ({exc})", hint=f"that {http_proxy.KEY} names the "
                                                     f"site's HTTP proxy") from None
@@ -78,7 +78,7 @@ def check_proxy(config: configuration.Config, deadline: Deadline):
                                   f"{http_proxy.KEY}") from None
     if status != 200:
         sock.close()
-        raise http_proxy.refusal(proxy, config.host, config.port, status)
+        raise proxy_probe.refusal(proxy, config.host, config.port, status)
     return f"the HTTP proxy {proxy} opened a tunnel to {config.host}:{config.port}", sock
 
 
