@@ -1,5 +1,5 @@
 """A key born in a SoftHSM2 token gets its certificate from the stand-in through a CSR the
-token signed, then connects to the stand-in's mosquitto with awscrt (issue 11).
+token signed, then connects to the stand-in's mosquitto with awscrt.
 
 The token-key connection runs in a child process (bench/connect_once.py): awscrt
 never finalises a PKCS#11 module, and each test has its own SOFTHSM2_CONF.

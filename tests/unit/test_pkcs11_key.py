@@ -1,4 +1,4 @@
-"""The device key inside a PKCS#11 token (issue 11), against a fresh SoftHSM2 token per test."""
+"""The device key inside a PKCS#11 token, against a fresh SoftHSM2 token per test."""
 import logging
 import os
 import subprocess
