@@ -15,7 +15,6 @@ every wrong PIN towards its dictionary-attack lockout.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import stat
 from dataclasses import dataclass, field
@@ -24,8 +23,6 @@ from pathlib import Path
 from . import files, logs
 from .errors import ConfigError, TransientError
 from .pkcs11_token import Token, load_pkcs11
-
-log = logging.getLogger("entomologist")
 
 DEFAULT_KEY_LABEL = "entomologist-device"
 STAGING_SUFFIX = ".staging"

@@ -14,8 +14,8 @@ other labels are never touched.
 Only what this program made is ever deleted: its pairs' ``CKA_ID`` starts
 with ID_TAG.  Anything else under our two labels (another program's pair, a
 key sharing our ID) is a configuration error (78) that names what was found,
-and nothing is deleted.  A pair from before the tag, matching the installed
-certificate, is still used.
+and nothing is deleted.  An untagged pair that matches the installed
+certificate is still used.
 """
 from __future__ import annotations
 
