@@ -54,8 +54,8 @@ def _depth(value: object, limit: int) -> None:
             stack.extend((child, depth + 1) for child in children)
 
 
-class _Int(int):
-    """An integer that remembers how it was written (-0 stays -0)."""
+class _AsWritten:
+    """A JSON number that remembers the text it was read from."""
     text: str
 
     def __new__(cls, text: str):
@@ -64,14 +64,12 @@ class _Int(int):
         return self
 
 
-class _Number(Decimal):
+class _Int(_AsWritten, int):
+    """An integer kept as written (-0 stays -0)."""
+
+
+class _Number(_AsWritten, Decimal):
     """A fraction or an exponent, kept as written (6e1 stays 6e1, 1e400 is no Infinity)."""
-    text: str
-
-    def __new__(cls, text: str):
-        self = super().__new__(cls, text)
-        self.text = text
-        return self
 
 
 def parse_document(text: str, where: str) -> dict:
