@@ -56,8 +56,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import certs, config as configuration, files, spend
-from .errors import EntoError, StorageError
+from . import certs, config as configuration, files, spend, token_pair
+from .errors import EntoError
 
 log = logging.getLogger("entomologist")
 
@@ -166,48 +166,16 @@ class CertDir:
         except files.FileProblem as exc:
             return (f"no certificate in {self.path}" if exc.missing else str(exc)), False
         if self.token is not None:
-            return self._token_problem(cert)
+            return token_pair.look(self.token, cert)
         try:
             key = files.read_bounded(self.key, "private key")
         except files.FileProblem as exc:
             return str(exc), False
         return certs.pair_problem(cert, key), False
 
-    def _token_problem(self, cert_pem: bytes) -> tuple[str | None, bool]:
-        from . import pkcs11_key
-        problem = certs.certificate_problem(cert_pem)
-        if problem:
-            return problem, False
-        spki = pkcs11_key.certificate_public_key_der(cert_pem)
-        settings = self.token
-        with pkcs11_key.open_token(settings) as token:
-            pair = token.matching(spki)
-            if pair is None:
-                return f"no key in token {settings.token_label!r} belongs to the certificate", False
-            finals = token.pairs(settings.key_label, accept=spki)
-            unpromoted = (pair.label != settings.key_label or len(finals) > 1
-                          or bool(token.pairs(settings.staging_label, accept=spki)))
-        return None, unpromoted
-
     def promote_token_key(self) -> None:
-        """Give the installed certificate's token key the final label (finishing a
-        promotion a killed run left half done); once the installed pair is known, a
-        staged key is stale (no registration waits for it): it goes, so no orphan
-        piles up in the token."""
-        from . import pkcs11_key
-        cert_pem = files.read_bounded(self.cert, "certificate")
-        problem = certs.certificate_problem(cert_pem)
-        if problem:
-            raise StorageError(f"cannot install the token key: {problem}", hint="the token")
-        spki = pkcs11_key.certificate_public_key_der(cert_pem)
-        with pkcs11_key.open_token(self.token) as token:
-            pair = token.reconcile(spki)
-            if pair is not None and token.delete_label(self.token.staging_label):
-                log.info("removed a key a run killed before registering left in the token")
-        if pair is None:
-            raise StorageError(f"cannot install the token key: no key in token "
-                               f"{self.token.token_label!r} belongs to the certificate",
-                               hint="the token")
+        """See token_pair.promote (the KEY_UNPROMOTED step)."""
+        token_pair.promote(self.token, files.read_bounded(self.cert, "certificate"))
 
     # -- acting on the state
 
@@ -325,7 +293,7 @@ class CertDir:
         except files.FileProblem:
             return None
         if self.token is not None:
-            return self.key if self._token_holds(cert) else None
+            return self.key if token_pair.holds(self.token, cert) else None
         for path in (self.staged_key, self.device_key, self.key):
             try:
                 if certs.pair_problem(cert, files.read_bounded(path, "staged key")) is None:
@@ -333,14 +301,6 @@ class CertDir:
             except files.FileProblem:
                 continue
         return None
-
-    def _token_holds(self, cert_pem: bytes) -> bool:
-        from . import pkcs11_key
-        spki = pkcs11_key.certificate_public_key_der(cert_pem)
-        with pkcs11_key.open_token(self.token) as token:
-            return any(pair.public_key_der() == spki
-                       for label in (self.token.staging_label, self.token.key_label)
-                       for pair in token.pairs(label))
 
     def stage_created(self, cert_pem: bytes, key_pem: bytes | None) -> None:
         if key_pem is not None:
