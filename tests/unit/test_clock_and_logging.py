@@ -148,3 +148,28 @@ def test_every_log_line_is_one_bounded_line_whatever_a_path_holds(tmp_path, devi
     for line in lines:
         assert "\x1b" not in line and len(line) < 1100
     assert "\\n" in lines[-1]
+
+
+PROVISIONING_SECRET = "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789-_abcde"  # as token_urlsafe(32)
+
+
+@pytest.mark.parametrize("start", range(0, len(PROVISIONING_SECRET) - 15))
+def test_every_16_character_run_of_a_secret_is_redacted_wherever_it_starts(start):
+    logs.redact(PROVISIONING_SECRET)
+    run = PROVISIONING_SECRET[start:start + 16]
+    assert logs.holds_secret(run)
+    assert run not in logs.shown(f"echo {run} back")
+
+
+def test_a_secret_of_16_to_31_characters_is_redacted_by_its_runs_too():
+    secret = "0123456789abcdefXYZW"
+    logs.redact(secret)
+    assert logs.holds_secret(secret[:16]) and logs.holds_secret(secret[4:])
+    assert logs.shown(f"<{secret[2:18]}>") == "<[redacted]>"
+
+
+def test_overlapping_runs_are_cut_out_whole_leaving_no_tail_of_the_secret():
+    logs.redact(PROVISIONING_SECRET)
+    leaked = PROVISIONING_SECRET[5:40]
+    shown = logs.shown(f"a {leaked} z")
+    assert shown == "a [redacted] z"
