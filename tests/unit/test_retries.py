@@ -5,6 +5,7 @@ import random
 import pytest
 
 from entomologist import errors, retries
+from fakes import FakeClock
 
 
 class Highest:
@@ -43,12 +44,12 @@ def test_a_deadline_without_a_finite_bound_is_refused(seconds):
 
 
 def test_a_step_is_the_step_limit_or_what_is_left():
-    now = [0.0]
-    deadline = retries.Deadline(30, clock=lambda: now[0], step_limit=20)
+    clock = FakeClock()
+    deadline = retries.Deadline(30, clock=clock, step_limit=20)
     assert deadline.step("x") == 20
-    now[0] = 25
+    clock.advance(25)
     assert deadline.step("x") == 5
-    now[0] = 31
+    clock.advance(6)
     with pytest.raises(errors.TransientError, match="time limit"):
         deadline.step("x")
 
@@ -74,18 +75,13 @@ def test_a_plain_ento_error_is_one_line_and_75_not_a_traceback(caplog):
 
 def test_a_hold_longer_than_the_backoff_is_slept_and_one_past_the_deadline_ends_the_run():
     Transient = errors.TransientError
-    now = [0.0]
-    slept = []
-
-    def sleep(seconds):
-        slept.append(seconds)
-        now[0] += seconds
+    clock = FakeClock()
 
     def failing():
         raise Transient("no answer", hint="the claim policy")
 
     holds = iter([(30.0, "allowed at A"), (500.0, "allowed at B")])
     with pytest.raises(Transient, match=r"gave up after 2 attempt\(s\): allowed at B") as err:
-        retries.with_retries(failing, retries.Deadline(100.0, clock=lambda: now[0]),
-                             "provisioning", sleep=sleep, hold=lambda: next(holds))
-    assert slept == [30.0] and err.value.hint == "the claim policy"
+        retries.with_retries(failing, retries.Deadline(100.0, clock=clock),
+                             "provisioning", hold=lambda: next(holds))
+    assert clock.sleeps == [30.0] and err.value.hint == "the claim policy"
