@@ -10,7 +10,6 @@ the timeout the caller worked out from ``monotonic``, and a fake clock
 answers at once (what is ready, or the timeout after advancing by it) rather
 than being polled.
 
-
 A board without a real-time clock can boot years in the past; TLS would then
 fail only after a long delay, with an opaque error.  The clock cannot be
 earlier than the notBefore of a certificate the service issued.

@@ -19,8 +19,8 @@ DEVICE_KEY, STAGED_KEY = "private.pem.key.device-made", "private.pem.key.staging
 
 
 def run(device, cloud, **kw):
-    boot.boot(device.config_path, retries.Deadline(30, clock=FakeClock(), step_limit=0.2), build=cloud,
-              **kw)
+    boot.boot(device.config_path, retries.Deadline(30, clock=FakeClock(), step_limit=0.2),
+              build=cloud, **kw)
 
 
 @pytest.fixture
