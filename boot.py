@@ -28,12 +28,13 @@ import sys
 from pathlib import Path
 
 from entomologist import certs, check, clock, files, fleet, keys, logs, mqtt, secret, spend
+from entomologist.bugs import note_outcome
 from entomologist.config import (DEFAULT_CONFIG, Config, ProvisioningSettings, load_config,
                                  provisioning_settings, rehearse_update, update_device_config)
 from entomologist.credentials import CertDir, Registration
 from entomologist.errors import (ConfigError, EntoError, InventoryRefused, Rejected,
                                  ServiceBusy, ServiceError, SubscriptionRefused, TransientError,
-                                 note_outcome, run_main)
+                                 run_main)
 from entomologist.lock import RunLock
 from entomologist.retries import RUN_TIMEOUT, Deadline, positive_seconds, with_retries
 from entomologist.spend import SpendRecord
@@ -277,10 +278,10 @@ def token_key_and_csr(config: Config, settings: ProvisioningSettings) -> tuple[b
     """The key pair made (or staged by an interrupted run) inside the token, and a CSR
     the token signed.  The token is closed again before anything connects: awscrt
     loads the same module for the device connection and never finalises it."""
-    from entomologist import pkcs11_key
+    from entomologist import pkcs11_csr, pkcs11_key
     with pkcs11_key.open_token(config.token) as token:
         pair = token.staged_or_new(settings.key_algorithm)
-        return pair.public_key_der(), token.make_csr(pair, config.serial_id)
+        return pair.public_key_der(), pkcs11_csr.make_csr(pair, config.serial_id)
 
 
 def check_created(created: fleet.Created, cert_dir: CertDir, device_key) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from . import proxy as http_proxy
+from . import proxy_probe
 from .clock import REAL, Clock
 from .errors import ConfigError, SubscriptionRefused, TransientError
 from .files import read_bounded
@@ -234,7 +235,7 @@ def connect(endpoint: Endpoint, cert: Path, key, client_id: str, timeout: float,
                              f"{timeout:.0f} s", hint="the network link") from None
     except Exception as exc:
         if endpoint.proxy is not None:
-            raise http_proxy.failure(endpoint.proxy, endpoint.host, endpoint.port, exc,
-                                     timeout - (clock.monotonic() - started)) from None
+            raise proxy_probe.failure(endpoint.proxy, endpoint.host, endpoint.port, exc,
+                                      timeout - (clock.monotonic() - started)) from None
         raise crt_failure(f"connect to {endpoint.host}:{endpoint.port}", exc) from None
     return link

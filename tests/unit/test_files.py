@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from entomologist import config as configuration, errors, files, lock, retries
+from entomologist import config as configuration, config_file, errors, files, lock, retries
 
 
 def mode(path):
@@ -142,7 +142,7 @@ def test_a_rewrite_keeps_every_value_it_does_not_own_exactly(tmp_path, text):
 
 def test_a_config_that_would_grow_too_large_is_refused_before_anything(tmp_path):
     path = tmp_path / "ento.conf"
-    filler = "x" * (configuration.MAX_CONFIG_BYTES - 200)
+    filler = "x" * (config_file.MAX_CONFIG_BYTES - 200)
     config = write_config(path, {"device": MINIMAL, "notes": filler})
     with pytest.raises(errors.ConfigError, match="would grow"):
         configuration.rehearse_update(config)
