@@ -6,6 +6,7 @@ import pytest
 import boot
 from entomologist import errors, files, lock, run
 from entomologist.retries import Deadline
+from fakes import FakeClock
 
 
 @pytest.fixture
@@ -55,15 +56,15 @@ def test_a_run_that_may_create_cert_dir_makes_it_0700(device):
 
 
 def test_a_first_boot_loads_the_config_three_times_and_sweeps_once(device, cloud, counted):
-    boot.boot(device.config_path, Deadline(30), build=cloud, sleep=lambda s: None)
+    boot.boot(device.config_path, Deadline(30, clock=FakeClock()), build=cloud)
     # To find CERT_DIR, under the lock, and after install() rewrote it.
     assert counted["load"] == 3
     assert sorted(counted["sweep"]) == ["cert", "etc"]
 
 
 def test_a_provisioned_boot_loads_the_config_twice_and_sweeps_once(device, cloud, counted):
-    boot.boot(device.config_path, Deadline(30), build=cloud, sleep=lambda s: None)
+    boot.boot(device.config_path, Deadline(30, clock=FakeClock()), build=cloud)
     counted["load"], counted["sweep"] = 0, []
-    boot.boot(device.config_path, Deadline(30), build=cloud, sleep=lambda s: None)
+    boot.boot(device.config_path, Deadline(30, clock=FakeClock()), build=cloud)
     assert counted["load"] == 2
     assert sorted(counted["sweep"]) == ["cert", "etc"]
