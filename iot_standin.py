@@ -8,12 +8,19 @@ signed by that CA.  It applies cloud/stack.yaml, the stack an operator deploys
 (or --stack FILE): RegisterThing evaluates its fleet provisioning template
 (standin/template.py), the claim certificate is held to the claim policy of
 the stack's ProvisioningMode (or --mode) and each device certificate to the
-template's device policy (standin/policy.py renders them as mosquitto's
-acl_file; standin/enforce.py enforces the rest from mosquitto's log, and
-records each denial as a "denied" event).  Every request, answer and boot message is recorded as a
-JSON line in <dir>/standin/events.jsonl.  It writes a ready ento.conf and claim
+template's device policy (standin/policy.py renders them as rules for
+mosquitto's dynamic-security plugin, which refuses a denied subscribe with
+SUBACK 0x80 as AWS does; standin/enforce.py enforces the rest from mosquitto's
+log, and records each denial as a "denied" event).  Every request, answer and
+boot message is recorded as a JSON line in <dir>/standin/events.jsonl.  It writes a ready ento.conf and claim
 files for one simulated device into <dir> (and refuses to replace a device's
-files that are already there, unless told --overwrite).
+files that are already there, unless told --overwrite).  The stack's fleet
+inventory is served by moto's DynamoDB server on loopback (standin/inventory.py;
+its endpoint and credentials in <dir>/standin/aws.env, for cloud/inventory.py),
+the device is added to it with a secret of its own (<dir>/provisioning-secret,
+named in ento.conf), and every RegisterThing is put to the stack's
+pre-provisioning hook (cloud/hook.py) unless the stack's PreProvisioningHook
+is Disabled (--no-hook).
 
     python iot_standin.py run --dir DIR [--overwrite] [--serial ID] [--template NAME]
                               [--stack FILE] [--mode CreateKeysAndCertificate|
@@ -24,17 +31,19 @@ files that are already there, unless told --overwrite).
                               [--malformed-create not-json|missing-cert|bad-pem|wrong-key]
                               [--malformed-register not-json|empty-thing]
                               [--drop-after create|register] [--refuse-connections]
-    python iot_standin.py demo
+                              [--no-hook]
+    python iot_standin.py demo [--no-hook]
 
 `run` serves until interrupted (Ctrl-C or SIGTERM, which also stop its
 mosquitto); `demo` provisions a simulated device in a temporary folder with
-boot.py and shows what it wrote.  A broker delivers $aws/.../accepted to
-every subscriber (AWS answers only the requester), so provision one device
-at a time per stand-in.
+boot.py, shows what it wrote, then what the claim pair alone is refused.  A
+broker delivers $aws/.../accepted to every subscriber (AWS answers only the
+requester), so provision one device at a time per stand-in.
 
 Exit codes: 0 done; 2 usage (a malformed option); 78 the stack cannot be
 used (an unsupported function, ...); 69 mosquitto is missing or would not
-start; 73 the device's files exist already; 1 the demo's boot.py run failed.
+start, or the fleet inventory would not; 73 the device's files exist already;
+1 the demo's boot.py run failed.
 """
 from __future__ import annotations
 
@@ -54,11 +63,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from standin import policy
+from cryptography import x509
+
+from cloud.hook import secret_hash
+from standin import claimpair, policy
 from standin import template as templates
 from standin.broker import Broker, find_mosquitto, free_port
-from standin.ca import StandInCA, write_new
+from cloud.inventory import new_secret
+from standin.ca import StandInCA, certificate_id, write_new
 from standin.enforce import Enforcer, Identity, Relay
+from standin.inventory import HOOK_LIMIT, HookCaller, InventoryServer
 from standin.responder import (BOOT_PREFIX, CREATE, CREATE_CSR, MALFORMED_CREATE,
                                MALFORMED_REGISTER, REGISTER_PREFIX, REGISTER_SUFFIX, Answer,
                                Drop, Faults, Rejection, Responder)
@@ -72,14 +86,31 @@ DEFAULT_SERIAL = "CAM-0001"
 CLAIM_CN = "ento-fleet-claim"
 RESPONDER_CN = "standin-responder"
 MODES = ("CreateKeysAndCertificate", "CreateCertificateFromCsr", "Both")
-# The stand-in's own client answers every request and hears every boot message.
-RESPONDER_ACL = "topic readwrite #\ntopic readwrite $aws/#\n"
+# The stand-in's own clients answer every request, hear every boot message and
+# change the broker's rules ($CONTROL, the dynamic-security plugin's API).
+RESPONDER_ACL = "topic readwrite #\ntopic readwrite $aws/#\ntopic readwrite $CONTROL/#\n"
+RESPONDER_DYNSEC = [{"acltype": kind, "topic": topic, "priority": 0, "allow": True}
+                    for kind in ("publishClientSend", "publishClientReceive", "subscribePattern")
+                    for topic in ("#", "$aws/#", "$CONTROL/#")]
+DYNSEC_TOPIC = "$CONTROL/dynamic-security/v1"
 
 
-def stack_with(edit: Callable[[dict], None], mode: str | None = None) -> templates.Stack:
+def _stack_parameters(mode: str | None, hook: bool | None) -> dict | None:
+    """The stack parameters a StandIn's options set: ProvisioningMode, and the
+    PreProvisioningHook switch (None: the stack's defaults)."""
+    parameters = {}
+    if mode:
+        parameters["ProvisioningMode"] = mode
+    if hook is not None:
+        parameters["PreProvisioningHook"] = "Enabled" if hook else "Disabled"
+    return parameters or None
+
+
+def stack_with(edit: Callable[[dict], None], mode: str | None = None,
+               hook: bool | None = None) -> templates.Stack:
     """cloud/stack.yaml with its template body changed by ``edit`` (a test's variant:
     another device policy, another parameter); change ``claim_policies`` directly."""
-    stack = templates.load_stack(parameters={"ProvisioningMode": mode} if mode else None)
+    stack = templates.load_stack(parameters=_stack_parameters(mode, hook))
     body = copy.deepcopy(stack.template.body)
     edit(body)
     stack.template = templates.ProvisioningTemplate.from_body(body, stack.template_name)
@@ -101,17 +132,19 @@ class StandIn:
                  key_factory: Callable | None = None, host: str = "127.0.0.1",
                  overwrite: bool = True, tcp_nodelay: bool = True,
                  stack: "templates.Stack | Path | str | None" = None,
-                 mode: str | None = None, policies: bool = True):
+                 mode: str | None = None, policies: bool = True, hook: bool | None = None):
         self.workdir = Path(workdir)
         self.dir = self.workdir / "standin"
         self.serial = serial
         if isinstance(stack, templates.Stack):
             if mode is not None and mode != stack.parameters.get("ProvisioningMode"):
                 raise ValueError("give a Stack loaded with the mode wanted")
+            if hook is not None and hook != (stack.hook is not None):
+                raise ValueError("give a Stack loaded with PreProvisioningHook as wanted")
             self.stack = stack
         else:
             self.stack = templates.load_stack(stack or templates.STACK,
-                                              {"ProvisioningMode": mode} if mode else None)
+                                              _stack_parameters(mode, hook))
         self.mode = self.stack.parameters.get("ProvisioningMode", MODES[0])
         self.template = template or self.stack.template_name
         self.policies = policies
@@ -125,10 +158,20 @@ class StandIn:
         self.config_path = self.workdir / "ento.conf"
         self.claim_cert = self.workdir / "claim" / "claim.pem.crt"
         self.claim_key = self.workdir / "claim" / "claim.private.pem.key"
+        # The camera's provisioning secret, as the factory puts it in the image.
+        self.secret_path = self.workdir / "provisioning-secret"
+        self.inventory_server: InventoryServer | None = None
+        self._inventory_thread: threading.Thread | None = None
+        self._inventory_error: Exception | None = None
+        self._hook_caller: HookCaller | None = None
         self._broker: Broker | None = None
         self._relay: Relay | None = None
         self.enforcer: Enforcer | None = None
-        self.acl_path = self.dir / "acl"
+        self.acl_path = self.dir / "acl"        # the rules in acl_file's words, to read
+        self.dynsec_path = self.dir / "dynsec.json"  # what mosquitto enforces
+        self._admin = None
+        self._admin_answers: dict[str, dict] = {}
+        self._admin_answered = threading.Condition()
         self._connection = None
         self.responder: Responder | None = None
         self._lock = threading.Lock()
@@ -143,7 +186,8 @@ class StandIn:
         self.stop()
 
     def device_files(self) -> list[Path]:
-        return [p for p in (self.config_path, self.claim_cert, self.claim_key) if p.exists()]
+        return [p for p in (self.config_path, self.claim_cert, self.claim_key, self.secret_path)
+                if p.exists()]
 
     def prepare(self) -> None:
         """The CA, the certificates and the device's files, without a broker: enough
@@ -158,23 +202,33 @@ class StandIn:
         hosts = tuple(dict.fromkeys(("localhost", "127.0.0.1", self.host)))
         self._server_files = self.ca.write_pair(self.dir, "server", "localhost", server=True,
                                                 hosts=hosts)
-        self.ca.write_pair(self.workdir / "claim", "claim", CLAIM_CN)
+        claim_cert, _ = self.ca.write_pair(self.workdir / "claim", "claim", CLAIM_CN)
+        self.claim_certificate_id = certificate_id(
+            x509.load_pem_x509_certificate(Path(claim_cert).read_bytes()))
+        # The factory's step: a secret of the camera's own, 0600 from birth.
+        self._secret = new_secret()
+        self.secret_path.unlink(missing_ok=True)
+        write_new(self.secret_path, (self._secret + "\n").encode(), 0o600)
         self._responder_files = self.ca.write_pair(self.dir, "responder", RESPONDER_CN)
         self.responder = Responder(self.ca, self.template, self.serial, self.faults,
                                    self.record, self.key_factory,
                                    provisioning=self.stack.template,
-                                   on_registered=self._registered if self.policies else None)
+                                   on_registered=self._registered if self.policies else None,
+                                   hook_context=self._hook_context,
+                                   hook=self._call_hook if self.stack.hook else None)
         if self.policies:
             # mosquitto on a loopback port of its own; devices reach it through
             # the relay, which holds back what a denial must never let through.
             self._broker = Broker(self.dir, self.ca_path, *self._server_files,
                                   host="127.0.0.1", tcp_nodelay=self.tcp_nodelay,
-                                  acl_file=self.acl_path)
+                                  dynsec_file=self.dynsec_path)
             self.port = free_port(self.host)
             self.enforcer = Enforcer(self._broker.log_path, self.record)
-            self.enforcer.add(Identity(RESPONDER_CN, "service", acl=RESPONDER_ACL))
+            self.enforcer.add(Identity(RESPONDER_CN, "service", acl=RESPONDER_ACL,
+                                       dynsec=RESPONDER_DYNSEC))
             self.enforcer.add(self._claim_identity())
             self._write_acl()
+            self._write_dynsec()
         else:
             self._broker = Broker(self.dir, self.ca_path, *self._server_files, host=self.host,
                                   tcp_nodelay=self.tcp_nodelay)
@@ -193,7 +247,8 @@ class StandIn:
                                                                          "rejected")])
         return Identity(CLAIM_CN, "claim", list(self.stack.claim_policies),
                         f"claim policy for ProvisioningMode {self.mode}", context,
-                        acl="\n".join(rendering.lines) + "\n", notes=rendering.notes)
+                        acl="\n".join(rendering.lines) + "\n", notes=rendering.notes,
+                        dynsec=rendering.dynsec_acls())
 
     def _registered(self, registration: templates.Registration, common_name: str) -> None:
         """The device certificate's policies, in force before RegisterThing answers."""
@@ -209,13 +264,24 @@ class StandIn:
                                    "stand-in has no registry and grants nothing for it"
                                    for n in named]
         label = f"device policy of thing {registration.thing_name} (template {self.template})"
-        self.enforcer.add(Identity(common_name, "device", documents, label, context,
-                                   active=registration.certificate_status == "ACTIVE",
-                                   acl="\n".join(rendering.lines) + "\n", notes=notes))
+        identity = Identity(common_name, "device", documents, label, context,
+                            active=registration.certificate_status == "ACTIVE",
+                            acl="\n".join(rendering.lines) + "\n", notes=notes,
+                            dynsec=rendering.dynsec_acls())
+        self.enforcer.add(identity)
         self.record("policy-applied", username=common_name, thingName=registration.thing_name,
                     acl=rendering.lines, notes=notes)
         self._write_acl()
-        self._reload()
+        self._grant(identity)
+
+    def _hook_context(self, template: str) -> dict:
+        """The event fields AWS IoT gives the hook besides the request's."""
+        claims = self.enforcer.connected("claim") if self.enforcer else []
+        return {"claimCertificateId": self.claim_certificate_id,
+                "templateArn": self.stack.context().arn("provisioningtemplate", template),
+                # Which connection published the request is not in mosquitto's
+                # log: named only when one claim connection is open.
+                "clientId": claims[0] if len(claims) == 1 else ""}
 
     def _write_acl(self) -> None:
         text = "".join(f"user {i.username}\n{i.acl}\n"
@@ -224,37 +290,157 @@ class StandIn:
         write_new(tmp, text.encode(), 0o644)
         os.replace(tmp, self.acl_path)
 
-    def _reload(self, limit: float = 3.0) -> None:
-        """SIGHUP, and wait until mosquitto says it re-read its files."""
-        if self._broker is None or not self._broker.running:
+    def _write_dynsec(self) -> None:
+        """The dynamic-security plugin's starting configuration: one role and one
+        client (the certificate's CN) per identity; anything not allowed is denied."""
+        identities = list(self.enforcer.identities.values())
+        doc = {"defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
+                                    "subscribe": False, "unsubscribe": True},
+               "clients": [{"username": i.username, "roles": [{"rolename": i.username}]}
+                           for i in identities],
+               "roles": [{"rolename": i.username, "acls": i.dynsec} for i in identities],
+               "groups": []}
+        write_new(self.dynsec_path, json.dumps(doc, indent=1).encode(), 0o600)
+
+    def _grant(self, identity: Identity, limit: float = 3.0) -> None:
+        """A new certificate's rules, in force before RegisterThing answers: sent to
+        the plugin over its $CONTROL API, and its answer awaited."""
+        if self._admin is None:
             return
-        before = self.enforcer.reloads
-        self._broker.reload()
+        from awscrt import mqtt
+        correlation = secrets.token_hex(8)
+        commands = {"commands": [
+            {"command": "createRole", "rolename": identity.username, "acls": identity.dynsec},
+            {"command": "createClient", "username": identity.username,
+             "roles": [{"rolename": identity.username}], "correlationData": correlation}]}
+        self._admin.publish(DYNSEC_TOPIC, json.dumps(commands), mqtt.QoS.AT_LEAST_ONCE)
         end = time.monotonic() + limit
-        while time.monotonic() < end:
-            self.enforcer.catch_up()
-            if self.enforcer.reloads > before:
-                return
-            time.sleep(0.005)
-        log.warning("mosquitto did not confirm the acl_file reload in %.0f s", limit)
+        with self._admin_answered:
+            while correlation not in self._admin_answers:
+                left = end - time.monotonic()
+                if left <= 0:
+                    log.warning("mosquitto did not confirm the rules of %s in %.0f s",
+                                identity.username, limit)
+                    return
+                self._admin_answered.wait(left)
+            answer = self._admin_answers.pop(correlation)
+        if answer.get("error"):
+            log.warning("mosquitto refused the rules of %s: %s", identity.username,
+                        answer["error"])
+
+    def _on_admin_answer(self, topic: str, payload: bytes, **_) -> None:
+        try:
+            responses = json.loads(payload).get("responses", [])
+        except (ValueError, AttributeError):
+            return
+        with self._admin_answered:
+            errors = [r["error"] for r in responses if r.get("error")]
+            for r in responses:
+                if "correlationData" in r:
+                    self._admin_answers[r["correlationData"]] = {
+                        "error": "; ".join(errors)}
+            self._admin_answered.notify_all()
+
+    def _connect_admin(self) -> None:
+        """The plugin's administrator: a connection on an event loop of its own, so
+        that a responder callback can wait for its answers."""
+        from awscrt import io, mqtt
+        group = io.EventLoopGroup(1)
+        bootstrap = io.ClientBootstrap(group, io.DefaultHostResolver(group))
+        self._admin = self._client(f"standin-admin-{secrets.token_hex(3)}", bootstrap)
+        self._admin.connect().result(10)
+        future, _ = self._admin.subscribe(f"{DYNSEC_TOPIC}/response", mqtt.QoS.AT_LEAST_ONCE,
+                                          callback=self._on_admin_answer)
+        future.result(10)
 
     def start(self) -> None:
         if not find_mosquitto():
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
         self.prepare()
-        self._broker.start()
+        # The fleet inventory comes up in the background (moto's import alone
+        # takes about 0.5 s): whatever needs it waits for it (the hook, below;
+        # ``inventory``), so nothing passes the hook while it starts.
+        self._inventory_thread = threading.Thread(target=self._start_inventory,
+                                                  name="standin-inventory", daemon=True)
+        self._inventory_thread.start()
         try:
+            self._broker.start()
             if self.policies:
                 self._relay = Relay(self.host, self.port, ("127.0.0.1", self._broker.port),
                                     self.enforcer, self.tcp_nodelay)
                 self._relay.start()
+                self._connect_admin()
             self._connect_responder()
-        except Exception:
+        except BaseException:
             self.stop()
             raise
         self.record("ready", port=self.port)
 
-    def _client(self, client_id: str):
+    def _start_inventory(self) -> None:
+        """The fleet inventory (moto's DynamoDB) with this device in it, and the hook on it."""
+        try:
+            server = InventoryServer(self.stack)
+            self.inventory_server = server
+            server.start()
+            environment = server.environment()
+            write_new(self.dir / "aws.env", "".join(
+                f"{k}={v}\n" for k, v in environment.items()).encode(), 0o600)
+            if self.stack.inventory_table:
+                server.inventory().put(self.serial, secret_hash(self._secret))
+            if self.stack.hook is not None:
+                self._hook_caller = HookCaller(self.stack.hook, environment, self.record)
+        except Exception as exc:
+            self._inventory_error = exc
+            log.error("the fleet inventory did not start: %s", exc)
+
+    def inventory_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the fleet inventory serves; RuntimeError if it did not start."""
+        if self._inventory_thread is not None:
+            self._inventory_thread.join(timeout)
+            if self._inventory_thread.is_alive():
+                raise RuntimeError(f"the fleet inventory did not start in {timeout:.0f} s")
+        if self._inventory_error is not None:
+            raise RuntimeError(f"the fleet inventory did not start: {self._inventory_error}")
+
+    def _call_hook(self, event: dict) -> bool:
+        """The stack's hook, once the inventory serves; a hook that cannot run denies,
+        as a failing hook does on AWS."""
+        try:
+            self.inventory_ready(HOOK_LIMIT)
+        except RuntimeError:
+            self.record("hook", allowProvisioning=False, answered=False,
+                        error="the fleet inventory is not serving")
+            return False
+        return self._hook_caller(event)
+
+    @property
+    def inventory(self):
+        """cloud/inventory.py's Inventory on this stand-in's table (allow-reprovision,
+        revoke, show, ... as an operator would)."""
+        self.inventory_ready()
+        return self.inventory_server.inventory()
+
+    @property
+    def secret(self) -> str:
+        """This device's provisioning secret (the content of ``secret_path``)."""
+        return self._secret
+
+    def claim_pair_register(self, serial: str, secret: str | None = None,
+                            client_id: str | None = None, timeout: float = 10.0):
+        """RegisterThing for ``serial`` with the claim pair alone, through AWS's own
+        client (standin.claimpair), as anyone holding the SD card's claim files can."""
+        parameters = {"SerialNumber": serial}
+        if secret is not None:
+            parameters["ProvisioningSecret"] = secret
+        return claimpair.register("localhost", self.port, self.ca_path, self.claim_cert,
+                                  self.claim_key, client_id or serial, self.template,
+                                  parameters, timeout)
+
+    def claim_pair_connects(self, client_id: str, timeout: float = 10.0) -> bool:
+        return claimpair.connects("localhost", self.port, self.ca_path, self.claim_cert,
+                                  self.claim_key, client_id, timeout)
+
+    def _client(self, client_id: str, bootstrap=None):
         from awsiot import mqtt_connection_builder
         cert, key = self._responder_files
         # Straight to mosquitto: the stand-in's own connections pass no policy.
@@ -262,7 +448,8 @@ class StandIn:
         return mqtt_connection_builder.mtls_from_path(
             endpoint=host, port=self._broker.port, cert_filepath=str(cert),
             pri_key_filepath=str(key), ca_filepath=str(self.ca_path), client_id=client_id,
-            clean_session=True, keep_alive_secs=30, enable_metrics_collection=False)
+            clean_session=True, keep_alive_secs=30, enable_metrics_collection=False,
+            **({"client_bootstrap": bootstrap} if bootstrap is not None else {}))
 
     def _connect_responder(self) -> None:
         from awscrt import mqtt
@@ -276,22 +463,29 @@ class StandIn:
             future.result(10)
 
     def stop(self) -> None:
-        if self._connection is not None:
-            try:
-                self._connection.disconnect().result(3)
-            except Exception:
-                pass
-            self._connection = None
+        self.stop_broker()
+        if self._inventory_thread is not None:
+            self._inventory_thread.join(30)
+        if self.inventory_server is not None:
+            self.inventory_server.stop()
+            self.inventory_server = None
+
+    def stop_broker(self) -> None:
+        """Take the broker away, as a dead link would (the port then refuses)."""
+        for name in ("_connection", "_admin"):
+            connection = getattr(self, name)
+            if connection is not None:
+                try:
+                    connection.disconnect().result(3)
+                except Exception:
+                    pass
+                setattr(self, name, None)
         if self._relay is not None:
             self._relay.stop()
             self._relay = None
         if self._broker is not None:
             self._broker.stop()
             self._broker = None
-
-    def stop_broker(self) -> None:
-        """Take the broker away, as a dead link would (the port then refuses)."""
-        self.stop()
 
     def refuse_connections(self) -> None:
         """An outage the service comes back from: the device's port refuses until
@@ -330,6 +524,7 @@ class StandIn:
             "CLAIM_KEY": "claim/claim.private.pem.key",
             "ROOT_CA": "standin/ca.pem",
             "CERT_DIR": "cert",
+            "PROVISIONING_SECRET_FILE": self.secret_path.name,
         }
         device.update(overrides)
         doc = {"device": device, "camera": {"CAPTURE_INTERVAL_S": 60, "NOTE": "kept as is"}}
@@ -438,7 +633,7 @@ def _serve(args) -> int:
     try:
         standin = StandIn(Path(args.dir), serial=args.serial, template=args.template,
                           faults=faults, overwrite=args.overwrite, stack=args.stack,
-                          mode=args.mode)
+                          mode=args.mode, hook=False if args.no_hook else None)
     except (templates.TemplateError, OSError) as exc:
         log.error("cannot use the stack: %s", exc)
         return os.EX_CONFIG
@@ -458,11 +653,22 @@ def _serve(args) -> int:
         log.error("%s", exc)
         return os.EX_UNAVAILABLE
     try:
+        standin.inventory_ready()
+    except RuntimeError as exc:
+        standin.stop()
+        log.error("%s", exc)
+        return os.EX_UNAVAILABLE
+    try:
         if args.refuse_connections:
             standin.stop_broker()
             log.info("broker stopped: connections to localhost:%s are refused", standin.port)
         log.info("stand-in ready on localhost:%s; device config %s; events %s",
                  standin.port, standin.config_path, standin.events_path)
+        log.info("fleet inventory: table %s at %s; e.g. env $(cat %s) %s %s --table %s "
+                 "show %s", standin.stack.inventory_table,
+                 standin.inventory_server.endpoint, standin.dir / "aws.env",
+                 Path(sys.executable).name, HERE / "cloud" / "inventory.py",
+                 standin.stack.inventory_table, standin.serial)
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
@@ -482,9 +688,33 @@ def _listing(root: Path) -> str:
     return "\n".join(rows)
 
 
+def _attacks(standin: StandIn, out) -> None:
+    """The claim pair alone, as a thief with the SD card would use it."""
+    hook = "on" if standin.stack.hook else "OFF (--no-hook)"
+    out.write(f"The claim pair alone, through AWS's fleet provisioning client "
+              f"(pre-provisioning hook {hook}):\n")
+    thing = f"{standin.template.removesuffix('-fleet-template')}-{standin.serial}"
+    trials = (("an unknown serial CAM-9999", "CAM-9999", None),
+              (f"{standin.serial} again, without its secret", standin.serial, None),
+              (f"{standin.serial} again, with the camera's own secret file",
+               standin.serial, standin.secret))
+    for label, serial, secret in trials:
+        before = len(standin.events("hook"))
+        outcome = standin.claim_pair_register(serial, secret, client_id=f"thief-{serial}")
+        hooks = standin.events("hook")[before:]
+        reasons = [d.get("reason") for h in hooks for d in h.get("decisions", [])]
+        out.write(f"  RegisterThing for {label}: {outcome}"
+                  + (f" (hook: {', '.join(map(str, reasons))})" if reasons else "") + "\n")
+    connected = standin.claim_pair_connects(thing)
+    out.write(f"  Connect as {thing} with the claim certificate: "
+              f"{'ACCEPTED' if connected else 'refused (claim policy Deny)'}\n")
+    out.write(f"Inventory: {json.dumps(standin.inventory.show(standin.serial))}\n")
+
+
 def _demo(args) -> int:
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="ento-demo-") as tmp, StandIn(Path(tmp)) as standin:
+    with tempfile.TemporaryDirectory(prefix="ento-demo-") as tmp, \
+            StandIn(Path(tmp), hook=False if args.no_hook else None) as standin:
         root = Path(tmp)
         out = sys.stdout
         out.write(f"Stand-in for AWS IoT on localhost:{standin.port} (mosquitto, mutual TLS)\n")
@@ -518,7 +748,8 @@ def _demo(args) -> int:
         out.write(f"Device policy as mosquitto rules for certificate {applied['username']}: "
                   f"{'; '.join(applied['acl'])}\n")
         denied = standin.events("denied")
-        out.write(f"Policy denials: {len(denied)}\n")
+        out.write(f"Policy denials: {len(denied)}\n\n")
+        _attacks(standin, out)
         out.write(f"Demo finished in {time.monotonic() - started:.2f} s\n")
         out.flush()
     return 0
@@ -551,7 +782,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="drop the device's connection after this request, once")
     run.add_argument("--refuse-connections", action="store_true",
                      help="write the device's files, then close the broker's port")
-    sub.add_parser("demo", help="provision a simulated device and show the result")
+    run.add_argument("--no-hook", action="store_true",
+                     help="the stack's PreProvisioningHook Disabled: RegisterThing asks "
+                          "no fleet inventory")
+    demo = sub.add_parser("demo", help="provision a simulated device and show the result")
+    demo.add_argument("--no-hook", action="store_true",
+                      help="the stack's PreProvisioningHook Disabled: shows what is lost")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.command == "run":

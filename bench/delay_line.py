@@ -306,7 +306,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp, \
             DelayLine(trace=Path(tmp) / "trace.jsonl" if args.evidence else None) as line:
         setns(line.broker)
-        with StandIn(Path(tmp) / "device", host=BROKER_IP,
+        with StandIn(Path(tmp) / "device", hook=False, host=BROKER_IP,
                      tcp_nodelay=not args.broker_nagle) as standin:
             if args.evidence:
                 return evidence(standin, line, Path(tmp) / "trace.jsonl")

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args(argv)
     rows, out = [], {"machine": machine(), "runs": args.runs, "variants": {}}
-    with tempfile.TemporaryDirectory() as tmp, StandIn(Path(tmp), mode="Both") as standin:
+    with tempfile.TemporaryDirectory() as tmp, StandIn(Path(tmp), mode="Both", hook=False) as standin:
         proxy = DelayProxy(standin.port)
         try:
             for name, script, config in VARIANTS:

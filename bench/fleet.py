@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         standins = []
         for i in range(n):
-            standin = StandIn(Path(tmp) / f"d{i:03d}", serial=f"CAM-{i:04d}",
+            standin = StandIn(Path(tmp) / f"d{i:03d}", hook=False, serial=f"CAM-{i:04d}",
                               faults=Faults(limiter=allow), key_factory=key_factory)
             stack.enter_context(standin)
             standins.append(standin)

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     # Certificates signed for the bench, never registered: no stack policies.
     with tempfile.TemporaryDirectory() as tmp, \
-            StandIn(Path(tmp) / "standin", policies=False) as standin:
+            StandIn(Path(tmp) / "standin", policies=False, hook=False) as standin:
         work = Path(tmp)
         token = make_token(work / "hsm")
         os.environ["SOFTHSM2_CONF"] = str(token.conf)

@@ -928,7 +928,8 @@ def system_test(args: argparse.Namespace) -> tuple[dict, list[Outcome]]:
         # The camera's cloud: the stand-in on the host's loopback, its config,
         # claim files and CA written into the camera's /etc/entomologist.
         # "Both" mode: the claim policy allows both APIs (the PKCS#11 scenario uses CSRs).
-        standin = stack.enter_context(StandIn(root / CONF_DIR.lstrip("/"), mode="Both"))
+        standin = stack.enter_context(StandIn(root / CONF_DIR.lstrip("/"), mode="Both",
+                                              hook=False))
         container = Container(root, run_dir / "console.log")
         stack.callback(container.poweroff)
         cam = Camera(container, root, standin, exec_start)

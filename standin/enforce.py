@@ -1,10 +1,11 @@
-"""What mosquitto's acl_file cannot enforce, enforced from its log, before the device hears.
+"""What mosquitto's rules cannot enforce, enforced from its log, before the device hears.
 
-standin/policy.py renders each certificate's policies as acl_file rules; this
-module covers the rest, as its header proposes: the stand-in reads mosquitto's
-log (log_type notice, subscribe and debug), decides with policy.decide() /
-connect_allowed(), records a ``denied`` event (action, resource, reason) and
-disconnects the client.
+standin/policy.py renders each certificate's policies as rules for mosquitto's
+dynamic-security plugin (publish, receive, subscribe); this module covers the
+rest: the stand-in reads mosquitto's log (log_type notice,
+subscribe and debug), decides with policy.decide() / connect_allowed(),
+records a ``denied`` event (action, resource, reason) and disconnects the
+client (a denied connect or publish).
 
 Why a relay as well: mosquitto 2.0.11 logs a denied PUBLISH and then at once
 sends its PUBACK (an MQTT 3.1.1 PUBACK has no reason code), and it logs a
@@ -18,9 +19,12 @@ before it sends the PUBACK, SUBACK or CONNACK, so the decision is always made
 before the device can read the acknowledgement, and a denied client's
 connection is closed instead: AWS's disconnect, with no acknowledgement.
 
+A SUBSCRIBE is refused by mosquitto itself: the rules are given to its
+dynamic-security plugin (standin/policy.py renders them), which answers a
+denied one with SUBACK 0x80 and keeps the connection, as AWS does; the
+enforcer records it as a ``denied`` event.
+
 Known differences from AWS, here:
-  * A denied SUBSCRIBE closes the connection; AWS answers it with a failure
-    SUBACK (0x80) and keeps the connection.
   * A denied CONNECT closes the connection after the TLS handshake and before
     the CONNACK, as AWS does; AWS may also answer CONNACK 5 (not authorized).
   * A denied iot:Receive is mosquitto's silent non-delivery (as AWS); the
@@ -48,6 +52,8 @@ _CONNECTED = re.compile(r"New client connected from (\S+):(\d+) as (\S+) \(p\d+,
 _DENIED_PUBLISH = re.compile(r"Denied PUBLISH from (\S+) \(d\d, q(\d), r\d, m\d+, '(.*)', "
                              r"\.\.\. \(\d+ bytes\)\)$")
 _SUBSCRIBED = re.compile(r"^(\S+) (\d) (\S.*)$")
+_SUBSCRIBE_FROM = re.compile(r"^Received SUBSCRIBE from (\S+)$")
+_SUBSCRIBE_FILTER = re.compile(r"^\t(\S.*) \(QoS \d\)$")
 
 
 @dataclass
@@ -60,8 +66,9 @@ class Identity:
     policy_label: str = ""    # how a log line names the policy: "claim policy X"
     context: policy.Context = field(default_factory=policy.Context)
     active: bool = True
-    acl: str = ""             # its acl_file section
+    acl: str = ""             # its rules, in acl_file's words (what a reader checks)
     notes: list[str] = field(default_factory=list)
+    dynsec: list[dict] = field(default_factory=list)  # the same, as dynsec role ACLs
 
 
 class Enforcer:
@@ -79,6 +86,7 @@ class Enforcer:
         self._condemned: dict[int, str] = {}
         self._relay_ports: set[int] = set()
         self.reloads = 0
+        self._subscriber: str | None = None
         self._close: Callable[[int], None] = lambda port: None
 
     def add(self, identity: Identity) -> None:
@@ -119,6 +127,14 @@ class Enforcer:
         m = _DENIED_PUBLISH.match(text)
         if m:
             self._publish_denied(m.group(1), m.group(3))
+            return
+        m = _SUBSCRIBE_FROM.match(text)
+        if m:
+            self._subscriber = m.group(1)
+            return
+        m = _SUBSCRIBE_FILTER.match(text)
+        if m and self._subscriber in self._port_of:
+            self._subscribe_asked(self._subscriber, m.group(1))
             return
         m = _SUBSCRIBED.match(text)
         if m and m.group(1) in self._port_of:
@@ -173,7 +189,26 @@ class Enforcer:
         self._deny(port, identity, client_id, "iot:Publish",
                    identity.context.arn("topic", topic), reason)
 
+    def _subscribe_asked(self, client_id: str, topic_filter: str) -> None:
+        """A SUBSCRIBE as it arrives: the dynamic-security plugin answers a denied
+        one with SUBACK 0x80 and keeps the connection, as AWS does; recorded here."""
+        port, identity = self._identity_of(client_id)
+        if port is None or identity is None or identity.kind == "service":
+            return
+        decision = policy.decide(identity.documents, "iot:Subscribe", topic_filter,
+                                 self._context(identity, client_id))
+        if not decision:
+            self.record("denied", action="iot:Subscribe",
+                        resource=identity.context.arn("topicfilter", topic_filter),
+                        reason=f"{decision.reason} ({identity.policy_label})",
+                        client_id=client_id, username=identity.username,
+                        policy=identity.policy_label, answer="SUBACK 0x80")
+            log.info("refused iot:Subscribe on %s to %s (SUBACK 0x80): %s", topic_filter,
+                     client_id, decision.reason)
+
     def _subscribe(self, client_id: str, topic_filter: str) -> None:
+        """A SUBSCRIBE mosquitto granted; one the policies deny closes the connection
+        (the plugin's rules are exact or stricter, so this only guards them)."""
         port, identity = self._identity_of(client_id)
         if port is None or identity is None or identity.kind == "service":
             return
@@ -183,6 +218,13 @@ class Enforcer:
             self._deny(port, identity, client_id, "iot:Subscribe",
                        identity.context.arn("topicfilter", topic_filter),
                        f"{decision.reason} ({identity.policy_label})")
+
+    def connected(self, kind: str) -> list[str]:
+        """Client IDs of the connections through the relay whose certificate is of ``kind``."""
+        with self._lock:
+            return [client_id for port, (client_id, username) in self._who.items()
+                    if port in self._relay_ports
+                    and getattr(self.identities.get(username), "kind", None) == kind]
 
     # -- the relay's questions
 

@@ -36,19 +36,24 @@ Known differences from AWS:
   * Connect is decided here, but mosquitto cannot enforce client IDs: see
     render_acl() and connect_allowed().
 
-Rendering for mosquitto 2.0.11 (render_acl): an ``acl_file`` section per
-identity (``user <certificate CN>``, with ``use_identity_as_username true``),
-rewritten and reloaded with SIGHUP.  Chosen over the dynamic-security plugin
-because the stand-in already drives mosquitto through a config file, the
-reload needs no admin identity or control topic, and a test can read the rules
-it asserts.  The plugin's finer ACL kinds (publishClientSend,
-publishClientReceive, subscribeLiteral) would map Publish / Receive /
-Subscribe one to one; acl_file has only read / write / deny, so:
+Rendering for mosquitto 2.0.11 (render_acl): the rules of each identity
+(the certificate's CN, with ``use_identity_as_username true``) in acl_file's
+words (``AclRendering.lines``: what the stand-in records and a test reads)
+and per action for mosquitto's dynamic-security plugin, which enforces them
+(``AclRendering.dynsec_acls()``: publishClientSend for iot:Publish,
+publishClientReceive for iot:Receive, subscribePattern for iot:Subscribe; its
+default denies everything else).  The plugin, not acl_file, because only it
+refuses a SUBSCRIBE in the SUBACK (0x80) and keeps the connection, as AWS
+does: mosquitto 2.0.11 grants every SUBSCRIBE under acl_file, deny rules
+included (tried on loopback with a raw MQTT 3.1.1 client), and with both
+configured one's allow overrides the other's refusal (tried too), so the two
+cannot be mixed.  The plugin reads its file only
+at start; a new certificate's role and client go over its $CONTROL API.
+In the acl_file words:
   * ``write`` is iot:Publish.  ``read`` stands for both iot:Subscribe (the
-    filter) and iot:Receive (each delivered topic): a read rule is written
-    only where both are allowed.
-  * ``deny`` applies to read and write together; an AWS Deny of one action is
-    rendered only by leaving the allow out, never as a mosquitto deny.
+    filter) and iot:Receive (each delivered topic): a read line is written
+    only where both are allowed (the plugin's rules keep them apart).
+  * An AWS Deny is rendered only by leaving the allow out, never as a deny rule.
   * IAM globs become MQTT filters only when exact: literal levels, a trailing
     ``/*`` becomes ``/#``, a lone ``*`` becomes ``#`` plus ``$aws/#`` (``#``
     and ``+`` at the first level never match ``$`` topics).  ``?``, a ``*``
@@ -58,16 +63,9 @@ Subscribe one to one; acl_file has only read / write / deny, so:
     named in ``AclRendering.notes``.  The caller can pass the concrete
     ``topics`` its protocol uses; each is decided exactly with ``allowed()``
     and written literally.
-  * What mosquitto 2.0.11 does with acl_file (tried on loopback with a raw
-    MQTT 3.1.1 client): a SUBSCRIBE is granted (SUBACK QoS 1) whatever the
-    read rules say, and the rules apply only when a message is delivered; a
-    denied PUBLISH still gets its PUBACK and the connection stays open; SIGHUP
-    re-reads the file and the new rules apply to clients already connected.
-    AWS instead refuses a denied SUBSCRIBE in its SUBACK and disconnects a
-    client whose PUBLISH is denied.  (The dynamic-security plugin's
-    subscribeLiteral / subscribePattern rules should refuse a SUBSCRIBE in
-    its SUBACK; not tried here.)
-  * The acl_file user is the certificate's CN (use_identity_as_username), so
+  * A denied PUBLISH still gets its PUBACK from mosquitto and the connection
+    stays open; AWS disconnects such a client (standin/enforce.py does).
+  * The plugin's client is the certificate's CN (use_identity_as_username), so
     one identity per certificate needs one CN per certificate: the stand-in
     issues device certificates with CN=ento-device-<16 hex> (the certificate
     ID cannot be the CN: it is the hash of the certificate; AWS's own say
@@ -75,8 +73,9 @@ Subscribe one to one; acl_file has only read / write / deny, so:
     CN=ento-fleet-claim.
   * What mosquitto does not enforce, the stand-in can observe in the broker's
     log and act on: "New client connected from … as <client id> (…,
-    u'<username>')" (log_type notice) for iot:Connect, "<client id> <qos>
-    <filter>" (log_type subscribe) for iot:Subscribe, and "Denied PUBLISH
+    u'<username>')" (log_type notice) for iot:Connect, "Received SUBSCRIBE
+    from <client id>" and a tab-indented "<filter> (QoS n)" (log_type debug)
+    for iot:Subscribe (recorded only: the plugin refuses it), and "Denied PUBLISH
     from <client id> (… '<topic>', …)" (log_type debug only) for iot:Publish.
     For each, decide with connect_allowed() / decide(), record the denial as
     an event, and disconnect the client.  Done in standin/enforce.py, with
@@ -383,9 +382,22 @@ class AclRendering:
     username: str
     lines: list[str]
     notes: list[str]
+    # MQTT filters per action, for mosquitto's dynamic-security plugin, which
+    # tells them apart (acl_file's "read" is Subscribe and Receive together).
+    publish: list[str] = field(default_factory=list)
+    subscribe: list[str] = field(default_factory=list)
+    receive: list[str] = field(default_factory=list)
 
     def text(self) -> str:
         return "\n".join([f"user {self.username}", *self.lines]) + "\n"
+
+    def dynsec_acls(self) -> list[dict]:
+        """The rules as the dynamic-security plugin's role ACLs (all allows; its
+        default denies the rest, and a refused SUBSCRIBE gets SUBACK 0x80)."""
+        kinds = (("publishClientSend", self.publish), ("subscribePattern", self.subscribe),
+                 ("publishClientReceive", self.receive))
+        return [{"acltype": kind, "topic": topic, "priority": 0, "allow": True}
+                for kind, topics in kinds for topic in dict.fromkeys(topics)]
 
 
 def _to_mqtt(glob: str) -> list[str] | None:
@@ -522,6 +534,7 @@ def render_acl(username: str, documents, context: Context | None = None,
     ``topics``: concrete topic names decided exactly and written literally
     (the stand-in's own protocol topics), whatever the patterns allow."""
     context = context or Context()
+    topics = list(topics)
     policies = _policies(documents)
     notes: list[str] = []
     write = _allow_patterns(policies, "iot:Publish", "topic", context, notes)
@@ -550,4 +563,10 @@ def render_acl(username: str, documents, context: Context | None = None,
         access = ("readwrite" if topic in write and topic in read
                   else "write" if topic in write else "read")
         lines.append(f"topic {access} {topic}")
-    return AclRendering(username, lines, list(dict.fromkeys(notes)))
+    subscribe += [t for t in topics if not any(_covers(f, t) for f in subscribe)
+                  and allowed(policies, "iot:Subscribe", t, context)]
+    receive += [t for t in topics if not any(_covers(r, t) for r in receive)
+                and allowed(policies, "iot:Receive", t, context)]
+    return AclRendering(username, lines, list(dict.fromkeys(notes)), publish=list(write),
+                        subscribe=list(dict.fromkeys(subscribe)),
+                        receive=list(dict.fromkeys(receive)))

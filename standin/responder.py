@@ -11,6 +11,10 @@ attributes, certificate status, policies and deviceConfiguration.  Each device
 certificate gets a common name of its own (``ento-device-<16 hex>``: the
 certificate ID cannot be its CN, being the hash of the certificate), so that
 mosquitto's use_identity_as_username tells one certificate from another.
+
+When the stack's template has a pre-provisioning hook, every RegisterThing
+with a valid token is first put to it (standin.inventory.HookCaller); a
+refusal is 403 ACCESS_DENIED and nothing is registered.
 """
 from __future__ import annotations
 
@@ -34,6 +38,13 @@ REGISTER_SUFFIX = "/provision/json"
 BOOT_PREFIX = "cameraDevice/"
 MALFORMED_CREATE = ("not-json", "missing-cert", "bad-pem", "wrong-key")
 MALFORMED_REGISTER = ("not-json", "empty-thing")
+# What RegisterThing answers when the pre-provisioning hook refuses or fails:
+# AWS documents only that the request "fails with ACCESS_DENIED"; 403 is AWS
+# IoT's Forbidden.
+HOOK_REFUSAL = ("ACCESS_DENIED", 403,
+                "ACCESS_DENIED: the pre-provisioning hook did not allow this registration")
+# Template parameters that are the device's secrets: never in the record.
+SECRET_PARAMETERS = ("ProvisioningSecret",)
 
 
 @dataclass
@@ -120,8 +131,16 @@ class Responder:
                  record: Callable[..., None],
                  key_factory: "Callable[[], rsa.RSAPrivateKey] | None" = None,
                  provisioning: "templates.ProvisioningTemplate | None" = None,
-                 on_registered: "Callable[[templates.Registration, str], None] | None" = None):
+                 on_registered: "Callable[[templates.Registration, str], None] | None" = None,
+                 hook: "Callable[[dict], bool] | None" = None,
+                 hook_context: "Callable[[str], dict] | None" = None):
         self.ca = ca
+        # The pre-provisioning hook (standin.inventory.HookCaller): called with
+        # AWS's event, True to allow.  hook_context(template) gives the event's
+        # claimCertificateId, templateArn and clientId.
+        self.hook = hook
+        self.hook_context = hook_context or (lambda template: {})
+        self.pems: dict[str, str] = {}
         self.template = template
         self.provisioning = provisioning or templates.load_stack().template
         # Called with the registration and the certificate's CN before the
@@ -200,8 +219,9 @@ class Responder:
         self.common_names[cert_id] = common_name
         token = secrets.token_urlsafe(32)
         self.tokens[token] = cert_id
+        self.pems[cert_id] = cert.public_bytes(serialization.Encoding.PEM).decode()
         body = {"certificateId": cert_id,
-                "certificatePem": cert.public_bytes(serialization.Encoding.PEM).decode(),
+                "certificatePem": self.pems[cert_id],
                 "certificateOwnershipToken": token}
         if key_pem is not None:
             body["privateKey"] = key_pem
@@ -233,7 +253,9 @@ class Responder:
             self.record("register-request", template=template, valid=False)
             return False, Rejection(400, "InvalidPayload", "malformed request").body()
         cert_id = self.tokens.get(token)
-        self.record("register-request", template=template, parameters=params,
+        self.record("register-request", template=template,
+                    parameters={k: "<redacted>" if k in SECRET_PARAMETERS else v
+                                for k, v in params.items()},
                     token_valid=cert_id is not None)
         rejection = (self.faults.take("register", self.faults.reject_register)
                      or self.faults.throttled("register"))
@@ -245,6 +267,17 @@ class Responder:
         if cert_id is None:
             return False, Rejection(400, "InvalidCertificateOwnershipToken",
                                     "the ownership token is not valid").body()
+        if self.hook is not None:
+            event = {"claimCertificateId": "", "certificateId": cert_id,
+                     "certificatePem": self.pems[cert_id],
+                     "templateArn": "", "clientId": "",
+                     **self.hook_context(template),
+                     "parameters": dict(params)}
+            if not self.hook(event):
+                code, status, message = HOOK_REFUSAL
+                self.record("register-rejected", statusCode=status, errorCode=code,
+                            errorMessage=message, hook=True)
+                return False, Rejection(status, code, message).body()
         try:
             registration = self.provisioning.register(params, cert_id)
         except templates.Rejection as exc:

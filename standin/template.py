@@ -41,7 +41,9 @@ Known differences from AWS:
     documented.
   * No registry: thing types, thing groups, billing groups and named policies
     are not checked to exist; OverrideSettings are accepted and ignored (every
-    registration is a first one); pre-provisioning hooks are not called.
+    registration is a first one).  A PreProvisioningHook is read from the
+    stack (load_stack: its Lambda function's handler module beside the stack
+    file, its environment); the stand-in calls it (standin/responder.py).
   * Parameter types other than String, per-resource Condition attributes and
     AWS::NoValue are refused at load time; AWS may accept some of them.
   * DeviceConfiguration: AWS says it does not support nested objects; a
@@ -597,6 +599,18 @@ def _literal_map_names(body) -> set[str]:
 STACK = Path(__file__).resolve().parent.parent / "cloud" / "stack.yaml"
 
 
+@dataclass(frozen=True)
+class Hook:
+    """The template's pre-provisioning hook: a Lambda function whose handler
+    module lies beside the stack file (cloud/hook.py for ``hook.handler``)."""
+
+    function_name: str
+    module_path: Path
+    function: str
+    environment: dict[str, str]
+    payload_version: str
+
+
 @dataclass
 class Stack:
     """What the stand-in takes from cloud/stack.yaml."""
@@ -608,6 +622,15 @@ class Stack:
     region: str
     account: str
     partition: str
+    # DynamoDB tables the stack makes: TableName -> CreateTable's arguments.
+    tables: dict[str, dict] = field(default_factory=dict)
+    hook: Hook | None = None
+
+    @property
+    def inventory_table(self) -> str | None:
+        if self.hook is not None and "INVENTORY_TABLE" in self.hook.environment:
+            return self.hook.environment["INVENTORY_TABLE"]
+        return next(iter(self.tables), None)
 
     def context(self, **fields) -> iot_policy.Context:
         """A policy Context in this stack's partition, region and account."""
@@ -697,6 +720,52 @@ def load_stack(path: Path | str = STACK, parameters: Mapping[str, str] | None = 
         except iot_policy.PolicyError as exc:
             raise TemplateError(f"{target}: {exc}") from None
         claim_policies.append(document)
+    tables = {}
+    for k, r in resources.items():
+        if r.get("Type") == "AWS::DynamoDB::Table" and present(r):
+            p = r.get("Properties", {})
+            if "TableName" not in p:
+                raise TemplateError(f"{k}: the stand-in needs a TableName")
+            tables[k] = {key: evaluate(p[key], f"{k}.{key}") for key in
+                         ("TableName", "KeySchema", "AttributeDefinitions") if key in p}
+    hook = _hook(props.get("PreProvisioningHook"), resources, ev, evaluate, present,
+                 {k: t["TableName"] for k, t in tables.items()}, Path(path))
     return Stack(name, template, claim_policies,
                  {k: v for k, v in values.items() if not k.startswith("AWS::")},
-                 region, account, partition)
+                 region, account, partition,
+                 {t["TableName"]: t for t in tables.values()}, hook)
+
+
+def _hook(node, resources, ev, evaluate, present, table_names, path: Path) -> Hook | None:
+    """The provisioning template's PreProvisioningHook, or None (absent, or
+    AWS::NoValue through its condition)."""
+    fn = _function(node)
+    if fn and fn[0] == "Fn::If":
+        condition, yes, no = fn[1]
+        node = yes if ev.condition(condition) else no
+    if node is None or node == {"Ref": "AWS::NoValue"}:
+        return None
+    target = node.get("TargetArn") if isinstance(node, dict) else None
+    fn = _function(target)
+    if not fn or fn[0] != "Fn::GetAtt" or fn[1][1] != "Arn" \
+            or resources.get(fn[1][0], {}).get("Type") != "AWS::Lambda::Function" \
+            or not present(resources[fn[1][0]]):
+        raise TemplateError("PreProvisioningHook.TargetArn: the stand-in needs an "
+                            "Fn::GetAtt [<a Lambda function in the stack>, Arn]")
+    version = evaluate(node.get("PayloadVersion", "2020-04-01"), "PayloadVersion")
+    if version != "2020-04-01":
+        raise TemplateError(f"PreProvisioningHook.PayloadVersion {version}: only 2020-04-01")
+    logical = fn[1][0]
+    props = resources[logical].get("Properties", {})
+    module, _, function = str(props.get("Handler", "")).rpartition(".")
+    module_path = path.resolve().parent / f"{module}.py"
+    if not module or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", module) \
+            or not module_path.is_file():
+        raise TemplateError(f"{logical}.Handler: no module {module_path} beside the stack")
+    variables = props.get("Environment", {}).get("Variables", {})
+    env_ev = _Evaluator({**ev.values, **table_names}, ev.mappings, ev.condition_defs,
+                        no_value=True, where="stack")
+    _check(variables, STACK_FUNCTIONS, f"{logical}.Environment", set(), set())
+    environment = {k: str(v) for k, v in env_ev.value(variables).items()}
+    name = evaluate(props.get("FunctionName", logical), f"{logical}.FunctionName")
+    return Hook(name, module_path, function, environment, version)

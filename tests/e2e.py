@@ -102,6 +102,7 @@ class DeviceState:
             assert "PRIVATE KEY" not in text and "-----BEGIN" not in text
             for token in self.standin.issued_tokens():
                 assert token not in text
+            assert self.standin.secret not in text, "the provisioning secret was printed"
         return {"installed": installed, "status": status}
 
 

@@ -38,7 +38,7 @@ def without_boot_topic(body):
 
 
 def test_a_device_policy_without_the_boot_topic_fails_the_boot_report_visibly(tmp_path):
-    with StandIn(tmp_path, stack=stack_with(without_boot_topic)) as standin:
+    with StandIn(tmp_path, stack=stack_with(without_boot_topic, hook=False)) as standin:
         state = DeviceState(standin)
         result = run_script("boot.py", standin.config_path, "--timeout", "4")
         assert result.code == 75, result.stderr
@@ -60,15 +60,49 @@ def test_the_default_modes_claim_policy_makes_csr_mode_fail_visibly(standin):
     standin.write_device_config(PROVISIONING_API="CreateCertificateFromCsr")
     result = run_script("boot.py", standin.config_path, "--timeout", "3")
     assert result.code == 75, result.stderr
-    assert "time limit" in result.errors[-1]
-    assert "the certificate's policy may not allow iot:Subscribe on " \
-           "$aws/certificates/create-from-csr/json/" in result.errors[-1]
+    # As AWS answers: a refused SUBACK (0x80), the connection kept.
+    assert "refused the subscription to $aws/certificates/create-from-csr/json/" \
+        in result.errors[-1]
+    assert "iot:Subscribe on $aws/certificates/create-from-csr/*" in result.errors[-1]
     denied = standin.events("denied")
-    assert denied and denied[0]["action"] == "iot:Subscribe"
+    assert denied and {d["action"] for d in denied} == {"iot:Subscribe"}
+    assert {d["answer"] for d in denied} == {"SUBACK 0x80"}
     assert denied[0]["resource"].startswith(
         f"{ARN}:topicfilter/$aws/certificates/create-from-csr/json/")
     assert denied[0]["policy"] == "claim policy for ProvisioningMode CreateKeysAndCertificate"
     assert standin.events("csr-request") == []
+
+
+def test_a_denied_subscription_gets_suback_0x80_and_the_connection_stays(standin):
+    """AWS's answer, through AWS's own client: SubscribeError for the refused filter,
+    then the same connection subscribes and publishes what the claim policy allows."""
+    from awscrt import mqtt
+    from awsiot import mqtt_connection_builder
+    connection = mqtt_connection_builder.mtls_from_path(
+        endpoint="localhost", port=standin.port, cert_filepath=str(standin.claim_cert),
+        pri_key_filepath=str(standin.claim_key), ca_filepath=str(standin.ca_path),
+        client_id=standin.serial, clean_session=True, keep_alive_secs=30)
+    interrupted = []
+    connection.on_connection_interrupted = lambda *a, **k: interrupted.append(k)
+    connection.connect().result(10)
+    try:
+        refused, _ = connection.subscribe("$aws/certificates/create-from-csr/json/accepted",
+                                          mqtt.QoS.AT_LEAST_ONCE, lambda **k: None)
+        with pytest.raises(Exception) as caught:
+            refused.result(10)
+        assert type(caught.value).__name__ == "SubscribeError"
+        granted, _ = connection.subscribe("$aws/certificates/create/json/accepted",
+                                          mqtt.QoS.AT_LEAST_ONCE, lambda **k: None)
+        assert granted.result(10)["qos"] == mqtt.QoS.AT_LEAST_ONCE
+        published, _ = connection.publish("$aws/certificates/create/json", "{}",
+                                          mqtt.QoS.AT_LEAST_ONCE)
+        published.result(10)
+        assert standin.wait_for("create-request")
+    finally:
+        connection.disconnect().result(10)
+    assert interrupted == []
+    denied, = standin.events("denied")
+    assert (denied["action"], denied["answer"]) == ("iot:Subscribe", "SUBACK 0x80")
 
 
 def with_site_parameter(body):
@@ -77,7 +111,7 @@ def with_site_parameter(body):
 
 
 def test_a_template_parameter_the_device_does_not_send_is_a_rejection_and_exit_65(tmp_path):
-    with StandIn(tmp_path, stack=stack_with(with_site_parameter)) as standin:
+    with StandIn(tmp_path, stack=stack_with(with_site_parameter, hook=False)) as standin:
         state = DeviceState(standin)
         result = run_script("boot.py", standin.config_path)
         assert result.code == 65, result.stderr
@@ -106,7 +140,7 @@ def test_a_device_connecting_under_another_client_id_than_its_thing_name_is_refu
 @pytest.mark.parametrize("mode,api", [("CreateCertificateFromCsr", "CreateCertificateFromCsr"),
                                       ("Both", None)])
 def test_the_mode_picks_the_claim_policy_and_the_devices_provisioning_api(tmp_path, mode, api):
-    with StandIn(tmp_path, mode=mode) as standin:
+    with StandIn(tmp_path, mode=mode, hook=False) as standin:
         assert device_doc(standin)["device"].get("PROVISIONING_API") == api
         standin.write_device_config(PROVISIONING_API="CreateCertificateFromCsr")
         result = run_script("boot.py", standin.config_path)

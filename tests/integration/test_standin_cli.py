@@ -1,5 +1,6 @@
 """The stand-in as users run it: a process with fault options on its command line."""
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -13,7 +14,7 @@ from e2e import ROOT, run_script
 
 def start(tmp_path, *options, preexec_fn=None):
     proc = subprocess.Popen([sys.executable, str(ROOT / "iot_standin.py"), "run", "--dir",
-                             str(tmp_path), *options], stdin=subprocess.DEVNULL,
+                             str(tmp_path), "--no-hook", *options], stdin=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
     end = time.monotonic() + 20
     for line in proc.stderr:
@@ -52,7 +53,7 @@ def test_fault_options_from_the_command_line(tmp_path, options, code, expected):
 
 
 def test_demo_shows_files_and_boot_messages():
-    proc = subprocess.run([sys.executable, str(ROOT / "iot_standin.py"), "demo"],
+    proc = subprocess.run([sys.executable, str(ROOT / "iot_standin.py"), "demo", "--no-hook"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "600    " in proc.stdout and "cert/private.pem.key" in proc.stdout
@@ -116,6 +117,37 @@ def test_sigterm_stops_the_stand_in_and_its_mosquitto(tmp_path):
     assert proc.wait(10) == 0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_run_puts_the_device_in_the_fleet_inventory_and_its_secret_beside_its_config(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "iot_standin.py"), "run", "--dir",
+                             str(tmp_path), "--serial", "CAM-0042"], stdin=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "fleet inventory:" in line:
+                break
+        assert any("stand-in ready" in line for line in lines), lines
+        device = json.loads((tmp_path / "ento.conf").read_text())["device"]
+        secret = tmp_path / device["PROVISIONING_SECRET_FILE"]
+        assert oct(secret.stat().st_mode & 0o777) == "0o600"
+        env_file = tmp_path / "standin" / "aws.env"
+        assert oct(env_file.stat().st_mode & 0o777) == "0o600"
+        environment = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+        operator = subprocess.run(
+            [sys.executable, str(ROOT / "cloud" / "inventory.py"), "show", "CAM-0042"],
+            capture_output=True, text=True, timeout=60,
+            env={"PATH": os.environ.get("PATH", ""), "AWS_CONFIG_FILE": "/dev/null",
+                 **environment})
+        assert operator.returncode == 0, operator.stderr
+        assert json.loads(operator.stdout)["state"] == "manufactured"
+        assert secret.read_text().strip() not in (tmp_path / "standin" /
+                                                  "events.jsonl").read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
 
 
 def test_sigint_stops_the_stand_in_and_its_mosquitto_even_when_started_with_it_ignored(

@@ -104,3 +104,18 @@ def test_a_finished_port_forgets_its_verdict_for_the_next_connection(setup):
     enforcer.relayed(5001)
     write(connected(5001, "ento-CAM-1", "dev-1"))
     assert enforcer.verdict(5001) is None
+
+
+def test_a_subscribe_the_plugin_refuses_is_recorded_and_the_connection_kept(setup):
+    enforcer, events, write = setup
+    enforcer.relayed(5001)
+    write(connected(5001, "CAM-1", "claim"), "Received SUBSCRIBE from CAM-1",
+          "\t$aws/certificates/create-from-csr/json/accepted (QoS 1)",
+          "\t$aws/certificates/create/json/accepted (QoS 1)",
+          "CAM-1 1 $aws/certificates/create/json/accepted", "Sending SUBACK to CAM-1")
+    assert enforcer.verdict(5001) is None
+    (event, fields), = events
+    assert (event, fields["action"], fields["answer"]) == ("denied", "iot:Subscribe",
+                                                          "SUBACK 0x80")
+    assert fields["resource"].endswith(
+        ":topicfilter/$aws/certificates/create-from-csr/json/accepted")

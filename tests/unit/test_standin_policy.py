@@ -307,3 +307,19 @@ def test_acl_of_a_policy_without_the_boot_topic_grants_nothing_for_it():
     policy = doc(allow("iot:Connect", ARN + "client/${iot:Connection.Thing.ThingName}"))
     r = render_acl("cert1", policy, thing_ctx(), topics=["cameraDevice/S1/booted"])
     assert r.text() == "user cert1\n"
+
+
+def test_plugin_rules_keep_subscribe_receive_and_publish_apart():
+    """acl_file's "read" needs Subscribe and Receive; the plugin's rules take each alone."""
+    doc = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Subscribe",
+         "Resource": "arn:aws:iot:us-east-1:123456789012:topicfilter/only/subscribe/*"},
+        {"Effect": "Allow", "Action": "iot:Receive",
+         "Resource": "arn:aws:iot:us-east-1:123456789012:topic/only/receive/*"},
+        {"Effect": "Allow", "Action": "iot:Publish",
+         "Resource": "arn:aws:iot:us-east-1:123456789012:topic/out"}]}
+    rendering = render_acl("dev", [doc], Context(region="us-east-1", account="123456789012"))
+    assert rendering.lines == ["topic write out"]
+    assert [(a["acltype"], a["topic"], a["allow"]) for a in rendering.dynsec_acls()] == [
+        ("publishClientSend", "out", True), ("subscribePattern", "only/subscribe/#", True),
+        ("publishClientReceive", "only/receive/#", True)]

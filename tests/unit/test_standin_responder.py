@@ -195,3 +195,42 @@ def test_boot_messages_are_recorded(responder, events):
 def test_a_malformed_rejection_option_is_refused(text):
     with pytest.raises(ValueError):
         Rejection.parse(text)
+
+
+def test_a_hook_refusal_is_403_access_denied_and_registers_nothing(events, faults):
+    asked = []
+
+    def hook(event):
+        asked.append(event)
+        return False
+
+    responder = Responder(ca, "T", "CAM-1", faults, lambda e, **f: events.append((e, f)),
+                          key_factory=lambda: ec.generate_private_key(ec.SECP256R1()),
+                          hook=hook, hook_context=lambda template: {
+                              "claimCertificateId": "c" * 64, "clientId": "CAM-1",
+                              "templateArn": f"arn:aws:iot:r:1:provisioningtemplate/{template}"})
+    body = created(responder)
+    outcome, rejected = register(responder, body["certificateOwnershipToken"],
+                                 SerialNumber="CAM-1", ProvisioningSecret="s3cret")
+    assert (outcome, rejected["statusCode"], rejected["errorCode"]) == \
+        ("rejected", 403, "ACCESS_DENIED")
+    event, = asked
+    assert set(event) == {"claimCertificateId", "certificateId", "certificatePem",
+                          "templateArn", "clientId", "parameters"}
+    assert event["certificateId"] == body["certificateId"]
+    assert event["certificatePem"] == body["certificatePem"]
+    assert event["parameters"] == {"SerialNumber": "CAM-1", "ProvisioningSecret": "s3cret"}
+    assert event["templateArn"].endswith(":provisioningtemplate/T")
+    assert not [e for e, _ in events if e == "register-accepted"]
+    assert "s3cret" not in json.dumps(events)
+
+
+def test_a_hook_that_allows_lets_the_template_register(events, faults):
+    responder = Responder(ca, "T", "CAM-1", faults, lambda e, **f: events.append((e, f)),
+                          key_factory=lambda: ec.generate_private_key(ec.SECP256R1()),
+                          hook=lambda event: True)
+    body = created(responder)
+    outcome, accepted = register(responder, body["certificateOwnershipToken"],
+                                 SerialNumber="CAM-1", ProvisioningSecret="s3cret")
+    assert outcome == "accepted" and accepted["thingName"] == "ento-CAM-1"
+    assert "s3cret" not in json.dumps(events) + json.dumps(accepted)

@@ -310,3 +310,46 @@ def test_a_stack_whose_template_body_uses_getatt_is_refused(tmp_path):
     path.write_text(text)
     with pytest.raises(TemplateError, match="Fn::GetAtt is not supported"):
         load_stack(path)
+
+
+def test_stack_hook_is_the_lambda_handler_module_beside_the_stack_with_its_environment():
+    stack = load_stack()
+    assert stack.hook.module_path == STACK.parent / "hook.py"
+    assert (stack.hook.function, stack.hook.payload_version) == ("handler", "2020-04-01")
+    assert stack.hook.environment == {"INVENTORY_TABLE": "ento-fleet-inventory",
+                                      "DAILY_BUDGET": "5"}
+    assert stack.inventory_table == "ento-fleet-inventory"
+    assert stack.tables["ento-fleet-inventory"]["KeySchema"] == [
+        {"AttributeName": "serial", "KeyType": "HASH"}]
+
+
+def test_stack_hook_parameter_disabled_leaves_the_template_without_hook_but_the_inventory():
+    stack = load_stack(parameters={"PreProvisioningHook": "Disabled",
+                                   "DailyRegistrationBudget": "2"})
+    assert stack.hook is None and stack.inventory_table == "ento-fleet-inventory"
+    assert load_stack(parameters={"DailyRegistrationBudget": "2", "NamePrefix": "bugs"}
+                      ).hook.environment == {"INVENTORY_TABLE": "bugs-fleet-inventory",
+                                             "DAILY_BUDGET": "2"}
+
+
+def test_stack_provisioning_secret_is_declared_but_never_an_attribute_or_configuration():
+    stack = load_stack()
+    assert stack.template.parameters["ProvisioningSecret"] == {"Type": "String", "Default": ""}
+    secret = "s3cr3t-token-value"
+    reg = stack.template.register({"SerialNumber": "CAM-0001", "ProvisioningSecret": secret},
+                                  "c")
+    assert secret not in json.dumps([reg.attributes, reg.device_configuration, reg.thing_name,
+                                     [p.document for p in reg.policies]])
+    # Without it (a camera from before the hook, the hook off) the template still registers.
+    assert stack.template.register({"SerialNumber": "CAM-0001"}, "c").thing_name == \
+        "ento-CAM-0001"
+
+
+@pytest.mark.parametrize("prefix", ["ento", "bugs"])
+def test_stack_claim_policy_denies_connecting_with_any_thing_name_of_its_prefix(prefix):
+    stack = load_stack(parameters={"NamePrefix": prefix})
+    docs = stack.claim_policies
+    assert P.connect_allowed(docs, "CAM-0001", stack.context(client_id="CAM-0001"))
+    for client_id in (f"{prefix}-CAM-0001", f"{prefix}-anything"):
+        decision = P.connect_allowed(docs, client_id, stack.context(client_id=client_id))
+        assert not decision and "explicit deny" in decision.reason

@@ -1,0 +1,237 @@
+"""cloud/hook.py, the pre-provisioning hook, against a real local DynamoDB (moto's server).
+
+Each test gets the stack's inventory table in a moto account of its own
+(standin.inventory.InventoryServer), fills it with cloud/inventory.py as an
+operator would, and calls the handler with AWS's documented event.
+"""
+import datetime
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from cloud import hook
+from cloud.inventory import Inventory
+from e2e import ROOT
+from standin import template as templates
+from standin.inventory import InventoryServer
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = InventoryServer(templates.load_stack())
+    s.start()
+    yield s
+    s.stop()
+
+
+class Fleet:
+    """One fresh table: the operator's Inventory, the hook's environment, its log lines."""
+
+    def __init__(self, server, tmp_path, table: str):
+        self.client = server.client()
+        self.inventory = Inventory(self.client, table)
+        self.inventory.create_table()
+        self.environ = {**server.environment(), "INVENTORY_TABLE": table, "DAILY_BUDGET": "5"}
+        self.dir = tmp_path
+        self.lines: list[dict] = []
+
+    def add(self, serial: str) -> str:
+        return self.inventory.add(serial, self.dir).read_text().rstrip("\n")
+
+    def event(self, serial, secret, certificate_id="c" * 64):
+        parameters = {"SerialNumber": serial}
+        if secret is not None:
+            parameters["ProvisioningSecret"] = secret
+        return {"claimCertificateId": "a" * 64, "certificateId": certificate_id,
+                "certificatePem": "-----BEGIN CERTIFICATE-----\n...",
+                "templateArn": "arn:aws:iot:us-east-1:123456789012:provisioningtemplate/"
+                               "ento-fleet-template",
+                "clientId": serial, "parameters": parameters}
+
+    def register(self, serial, secret, **environ) -> tuple[bool, dict]:
+        answer = hook.handler(self.event(serial, secret), None,
+                              environ={**self.environ, **environ})
+        assert set(answer) == {"allowProvisioning"}
+        return answer["allowProvisioning"], self.lines[-1]
+
+
+class Lines(logging.Handler):
+    def __init__(self, into):
+        super().__init__()
+        self.into = into
+
+    def emit(self, record):
+        self.into.append(json.loads(record.getMessage()))
+
+
+@pytest.fixture
+def fleet(server, tmp_path, request):
+    f = Fleet(server, tmp_path, f"inventory-{request.node.name[:40]}-{time.monotonic_ns()}")
+    handler = Lines(f.lines)
+    log = logging.getLogger(hook.LOGGER)
+    log.addHandler(handler)
+    yield f
+    log.removeHandler(handler)
+
+
+def test_a_manufactured_camera_with_its_secret_is_allowed_and_recorded_provisioned(fleet):
+    secret = fleet.add("CAM-0001")
+    allowed, line = fleet.register("CAM-0001", secret)
+    assert allowed and line["decision"] == "allow" and line["serial"] == "CAM-0001"
+    item = fleet.inventory.show("CAM-0001")
+    assert item["state"] == "provisioned" and item["registrations"] == 1
+    assert item["lastCertificateId"] == "c" * 64 and item["registrationsToday"] == 1
+
+
+@pytest.mark.parametrize("serial, secret, reason", [
+    ("CAM-9999", "anything", "unknown-serial"),
+    ("CAM-9999", None, "unknown-serial"),
+    ("CAM-0001", "not-its-secret", "wrong-secret"),
+    ("CAM-0001", None, "wrong-secret"),
+    ("CAM-0001", "", "wrong-secret"),
+    ("CAM-0001", "x" * 10_000, "wrong-secret"),
+    ("CAM/../0001", "anything", "malformed-serial"),
+])
+def test_an_unknown_serial_or_a_wrong_secret_is_denied(fleet, serial, secret, reason):
+    fleet.add("CAM-0001")
+    allowed, line = fleet.register(serial, secret)
+    assert not allowed and line["decision"] == "deny" and line["reason"] == reason
+    assert fleet.inventory.show("CAM-0001")["state"] == "manufactured"
+
+
+def test_a_revoked_camera_is_denied_even_with_its_secret(fleet):
+    secret = fleet.add("CAM-0001")
+    fleet.inventory.revoke("CAM-0001")
+    allowed, line = fleet.register("CAM-0001", secret)
+    assert not allowed and line["reason"] == "revoked"
+
+
+def test_a_provisioned_camera_registers_again_only_once_after_allow_reprovision(fleet):
+    secret = fleet.add("CAM-0001")
+    assert fleet.register("CAM-0001", secret)[0]
+    allowed, line = fleet.register("CAM-0001", secret)
+    assert not allowed and line["reason"] == "already-provisioned"
+    fleet.inventory.allow_reprovision("CAM-0001")
+    assert fleet.register("CAM-0001", secret)[0]
+    allowed, line = fleet.register("CAM-0001", secret)
+    assert not allowed and line["reason"] == "already-provisioned"
+    assert fleet.inventory.show("CAM-0001")["registrations"] == 2
+
+
+def test_registrations_over_the_daily_budget_are_denied_whatever_the_operator_allowed(fleet):
+    secret = fleet.add("CAM-0001")
+    for _ in range(3):
+        assert fleet.register("CAM-0001", secret, DAILY_BUDGET="3")[0]
+        fleet.inventory.allow_reprovision("CAM-0001")
+    allowed, line = fleet.register("CAM-0001", secret, DAILY_BUDGET="3")
+    assert not allowed and line["reason"] == "daily-budget"
+    assert line["registrationsToday"] == 3 and line["budget"] == 3
+    assert fleet.inventory.show("CAM-0001")["state"] == "reprovision-allowed"
+
+
+def test_the_budget_counts_today_only(fleet):
+    secret = fleet.add("CAM-0001")
+    yesterday = (datetime.datetime.now(datetime.timezone.utc)
+                 - datetime.timedelta(days=1)).strftime("%Y-%m-%d")
+    fleet.client.update_item(
+        TableName=fleet.inventory.table, Key={"serial": {"S": "CAM-0001"}},
+        UpdateExpression="SET #day = :d, registrationsToday = :n",
+        ExpressionAttributeNames={"#day": "day"},
+        ExpressionAttributeValues={":d": {"S": yesterday}, ":n": {"N": "5"}})
+    allowed, line = fleet.register("CAM-0001", secret)
+    assert allowed and line["registrationsToday"] == 1
+
+
+def test_of_two_concurrent_registrations_of_one_serial_exactly_one_passes(fleet):
+    secret = fleet.add("CAM-0001")
+    # Both calls read the item before either writes: each waits at its UpdateItem
+    # (botocore's own event) until the other has got there too.
+    client = hook.inventory_client(fleet.environ)
+    both_read = threading.Barrier(2, timeout=5)
+    def wait_for_the_other(**kwargs):
+        both_read.wait()  # and answer None: botocore would take a value as the response
+
+    client.meta.events.register("before-call.dynamodb.UpdateItem", wait_for_the_other)
+    answers = []
+
+    def register(certificate_id):
+        answers.append(hook.handler(fleet.event("CAM-0001", secret, certificate_id), None,
+                                    environ=fleet.environ)["allowProvisioning"])
+
+    try:
+        threads = [threading.Thread(target=register, args=(c * 64,)) for c in "de"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    finally:
+        client.meta.events.unregister("before-call.dynamodb.UpdateItem", wait_for_the_other)
+    assert sorted(answers) == [False, True]
+    assert sorted(line["reason"] for line in fleet.lines) == ["concurrent-registration",
+                                                              "registrable"]
+    assert fleet.inventory.show("CAM-0001")["registrations"] == 1
+
+
+def test_any_error_denies(fleet):
+    secret = fleet.add("CAM-0001")
+    allowed, line = fleet.register("CAM-0001", secret, INVENTORY_TABLE="no-such-table")
+    assert not allowed and line["reason"] == "error"
+    assert line["errorCode"] == "ResourceNotFoundException"
+    allowed, line = fleet.register("CAM-0001", secret, DAILY_BUDGET="five")
+    assert not allowed and line["reason"] == "error" and line["error"] == "ValueError"
+    environ = {k: v for k, v in fleet.environ.items() if k != "INVENTORY_TABLE"}
+    assert hook.handler(fleet.event("CAM-0001", secret), None,
+                        environ=environ) == {"allowProvisioning": False}
+    for event in (None, [], {"parameters": "SerialNumber=CAM-0001"}, {}):
+        assert hook.handler(event, None, environ=fleet.environ) == \
+            {"allowProvisioning": False}
+    assert fleet.inventory.show("CAM-0001")["state"] == "manufactured"
+
+
+def test_an_unreachable_table_denies_well_within_aws_5_s(fleet):
+    secret = fleet.add("CAM-0001")
+    # A port that accepts and never answers: the read time-out, not a refusal.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        allowed, line = fleet.register("CAM-0001", secret,
+                                       AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+        elapsed = time.monotonic() - started
+    finally:
+        silent.close()
+    assert not allowed and line["reason"] == "error" and line["error"] == "ReadTimeoutError"
+    assert elapsed < 3.5
+
+
+def test_as_a_lambda_it_prints_one_json_line_per_decision_and_never_the_secret(server, tmp_path):
+    """The way Lambda runs it: a process of its own, its environment in os.environ,
+    the decision on stdout (one CloudWatch event, read by the metric filter)."""
+    fleet = Fleet(server, tmp_path, "inventory-lambda")
+    secret = fleet.add("CAM-0001")
+    script = ("import json, sys; import hook; "
+              "print(json.dumps(hook.handler(json.load(sys.stdin), None)), file=sys.stderr)")
+    outputs = []
+    for given in (secret, "a-guess-of-the-secret", secret):
+        proc = subprocess.run(
+            [sys.executable, "-c", script], input=json.dumps(fleet.event("CAM-0001", given)),
+            capture_output=True, text=True, timeout=60, cwd=ROOT / "cloud",
+            env={"PATH": os.environ.get("PATH", ""), **fleet.environ})
+        lines = proc.stdout.splitlines()
+        assert len(lines) == 1, proc.stdout + proc.stderr
+        outputs.append((json.loads(lines[0]), json.loads(proc.stderr.splitlines()[-1])))
+        assert given not in proc.stdout + proc.stderr
+    assert [(o["decision"], o.get("reason"), a["allowProvisioning"]) for o, a in outputs] == [
+        ("allow", "registrable", True), ("deny", "wrong-secret", False),
+        ("deny", "already-provisioned", False)]
+    assert outputs[0][0]["claimCertificateId"] == "a" * 64
+    assert outputs[0][0]["templateArn"].endswith(":provisioningtemplate/ento-fleet-template")
