@@ -629,7 +629,7 @@ def _serve(args) -> int:
         reject_create=args.reject_create, reject_register=args.reject_register,
         reject_times=args.reject_times, no_answer=args.no_answer, delay=args.delay,
         malformed_create=args.malformed_create, malformed_register=args.malformed_register,
-        drop_after=args.drop_after)
+        drop_after=args.drop_after, drop_register_answers=args.drop_register_answers)
     try:
         standin = StandIn(Path(args.dir), serial=args.serial, template=args.template,
                           faults=faults, overwrite=args.overwrite, stack=args.stack,
@@ -780,6 +780,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--malformed-register", choices=MALFORMED_REGISTER)
     run.add_argument("--drop-after", choices=["create", "register"],
                      help="drop the device's connection after this request, once")
+    run.add_argument("--drop-register-answers", action="store_true",
+                     help="carry out every RegisterThing but never answer it (a claim policy "
+                          "without iot:Receive)")
     run.add_argument("--refuse-connections", action="store_true",
                      help="write the device's files, then close the broker's port")
     run.add_argument("--no-hook", action="store_true",

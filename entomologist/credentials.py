@@ -21,6 +21,9 @@ pair was registered for, written with the pair.  An image copied from another
 camera after its first boot carries that camera's pair: its record names
 another serial, and the pair is moved aside into foreign-<serial>/ (0700),
 never used and never deleted.
+
+provisioning-spend.json (0600): what attempts that installed nothing spent at
+the service (entomologist.spend); removed once a pair is installed.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import certs, config as configuration, files
+from . import certs, config as configuration, files, spend
 from .errors import StorageError
 
 log = logging.getLogger("entomologist")
@@ -64,6 +67,7 @@ class CertDir:
         self.registration_marker = path / "registration.json.staging"
         self.reserve_file = path / "registration.reserve"
         self.installed_for_file = path / "installed-for.json"
+        self.spend_record = path / spend.RECORD_NAME
 
     @classmethod
     def open(cls, directory: Path, create: bool = False, token=None) -> "CertDir":
@@ -291,7 +295,7 @@ class CertDir:
         else:
             files.remove_durably(self.device_configuration)
         files.remove_durably(self.registration_marker)
-        for path in (self.staged_key, self.device_key, self.reserve_file):
+        for path in (self.staged_key, self.device_key, self.reserve_file, self.spend_record):
             files.remove_durably(path)
 
     def remove_stray_files(self) -> None:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from . import logs
 from .config import CERTIFICATE_ID_RE, MAX_OWNERSHIP_TOKEN_CHARS, THING_NAME_RE
-from .errors import EntoError, ServiceBusy, ServiceError, TransientError
+from .errors import (EntoError, InventoryRefused, Rejected, ServiceBusy, ServiceError,
+                     TransientError)
 from .mqtt import Link
 from .retries import BUSY_BACKOFF, Deadline, with_retries
 
@@ -69,12 +69,38 @@ def register_hint(template_name: str, resource: str) -> str:
             f"pre-provisioning hook, and that the claim policy allows {resource}")
 
 
+def silence_hint(resource: str) -> str:
+    """No answer: the claim policy before the network.  AWS accepts the request and
+    drops the answer when the claim policy lacks iot:Receive, and a RegisterThing
+    may then have registered a certificate that no device holds."""
+    return (f"that the claim policy allows iot:Receive on {resource} (without it every "
+            f"answer is dropped), then the network link")
+
+
+# How AWS IoT answers RegisterThing when the template's pre-provisioning hook
+# denies it, fails or times out: "the provisioning request fails with
+# ACCESS_DENIED" (AWS IoT developer guide, Pre-provisioning hooks), as a 403.
+HOOK_DENIED_CODES = {"accessdenied", "accessdeniedexception"}
+
+
+def hook_refused(status: object, code: object) -> bool:
+    return (status == 403 and not isinstance(status, bool)) or (
+        isinstance(code, str) and code.replace("_", "").lower() in HOOK_DENIED_CODES)
+
+
+def inventory_hint(serial: str) -> str:
+    return (f"with the operator: `python cloud/inventory.py show {serial}` tells whether this "
+            f"serial is unknown, revoked, already provisioned (then `allow-reprovision "
+            f"{serial}`) or over its daily registrations, or whether PROVISIONING_SECRET_FILE "
+            f"holds another camera's secret")
+
+
 class FleetProvisioning:
     """CreateKeysAndCertificate or CreateCertificateFromCsr, then RegisterThing,
     on one claim connection."""
 
     def __init__(self, link: Link, template_name: str, csr_mode: bool, deadline: Deadline,
-                 sleep: Callable[[float], None] = time.sleep):
+                 serial: str = ""):
         from awsiot import iotidentity
         self._iotidentity = iotidentity
         self.client = iotidentity.IotIdentityClient(link.connection)
@@ -82,7 +108,7 @@ class FleetProvisioning:
         self.template_name = template_name
         self.create_operation = CREATE_FROM_CSR if csr_mode else CREATE_KEYS
         self.deadline = deadline
-        self.sleep = sleep
+        self.serial = serial
         # Each operation's claim-policy resource, from the topics the client
         # subscribed to (the client, not this module, knows the topics).
         self.resources: dict[str, str] = {}
@@ -114,10 +140,12 @@ class FleetProvisioning:
                 pending.append((topic, future))
                 self.resources[operation] = policy_resource(topic)
                 self.request_topics[operation] = topic.rsplit("/", 1)[0]
+        resources = " and ".join((self.resources[self.create_operation], self.resources[REGISTER]))
         self.link.wait_subscribed(
             pending, self.deadline.step("subscribe"),
-            refused_hint=claim_policy_hint([self.resources[self.create_operation],
-                                            self.resources[REGISTER]]))
+            refused_hint=f"the claim policy, the claim certificate's: a refused SUBACK means it "
+                         f"does not allow iot:Subscribe on that topic; it needs iot:Publish, "
+                         f"iot:Receive and iot:Subscribe on {resources}")
 
     def _deliver(self, operation: str, outcome: str):
         def deliver(answer) -> None:
@@ -161,11 +189,15 @@ class FleetProvisioning:
             parameters=parameters)
         answer = self._ask(REGISTER, lambda qos: self.client.publish_register_thing(request, qos))
         thing_name = _string(answer, "thing_name", "thingName", REGISTER, 128)
+        if logs.holds_secret(thing_name):
+            raise ServiceError(f"{REGISTER} answered a thingName made of the provisioning "
+                               f"secret", hint="the provisioning template: ProvisioningSecret "
+                                               "is for the hook only")
         if not THING_NAME_RE.fullmatch(thing_name):
             raise ServiceError(f"{REGISTER} answered an invalid thingName "
                                f"{logs.shown(thing_name)}", hint="the provisioning template")
         log.info("%s accepted: thing %s", REGISTER, thing_name)
-        return Registered(thing_name, device_configuration(answer))
+        return Registered(thing_name, without_secret(device_configuration(answer)))
 
     def _ask(self, operation: str, publish: Callable[[object], object]):
         """Send a request and await its answer.
@@ -186,8 +218,15 @@ class FleetProvisioning:
             self.link.wait_published(topic, future, self.deadline.step(operation))
             return self._await(operation)
 
-        return with_retries(once, self.deadline, operation, BUSY_BACKOFF, self.sleep,
-                            retry_on=ServiceBusy)
+        try:
+            return with_retries(once, self.deadline, operation, BUSY_BACKOFF,
+                                retry_on=ServiceBusy)
+        except TransientError as exc:
+            if isinstance(exc.__cause__, ServiceBusy):
+                # Busy until the deadline: every request was answered, with a
+                # rejection, so nothing was created or registered.
+                raise ServiceBusy(str(exc), hint=exc.hint) from None
+            raise
 
     def _discard_unasked(self, operation: str) -> None:
         """Answers to ``operation`` that came before it was asked are not ours (a
@@ -208,10 +247,12 @@ class FleetProvisioning:
             self.link.events.put(item)
 
     def _await(self, operation: str):
-        end = time.monotonic() + self.deadline.step(operation)
+        clock = self.deadline.clock
+        end = clock.monotonic() + self.deadline.step(operation)
         while True:
             try:
-                answered, outcome, answer = self.link.next_event(end - time.monotonic())
+                answered, outcome, answer = self.link.next_event(
+                    end - clock.monotonic(), silence_hint(self.resources.get(operation, operation)))
             except TransientError as exc:
                 raise TransientError(f"{operation}: {exc}", hint=exc.hint) from None
             if answered != operation:
@@ -235,9 +276,12 @@ class FleetProvisioning:
                        and (status == 429 or status >= 500))
         if busy_status or (isinstance(code, str) and code in RETRYABLE_ERROR_CODES):
             return ServiceBusy(text, hint="nothing: the service is busy; retrying")
+        if operation == REGISTER and hook_refused(status, code):
+            return InventoryRefused(f"the fleet inventory refused this camera (serial "
+                                    f"{self.serial}): {text}", hint=inventory_hint(self.serial))
         hint = (register_hint(self.template_name, self.resources[REGISTER])
                 if operation == REGISTER else claim_policy_hint([self.resources[operation]]))
-        return ServiceError(text, hint=hint)
+        return Rejected(text, hint=hint)
 
 
 def device_configuration(answer) -> dict:
@@ -268,6 +312,34 @@ def device_configuration(answer) -> dict:
         log.warning("%s answered a deviceConfiguration that is not all strings, as AWS "
                     "documents it: kept as it came for the camera application", REGISTER)
     return configuration
+
+
+def without_secret(configuration: dict) -> dict:
+    """deviceConfiguration is written to CERT_DIR: an entry holding a secret of this
+    camera anywhere in it (a template that echoes ProvisioningSecret) is left out."""
+    kept = {}
+    for key, value in configuration.items():
+        if any(logs.holds_secret(text) for text in _texts(key, value)):
+            log.warning("left out a deviceConfiguration entry that holds the provisioning "
+                        "secret (%s): the template must keep ProvisioningSecret for its hook",
+                        logs.shown(key, 64))
+            continue
+        kept[key] = value
+    return kept
+
+
+def _texts(*values):
+    """Every string in JSON values, keys included."""
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 def _string(answer, attribute: str, name: str, operation: str, limit: int) -> str:

@@ -654,7 +654,8 @@ def data_layout(cam: Camera) -> str:
     cam.sh("mount", "-t", "tmpfs", "-o", "mode=0755,size=16m", "tmpfs", "/data")
     try:
         cam.sh("install", "-d", "-m", "0700", data, f"{data}/claim", f"{data}/standin")
-        for rel in ("claim/claim.pem.crt", "claim/claim.private.pem.key", "standin/ca.pem"):
+        for rel in ("claim/claim.pem.crt", "claim/claim.private.pem.key", "standin/ca.pem",
+                    "provisioning-secret"):
             cam.sh("cp", "-p", f"{CONF_DIR}/{rel}", f"{data}/{rel}")
         cam.fresh_device("cert-data")
         cam.sh("mv", f"{CONF_DIR}/ento.conf", f"{data}/ento.conf")
@@ -702,7 +703,8 @@ def check_sees_the_sandbox(cam: Camera) -> str:
     cam.sh("mount", "-t", "tmpfs", "-o", "mode=0755,size=16m", "tmpfs", "/data")
     try:
         cam.sh("install", "-d", "-m", "0700", data, f"{data}/claim", f"{data}/standin")
-        for rel in ("claim/claim.pem.crt", "claim/claim.private.pem.key", "standin/ca.pem"):
+        for rel in ("claim/claim.pem.crt", "claim/claim.private.pem.key", "standin/ca.pem",
+                    "provisioning-secret"):
             cam.sh("cp", "-p", f"{CONF_DIR}/{rel}", f"{data}/{rel}")
         cam.fresh_device("cert-data")
         cam.sh("mv", f"{CONF_DIR}/ento.conf", f"{data}/ento.conf")

@@ -76,6 +76,10 @@ class Faults:
     # Reject only the first K requests of each kind (None: every one).
     reject_times: int | None = None
     no_answer: bool = False
+    # Carry out every RegisterThing (the thing and its active certificate exist)
+    # and never answer it: AWS IoT with a claim policy that lacks iot:Receive on
+    # the provisioning topics.
+    drop_register_answers: bool = False
     delay: float = 0.0
     malformed_create: str | None = None
     malformed_register: str | None = None
@@ -180,7 +184,11 @@ class Responder:
             if self.faults.should_drop("register"):
                 self.record("register-request", template=template, dropped=True)
                 return [Drop(self.serial)]
-            return self._answer(topic, *self._register(template, payload))
+            answer = self._answer(topic, *self._register(template, payload))
+            if self.faults.drop_register_answers:
+                self.record("register-answer-dropped", template=template)
+                return []
+            return answer
         return []
 
     def _answer(self, request_topic: str, accepted: bool, body) -> list:

@@ -1,6 +1,7 @@
 """Helpers for the integration tests: run the scripts as processes, check the invariants."""
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -52,7 +53,8 @@ def privilege_drop() -> list[str]:
 
 
 class DeviceState:
-    """The invariants of issue 4, checked against a stand-in's device after any run."""
+    """What must hold on a stand-in's device after any run, however it ended: a certificate
+    with its key, no half-written file, a status that does not lie."""
 
     def __init__(self, standin):
         self.standin = standin
@@ -76,7 +78,13 @@ class DeviceState:
             leftovers = [p.name for p in self.cert_dir.iterdir()] if self.cert_dir.exists() else []
             assert set(leftovers) <= {"certificate.pem.crt", "private.pem.key",
                                       "AmazonRootCA1.pem", "run.lock", "installed-for.json",
-                                      "device-configuration.json"}, leftovers
+                                      "device-configuration.json",
+                                      "provisioning-spend.json"}, leftovers
+            spent = self.cert_dir / "provisioning-spend.json"
+            if spent.exists():
+                # What failed attempts spent, until a pair is installed.
+                assert stat.S_IMODE(os.stat(spent).st_mode) == 0o600
+                assert json.loads(spent.read_text())["version"] == 1
             assert not [p for p in self.config_path.parent.iterdir() if p.name.endswith(".tmp")]
         doc = json.loads(self.config_path.read_text())
         assert os.stat(self.config_path).st_mode == self.config_mode
@@ -104,6 +112,27 @@ class DeviceState:
                 assert token not in text
             assert self.standin.secret not in text, "the provisioning secret was printed"
         return {"installed": installed, "status": status}
+
+
+HELD_BACK = "provisioning held back, nothing sent"
+
+
+def let_the_spend_wait_pass(cert_dir: Path) -> bool:
+    """Age CERT_DIR's spend record by the wait it imposes, as the clock would: a test
+    of what comes after the wait without waiting.  False if it imposes none."""
+    from entomologist import spend
+    path = cert_dir / spend.RECORD_NAME
+    if not path.exists():
+        return False
+    at, _ = spend.SpendRecord.open(path).next_attempt()
+    shift = at - time.time()
+    if shift <= 0:
+        return False
+    doc = json.loads(path.read_text())
+    for entry in doc["entries"]:
+        entry["at"] -= shift + 1
+    path.write_text(json.dumps(doc))
+    return True
 
 
 def run_and_kill(standin, trigger, *args: str, limit: float = 30.0, env: dict | None = None):

@@ -73,8 +73,8 @@ def test_a_healthy_camera_checks_ok_before_and_after_provisioning_and_nothing_ch
     proc = check(standin)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     found = lines(proc)
-    assert list(found) == ["config", "cert-dir", "lock", "claim", "clock", "storage", "dns",
-                           "tcp", "tls", "mqtt"]
+    assert list(found) == ["config", "cert-dir", "lock", "claim", "clock", "storage", "secret",
+                           "spend", "dns", "tcp", "tls", "mqtt"]
     assert all(line.startswith("ok ") for line in found.values()), proc.stdout
     assert "the next boot will provision the camera" in found["cert-dir"]
     assert ("CONNECT as CAM-0001 with the claim certificate accepted; subscribed to "
@@ -119,7 +119,8 @@ def test_json_output_is_one_object_per_line_and_check_then_the_result(standin):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     objects = records(proc)
     assert [o["name"] for o in objects] == ["config", "cert-dir", "lock", "claim", "clock",
-                                            "storage", "dns", "tcp", "tls", "mqtt", "result"]
+                                            "storage", "secret", "spend", "dns", "tcp", "tls",
+                                            "mqtt", "result"]
     for o in objects:
         assert set(o) == {"name", "status", "detail", "hint", "milliseconds", "exit_code"}
         assert o["status"] == "ok" and isinstance(o["milliseconds"], int)
@@ -157,13 +158,16 @@ def test_a_claim_policy_without_the_answer_topics_fails_the_mqtt_line_with_75(tm
         requests = REQUESTS & {e["event"] for e in standin.events()}
     assert proc.returncode == 75, proc.stdout
     line = lines(proc)["mqtt"]
-    # The stand-in closes the connection on a denied SUBSCRIBE (AWS answers 0x80 for that
-    # topic): every subscription still pending fails, and the first one is named.
-    assert line.startswith("FAIL mqtt        subscribe to $aws/"), line
-    assert "the certificate's policy may not allow iot:Subscribe on $aws/" in line
-    assert [d["action"] for d in denied] == ["iot:Subscribe"]
-    assert denied[0]["resource"].endswith(
-        "topicfilter/$aws/provisioning-templates/ento-fleet-template/provision/json/accepted")
+    # The stand-in answers a denied SUBSCRIBE with 0x80, as AWS does, and keeps the
+    # connection: the refused topic is named, with the claim policy.
+    assert line.startswith("FAIL mqtt        the broker refused the subscription to "
+                           "$aws/provisioning-templates/ento-fleet-template/provision/json/"), line
+    assert "check the claim policy" in line and "iot:Subscribe on $aws/" in line
+    # Both register answer topics are refused; the connection stays up for the second.
+    assert {d["action"] for d in denied} == {"iot:Subscribe"}
+    assert sorted(d["resource"].rsplit("/", 1)[1] for d in denied) == ["accepted", "rejected"]
+    assert all("topicfilter/$aws/provisioning-templates/ento-fleet-template/provision/json/"
+               in d["resource"] for d in denied)
     assert requests == {"denied"}
 
 
@@ -365,8 +369,8 @@ def test_through_a_proxy_that_allows_the_port_the_tls_check_runs_in_its_tunnel(s
     proc = check(standin)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     found = lines(proc)
-    assert list(found) == ["config", "cert-dir", "lock", "claim", "clock", "storage", "dns",
-                           "proxy", "tls", "mqtt"]
+    assert list(found) == ["config", "cert-dir", "lock", "claim", "clock", "storage", "secret",
+                           "spend", "dns", "proxy", "tls", "mqtt"]
     assert found["dns"].startswith("ok   dns         the HTTP proxy's host 127.0.0.1 is "
                                    "127.0.0.1; the proxy resolves ENDPOINT_URL")
     assert found["proxy"].startswith(f"ok   proxy       the HTTP proxy 127.0.0.1:{proxy.port} "
@@ -510,3 +514,32 @@ def test_a_proxy_whose_200_is_followed_by_bytes_is_no_tunnel(device_files, scrip
     assert lines(proc)["proxy"].startswith(
         f"FAIL proxy       the HTTP proxy 127.0.0.1:{proxy.port} did not answer CONNECT as an "
         "HTTP proxy (bytes after the answer, before the tunnel was used)"), proc.stdout
+
+
+def test_a_camera_held_back_by_its_spend_record_checks_75_naming_when_and_writes_nothing(
+        standin):
+    standin.faults.drop_register_answers = True
+    first = run_script("boot.py", standin.config_path, "--timeout", "6")
+    assert first.code == 75, first.stderr
+    before, events = snapshot(standin.workdir), len(standin.events())
+    proc = check(standin)
+    assert proc.returncode == 75, proc.stdout + proc.stderr
+    found = lines(proc)
+    assert found["spend"].startswith("FAIL spend       provisioning held back, nothing sent: "
+                                     "the next provisioning attempt is allowed at 20")
+    assert found["secret"].startswith("ok ")
+    assert snapshot(standin.workdir) == before
+    assert not REQUESTS & {e["event"] for e in standin.events()[events:]}
+
+
+def test_a_secret_file_others_can_read_fails_the_secret_line_with_78(standin):
+    path = standin.workdir / "provisioning-secret"
+    if not path.exists():
+        write_new(path, b"0123456789abcdef0123456789abcdef\n", 0o600)
+        standin.write_device_config(PROVISIONING_SECRET_FILE=path.name)
+    os.chmod(path, 0o644)
+    proc = check(standin)
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    found = lines(proc)
+    assert found["secret"].startswith("FAIL secret      provisioning secret file ")
+    assert "0644" in found["secret"] and "0123456789abcdef" not in proc.stdout

@@ -72,7 +72,8 @@ def test_a_rejected_csr_exits_65_with_nothing_installed(standin):
     assert "CreateCertificateFromCsr rejected: statusCode=400 errorCode=InvalidCsr" in \
         result.errors[0]
     assert state.check([result.stderr], completed=False) == {"installed": False, "status": False}
-    # Only the key made here stays, for the next run to reuse.
+    # Only the key made here stays, for the next run to reuse (a rejected create
+    # spent nothing: no spend record).
     assert sorted(p.name for p in (standin.workdir / "cert").iterdir()) == [
         "private.pem.key.device-made", "run.lock"]
 

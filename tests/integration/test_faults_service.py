@@ -71,14 +71,25 @@ def test_slow_answers_within_the_step_limit_succeed(standin):
     state.check([result.stderr], completed=True)
 
 
-@pytest.mark.parametrize("after", ["create", "register"])
-def test_a_dropped_connection_is_retried_from_scratch_and_succeeds(standin, after):
-    standin.faults.drop_after = after
+def test_a_connection_dropped_after_create_is_retried_from_scratch_and_succeeds(standin):
+    standin.faults.drop_after = "create"
     state, result = run_boot(standin, "--timeout", "40")
     assert result.code == 0, result.stderr
     assert standin.events("dropped"), "the stand-in never dropped the device"
     assert state.check([result.stderr], completed=True) == {"installed": True, "status": True}
     assert "retrying in" in result.stderr
+
+
+def test_a_connection_dropped_after_register_waits_a_minute_before_the_next_certificate(
+        standin):
+    """The device cannot tell whether that RegisterThing registered its certificate."""
+    standin.faults.drop_after = "register"
+    state, result = run_boot(standin, "--timeout", "40")
+    assert_failed_cleanly(state, result, 75)
+    assert standin.events("dropped"), "the stand-in never dropped the device"
+    assert "the next attempt waits 1 min" in result.errors[0]
+    assert result.seconds < 10
+    assert len(standin.events("create-request")) == 1
 
 
 def test_broker_down_exits_75_within_the_deadline(standin):

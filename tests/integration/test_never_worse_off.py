@@ -139,7 +139,10 @@ def test_force_refused_by_the_service_keeps_the_working_identity(standin):
     from iot_standin import Rejection
     standin.faults.reject_register = Rejection(400, "InvalidParameters", "no")
     assert run_script("boot.py", standin.config_path, "--force").code == 65
-    assert {p.name: p.read_bytes() for p in cert_dir.iterdir()} == before
+    after = {p.name: p.read_bytes() for p in cert_dir.iterdir()}
+    # Beside the untouched pair: the refused certificate, recorded (AWS drops it).
+    assert b'"register-rejected"' in after.pop("provisioning-spend.json")
+    assert after == before
     standin.faults.reject_register = None
     assert run_script("update_boot_status.py", standin.config_path).code == 0
 
@@ -184,7 +187,7 @@ def test_a_config_linked_into_a_trusted_folder_is_rewritten_at_its_target(standi
     real.mkdir()
     target = real / "ento.conf"
     doc = json.loads(standin.config_path.read_text())
-    for key in ("CLAIM_CERT", "CLAIM_KEY", "ROOT_CA", "CERT_DIR"):
+    for key in ("CLAIM_CERT", "CLAIM_KEY", "PROVISIONING_SECRET_FILE", "ROOT_CA", "CERT_DIR"):
         doc["device"][key] = str(standin.workdir / doc["device"][key])
     target.write_text(json.dumps(doc))
     os.chmod(target, 0o640)
@@ -205,7 +208,7 @@ def config_in_its_own_folder(standin) -> Path:
     etc.mkdir(mode=0o755, exist_ok=True)
     os.chmod(etc, 0o755)
     doc = json.loads(standin.config_path.read_text())
-    for key in ("CLAIM_CERT", "CLAIM_KEY", "ROOT_CA"):
+    for key in ("CLAIM_CERT", "CLAIM_KEY", "PROVISIONING_SECRET_FILE", "ROOT_CA"):
         doc["device"][key] = str(standin.workdir / doc["device"][key])
     doc["device"]["CERT_DIR"] = str(etc / "cert")
     (etc / "ento.conf").write_text(json.dumps(doc))
@@ -355,7 +358,7 @@ def test_a_symlinked_config_with_relative_paths_is_one_device_with_one_registrat
     data = standin.workdir / "data"
     data.mkdir()
     doc = json.loads(standin.config_path.read_text())
-    for key in ("CLAIM_CERT", "CLAIM_KEY", "ROOT_CA"):
+    for key in ("CLAIM_CERT", "CLAIM_KEY", "PROVISIONING_SECRET_FILE", "ROOT_CA"):
         doc["device"][key] = "../" + doc["device"][key]
     (data / "ento.conf").write_text(json.dumps(doc))  # CERT_DIR "cert": data/cert
     os.chmod(data / "ento.conf", 0o640)

@@ -36,15 +36,18 @@ def stop(proc):
     (["--reject-create", "429:Throttling", "--reject-times", "1"], 0, "retrying in"),
     (["--malformed-create", "wrong-key"], 65, "does not belong"),
     (["--malformed-register", "empty-thing"], 65, "lacks thingName"),
-    (["--drop-after", "register"], 0, "retrying in"),
+    (["--drop-after", "create"], 0, "retrying in"),
+    (["--drop-after", "register"], 75, "the next attempt waits 1 min"),
+    (["--drop-register-answers"], 75, "allows iot:Receive on $aws/provisioning-templates/"),
     (["--no-answer"], 75, "time limit"),
     (["--refuse-connections"], 75, "CONNECTION_REFUSED"),
 ])
 def test_fault_options_from_the_command_line(tmp_path, options, code, expected):
     proc = start(tmp_path, *options)
     try:
-        # Short where the run must give up; room for retries where it must succeed.
-        timeout = "20" if code == 0 else "2"
+        # Short where the run must give up; room for retries where it must succeed,
+        # and for both requests where an unanswered RegisterThing ends the run.
+        timeout = "20" if code == 0 else "6" if "register" in " ".join(options) else "2"
         result = run_script("boot.py", tmp_path / "ento.conf", "--timeout", timeout)
     finally:
         stop(proc)

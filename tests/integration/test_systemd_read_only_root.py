@@ -102,7 +102,7 @@ def test_the_readme_layout_boots_under_the_units_write_rules_only_with_the_drop_
     data.mkdir(parents=True, mode=0o755)
     etc.mkdir(parents=True, mode=0o755)
     doc = json.loads(standin.config_path.read_text())
-    for key in ("CLAIM_CERT", "CLAIM_KEY", "ROOT_CA"):
+    for key in ("CLAIM_CERT", "CLAIM_KEY", "PROVISIONING_SECRET_FILE", "ROOT_CA"):
         doc["device"][key] = str(standin.workdir / doc["device"][key])
     doc["device"]["CERT_DIR"] = str(data / "cert")
     (data / "ento.conf").write_text(json.dumps(doc))

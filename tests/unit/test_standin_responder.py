@@ -197,6 +197,16 @@ def test_a_malformed_rejection_option_is_refused(text):
         Rejection.parse(text)
 
 
+def test_dropped_register_answers_still_register_the_thing_as_aws_without_receive(
+        responder, faults, events):
+    faults.drop_register_answers = True
+    token = created(responder)["certificateOwnershipToken"]
+    body = {"certificateOwnershipToken": token, "parameters": {"SerialNumber": "CAM-1"}}
+    assert responder.handle(REGISTER, json.dumps(body).encode()) == []
+    names = [name for name, _ in events]
+    assert names[-2:] == ["register-accepted", "register-answer-dropped"]
+
+
 def test_a_hook_refusal_is_403_access_denied_and_registers_nothing(events, faults):
     asked = []
 
