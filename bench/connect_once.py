@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                 cert_key = pkcs11_key.certificate_public_key_der(args.cert.read_bytes())
                 if token.reconcile(cert_key) is None:
                     raise errors.ConfigError("no key in the token matches the certificate")
-                key = token.key
+            key = pkcs11_key.token_key(settings)
             before = time.monotonic()
-            session = pkcs11_key.connect(endpoint, args.cert, key, args.client_id,
-                                         args.timeout)
+            session = mqtt.connect(endpoint, args.cert, key, args.client_id, args.timeout,
+                                   build=pkcs11_key.build_connection)
         times["connect_s"] = time.monotonic() - before
         try:
             payload = json.dumps({"serialID": args.client_id, "bootStatus": True}).encode()

@@ -13,6 +13,9 @@ from . import files
 
 log = logging.getLogger("entomologist")
 
+# The algorithms a device key may have, as KEY_ALGORITHM names them.
+KEY_ALGORITHMS = ("EC-P256", "RSA-2048")
+
 # X.520 caps a commonName at 64 characters.
 MAX_COMMON_NAME = 64
 

@@ -53,7 +53,8 @@ def privilege_drop() -> list[str]:
 
 
 class DeviceState:
-    """The invariants of issue 4, checked against a stand-in's device after any run."""
+    """What must hold on a stand-in's device after any run, however it ended: a certificate
+    with its key, no half-written file, a status that does not lie."""
 
     def __init__(self, standin):
         self.standin = standin

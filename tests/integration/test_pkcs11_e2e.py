@@ -1,5 +1,5 @@
 """A key born in a SoftHSM2 token gets its certificate from the stand-in through a CSR the
-token signed, then connects to the stand-in's mosquitto with awscrt (issue 11).
+token signed, then connects to the stand-in's mosquitto with awscrt.
 
 The token-key connection runs in a child process (bench/connect_once.py): awscrt
 never finalises a PKCS#11 module, and each test has its own SOFTHSM2_CONF.
@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from entomologist import mqtt
 from bench.tls_sniff import SniffProxy, server_hello_version
 from e2e import ROOT
+from entomologist.pkcs11_csr import make_csr
 from entomologist.pkcs11_key import certificate_public_key_der, open_token
 from iot_standin import CREATE_CSR, StandIn
 from softhsm import SOFTHSM_MODULE, make_token
@@ -75,7 +76,7 @@ def test_token_key_gets_a_certificate_through_a_token_signed_csr_and_publishes_o
         standin, token, tmp_path, algorithm):
     with open_token(token.settings()) as t:
         pair = t.staged_or_new(algorithm)
-        csr_pem = t.make_csr(pair, standin.serial)
+        csr_pem = make_csr(pair, standin.serial)
         token_key = pair.public_key_der()
     cert_pem = certificate_from_csr(standin, csr_pem)
     cert_dir = tmp_path / "cert"

@@ -1,5 +1,5 @@
 """The PKCS#11 drop-ins: the token's store reachable inside the unit's sandbox, the
-sandbox otherwise unchanged (issue 11)."""
+sandbox otherwise unchanged."""
 import re
 import shutil
 import subprocess

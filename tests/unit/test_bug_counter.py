@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from entomologist import errors
+from entomologist import bugs
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "entomologist-provision.service"
 
@@ -48,18 +48,18 @@ def fill(folder: Path) -> None:
 @pytest.mark.parametrize("content", ["", "\n", "garbage\n", "-1\n", "2x\n", " \n",
                                      "99999999999999999999999\n"])
 def test_an_empty_or_garbled_count_lets_the_unit_run_and_counts_as_zero(tmp_path, content):
-    (tmp_path / errors.BUG_COUNT_FILE).write_text(content)
+    (tmp_path / bugs.BUG_COUNT_FILE).write_text(content)
     assert exec_condition(tmp_path) == 0
-    errors.note_outcome(os.EX_SOFTWARE, str(tmp_path))
-    assert (tmp_path / errors.BUG_COUNT_FILE).read_text() == "1\n"
+    bugs.note_outcome(os.EX_SOFTWARE, str(tmp_path))
+    assert (tmp_path / bugs.BUG_COUNT_FILE).read_text() == "1\n"
 
 
 def test_the_unit_runs_without_a_count_and_stops_at_three(tmp_path):
     assert exec_condition(tmp_path) == 0
     for _ in range(2):
-        errors.note_outcome(os.EX_SOFTWARE, str(tmp_path))
+        bugs.note_outcome(os.EX_SOFTWARE, str(tmp_path))
         assert exec_condition(tmp_path) == 0
-    errors.note_outcome(os.EX_SOFTWARE, str(tmp_path))
+    bugs.note_outcome(os.EX_SOFTWARE, str(tmp_path))
     assert exec_condition(tmp_path) != 0
 
 
@@ -74,15 +74,15 @@ def test_a_full_run_folder_leaves_no_empty_count_and_the_unit_still_runs(
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(tiny_run))
     fill(tiny_run)
     assert boot.main(["--config", str(device.config_path)]) == os.EX_SOFTWARE
-    count = tiny_run / errors.BUG_COUNT_FILE
+    count = tiny_run / bugs.BUG_COUNT_FILE
     assert not count.exists() or count.read_text().strip().isdigit()
     assert [p.name for p in tiny_run.iterdir() if p.name.endswith(".tmp")] == []
     assert exec_condition(tiny_run) == 0
 
 
 def test_a_full_run_folder_keeps_the_last_count_whole(tiny_run):
-    errors.note_outcome(os.EX_SOFTWARE, str(tiny_run))
+    bugs.note_outcome(os.EX_SOFTWARE, str(tiny_run))
     fill(tiny_run)
-    errors.note_outcome(os.EX_SOFTWARE, str(tiny_run))
-    assert (tiny_run / errors.BUG_COUNT_FILE).read_text() in ("1\n", "2\n")
+    bugs.note_outcome(os.EX_SOFTWARE, str(tiny_run))
+    assert (tiny_run / bugs.BUG_COUNT_FILE).read_text() in ("1\n", "2\n")
     assert exec_condition(tiny_run) == 0

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import boot
-from entomologist import check, logs
+from entomologist import check, check_local, check_network, logs
 from entomologist.errors import ConfigError, StorageError, TransientError
 
 
@@ -40,7 +40,7 @@ def test_the_exit_code_is_the_first_failures_in_the_boots_order():
 
 def test_a_warning_does_not_change_the_exit_code():
     checks = check.Checks(lambda result: None)
-    checks.run("lock", lambda: check.Warn("a boot is running now"))
+    checks.run("lock", lambda: check_local.Warn("a boot is running now"))
     assert [r.status for r in checks.results] == ["warn"] and checks.exit_code() == 0
 
 
@@ -87,7 +87,7 @@ def claim_check(device, cloud):
     from entomologist.retries import Deadline
     config = device.config()
     settings = configuration.provisioning_settings(config)
-    return check.check_claim_mqtt(config, settings, Deadline(5), cloud)
+    return check_network.check_claim_mqtt(config, settings, Deadline(5), cloud)
 
 
 def test_the_claim_check_connects_subscribes_to_the_answers_and_publishes_nothing(device,

@@ -1,4 +1,4 @@
-"""The device key inside a PKCS#11 token (issue 11), against a fresh SoftHSM2 token per test."""
+"""The device key inside a PKCS#11 token, against a fresh SoftHSM2 token per test."""
 import logging
 import os
 import subprocess
@@ -10,8 +10,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from entomologist import errors
-from entomologist import pkcs11_key
-from entomologist.pkcs11_key import TokenSettings, csr_common_name, open_token, read_pin
+from entomologist import pkcs11_key, pkcs11_token
+from entomologist.keys import csr_common_name
+from entomologist.pkcs11_csr import make_csr
+from entomologist.pkcs11_key import TokenSettings, open_token, read_pin, token_key
 from softhsm import SOFTHSM_MODULE, SPY_MODULE, USER_PIN, make_token
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,7 +57,7 @@ def test_a_new_key_is_sensitive_unextractable_sign_only_and_a_token_object_under
     ids = {key_id for _, _, key_id in token.objects()}
     # Marked as this program's, then random.
     (key_id,) = ids
-    assert key_id.startswith(pkcs11_key.ID_TAG) and len(key_id) == len(pkcs11_key.ID_TAG) + 8
+    assert key_id.startswith(pkcs11_token.ID_TAG) and len(key_id) == len(pkcs11_token.ID_TAG) + 8
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -72,7 +74,8 @@ def test_a_staging_pair_left_by_an_interrupted_run_is_reused_not_duplicated(toke
     with open_token(token.settings()) as t:
         again = t.staged_or_new("EC-P256")
         assert again.id == first.id
-        assert again.public_key_der() == t.find(STAGING).public_key_der()
+        (staged,) = t.pairs(STAGING)
+        assert again.public_key_der() == staged.public_key_der()
     assert labels(token.objects()) == [("PRIVATE_KEY", STAGING), ("PUBLIC_KEY", STAGING)]
 
 
@@ -98,7 +101,7 @@ def test_relabel_moves_both_objects_to_the_new_label(token):
     with open_token(token.settings()) as t:
         pair = t.generate("EC-P256")
         t.relabel(pair, FINAL)
-        assert t.find(STAGING) is None and t.find(FINAL).id == pair.id
+        assert t.pairs(STAGING) == [] and [p.id for p in t.pairs(FINAL)] == [pair.id]
     assert labels(token.objects()) == [("PRIVATE_KEY", FINAL), ("PUBLIC_KEY", FINAL)]
 
 
@@ -222,7 +225,7 @@ def test_a_lone_key_not_made_by_us_under_our_label_is_78_not_removed(token):
 def test_a_pair_from_before_keys_were_marked_still_serves_the_certificate_it_matches(token):
     with open_token(token.settings()) as t:
         public, private = another_apps_pair(t, FINAL, os.urandom(16))
-        installed = pkcs11_key.KeyPair(private, public, FINAL, b"").public_key_der()
+        installed = pkcs11_token.KeyPair(private, public, FINAL, b"").public_key_der()
         assert t.reconcile(installed) is not None
     assert labels(token.objects()) == [("PRIVATE_KEY", FINAL), ("PUBLIC_KEY", FINAL)]
 
@@ -235,7 +238,7 @@ def test_csr_is_signed_in_the_token_and_carries_its_public_key(token, algorithm,
     assert len(serial) in (6, 128)
     with open_token(token.settings()) as t:
         pair = t.staged_or_new(algorithm)
-        pem = t.make_csr(pair, serial)
+        pem = make_csr(pair, serial)
         der = pair.public_key_der()
     csr = x509.load_pem_x509_csr(pem)
     assert csr.is_signature_valid
@@ -291,7 +294,8 @@ def test_wrong_pin_is_a_config_error_and_is_not_offered_twice_in_a_run(token, ca
     # The right PIN, once the file is fixed, is tried.
     token.pin_file.write_text(USER_PIN)
     with open_token(token.settings()) as t:
-        assert t.all_objects() == []
+        assert t.pairs(FINAL) == []
+    assert token.objects() == []
 
 
 def spy_run(token, tmp_path, pin: str, attempts: int) -> tuple[int, list[str]]:
@@ -331,8 +335,7 @@ def test_the_spy_counts_every_login_of_a_right_pin(token, tmp_path):
 
 
 def test_the_pin_stays_out_of_the_token_key_repr(token):
-    with open_token(token.settings()) as t:
-        key = t.key
+    key = token_key(token.settings(key_label=FINAL))
     assert USER_PIN not in repr(key) and key.pin == USER_PIN
     assert (key.token_label, key.key_label) == (token.label, FINAL)
 
