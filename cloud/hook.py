@@ -53,6 +53,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 
 LOGGER = "entomologist.hook"
@@ -72,19 +73,24 @@ class Denied(Exception):
         self.fields = fields
 
 
+_MAKING_CLIENT = threading.Lock()  # a boto3 session makes one client at a time
+
+
 @functools.lru_cache(maxsize=8)
 def _client(region: str | None, endpoint: str | None, key: str | None, secret: str | None,
             token: str | None):
-    # One client per configuration, reused across invocations of a warm Lambda
-    # (making one costs about 0.1 s).  boto3 is imported here: the module loads
-    # without it, and only a call needs it.
+    # One client per configuration, reused across invocations of a warm Lambda;
+    # boto3's default session reads botocore's service model once per process,
+    # the costly part of making a client.  boto3 is imported here: the module
+    # loads without it, and only a call needs it.
     import boto3
     from botocore.config import Config
     config = Config(connect_timeout=0.5, read_timeout=1.0,
                     retries={"max_attempts": 1, "mode": "standard"})
-    return boto3.session.Session(
-        aws_access_key_id=key, aws_secret_access_key=secret, aws_session_token=token,
-        region_name=region).client("dynamodb", endpoint_url=endpoint or None, config=config)
+    with _MAKING_CLIENT:
+        return boto3.client("dynamodb", region_name=region, endpoint_url=endpoint or None,
+                            aws_access_key_id=key, aws_secret_access_key=secret,
+                            aws_session_token=token, config=config)
 
 
 def inventory_client(environ):
