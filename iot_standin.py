@@ -545,10 +545,12 @@ class StandIn:
 
     def events(self, name: str | None = None) -> list[dict]:
         try:
-            lines = self.events_path.read_text().splitlines()
+            text = self.events_path.read_text()
         except FileNotFoundError:
             return []
-        events = [json.loads(line) for line in lines if line]
+        # A line without its line end is still being written (a long one takes
+        # more than one write): it is read next time.
+        events = [json.loads(line) for line in text.split("\n")[:-1] if line]
         return [e for e in events if name is None or e["event"] == name]
 
     def wait_for(self, name: str, count: int = 1, timeout: float = 10.0) -> list[dict]:
