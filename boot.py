@@ -34,6 +34,7 @@ from entomologist.bugs import note_outcome
 from entomologist.config import (DEFAULT_CONFIG, Config, ProvisioningSettings, load_config,
                                  provisioning_settings, rehearse_update, update_device_config)
 from entomologist.credentials import CertDir, Registration
+from entomologist.client_id import claim_client_id
 from entomologist.errors import (ConfigError, EntoError, InventoryRefused, Rejected,
                                  ServiceBusy, ServiceError, SubscriptionRefused, TransientError,
                                  run_main)
@@ -212,10 +213,11 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
         csr = keys.make_csr(device_key, config.serial_id)
 
     def attempt() -> Registration:
+        client = claim_client_id(config.serial_id)
         log.info("connecting to %s:%s with the claim certificate as %s",
-                 config.host, config.port, config.serial_id)
+                 config.host, config.port, client)
         link = mqtt.connect(mqtt.Endpoint(config.host, config.port, config.root_ca),
-                            settings.claim_cert, settings.claim_key, config.serial_id,
+                            settings.claim_cert, settings.claim_key, client,
                             deadline.step("connect with the claim certificate"), build,
                             proxy=config.proxy)
         try:

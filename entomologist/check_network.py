@@ -19,6 +19,7 @@ from typing import Callable
 from . import config as configuration, files, fleet, mqtt, proxy_probe
 from . import proxy as http_proxy
 from .check_local import Plan, device_ca
+from .client_id import claim_client_id
 from .errors import ConfigError, TransientError
 from .retries import Deadline
 
@@ -229,8 +230,9 @@ def check_tls(config: configuration.Config, deadline: Deadline,
 
 def check_claim_mqtt(config: configuration.Config, settings: configuration.ProvisioningSettings,
                      deadline: Deadline, build: mqtt.Builder | None):
+    client = claim_client_id(config.serial_id)
     link = mqtt.connect(mqtt.Endpoint(config.host, config.port, config.root_ca),
-                        settings.claim_cert, settings.claim_key, config.serial_id,
+                        settings.claim_cert, settings.claim_key, client,
                         deadline.step("connect with the claim certificate"), build,
                         proxy=config.proxy)
     try:
@@ -239,7 +241,7 @@ def check_claim_mqtt(config: configuration.Config, settings: configuration.Provi
         service.subscribe()
     finally:
         link.close()
-    return (f"CONNECT as {config.serial_id} with the claim certificate accepted; subscribed "
+    return (f"CONNECT as {client} with the claim certificate accepted; subscribed "
             f"to {' and '.join(service.resources.values())}; nothing published")
 
 
