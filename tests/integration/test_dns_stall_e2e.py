@@ -87,3 +87,15 @@ def test_sigterm_during_a_stalled_lookup_ends_the_boot_at_once(standin, stalled_
     assert proc.returncode == 75, err
     assert "SIGTERM" in err, err
     assert took < 2, (took, err)
+
+
+def test_a_boot_whose_broker_lookup_stalls_in_awscrt_ends_at_its_timeout(standin, stalled_dns):
+    # No answer at all: awscrt's own resolver asks, in its own thread; the wait on
+    # the connect is what bounds it.
+    started = time.monotonic()
+    proc = stalled_dns(0, 0, "--timeout", "5", "--config", str(standin.config_path))
+    out, err = finish(proc, 60)
+    took = time.monotonic() - started
+    assert proc.returncode == 75, err
+    assert "no answer in 5 s" in err, err
+    assert took < 5 + 3, (took, err)
