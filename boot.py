@@ -25,9 +25,7 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 from entomologist import certs, check, clock, files, fleet, keys, logs, mqtt, secret, spend
 from entomologist.bugs import note_outcome
@@ -96,12 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def boot(config_path: Path, deadline: Deadline, force: bool = False,
-         build: mqtt.Builder | None = None,
-         sleep: Callable[[float], None] = time.sleep,
-         now: Callable[[], float] = time.time, runtime_dir: str | None = None,
+         build: mqtt.Builder | None = None, runtime_dir: str | None = None,
          stop: Stop | None = None) -> None:
     """The whole boot-time job, under the run lock (``runtime_dir``: the unit's
-    RuntimeDirectory, see update_boot_status; ``stop``: the run's signal handling)."""
+    RuntimeDirectory, see update_boot_status; ``stop``: the run's signal handling).
+    Every reading of time and every wait is the deadline's clock."""
     config = load_config(config_path)
     # CERT_DIR holds the lock, so it exists (0700) before anything else happens.
     cert_dir = CertDir.open(config.cert_dir, create=True, token=config.token)
@@ -118,13 +115,13 @@ def boot(config_path: Path, deadline: Deadline, force: bool = False,
             config = load_config(config_path)
         elif (set_aside_foreign_pair(config, cert_dir) or force
               or needs_provisioning(config, cert_dir)):
-            provision(config, provisioning_settings(config), deadline, build, sleep, now,
+            provision(config, provisioning_settings(config), deadline, build,
                       lost=not force, stop=stop)
             config = load_config(config_path)
         elif cert_dir.installed_for() is None:
             record_installed_for(config, cert_dir)
         # The pair was just found sound or just installed from checked files.
-        update_boot_status(config, deadline, build, sleep, now, credentials_checked=True,
+        update_boot_status(config, deadline, build, credentials_checked=True,
                            runtime_dir=runtime_dir)
 
 
@@ -171,9 +168,7 @@ def needs_provisioning(config: Config, cert_dir: CertDir) -> bool:
 
 
 def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline,
-              build: mqtt.Builder | None = None,
-              sleep: Callable[[float], None] = time.sleep,
-              now: Callable[[], float] = time.time, lost: bool = False,
+              build: mqtt.Builder | None = None, lost: bool = False,
               stop: Stop | None = None) -> Registration:
     """Fleet provisioning by claim, retried from scratch on transient failures.
 
@@ -192,6 +187,7 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
     75 before it connects.
     """
     stop = stop or Stop()
+    now = deadline.clock.time
     certs.check_claim(settings.claim_cert, settings.claim_key, config.root_ca)
     parameters = secret.template_parameters(settings.template_parameters,
                                             settings.secret_file)
@@ -219,10 +215,10 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
         link = mqtt.connect(mqtt.Endpoint(config.host, config.port, config.root_ca),
                             settings.claim_cert, settings.claim_key, client,
                             deadline.step("connect with the claim certificate"), build,
-                            proxy=config.proxy)
+                            proxy=config.proxy, clock=deadline.clock)
         try:
             service = fleet.FleetProvisioning(link, settings.template_name, settings.csr_mode,
-                                              deadline, sleep, serial=config.serial_id)
+                                              deadline, serial=config.serial_id)
             try:
                 service.subscribe()
             except SubscriptionRefused:
@@ -265,10 +261,9 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
             link.close()
         return registration
 
-    started = time.monotonic()
+    started = deadline.clock.monotonic()
     try:
-        registration = with_retries(attempt, deadline, "provisioning", sleep=sleep,
-                                    hold=spent.hold)
+        registration = with_retries(attempt, deadline, "provisioning", hold=spent.hold)
     except BaseException:
         try:
             cert_dir.discard_unregistered()
@@ -277,7 +272,7 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
         raise
     cert_dir.install(config, registration, config.root_ca)
     log.info("provisioned as thing %s in %.1f s; credentials in %s",
-             registration.thing_name, time.monotonic() - started, cert_dir.path)
+             registration.thing_name, deadline.clock.monotonic() - started, cert_dir.path)
     return registration
 
 

@@ -25,9 +25,7 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 from entomologist import clock, files, logs, mqtt
 from entomologist.config import DEFAULT_CONFIG, Config, load_config, update_device_config
@@ -78,8 +76,6 @@ def note_reported(runtime_dir: str | None, mark: bytes) -> None:
 
 def update_boot_status(config: Config, deadline: Deadline,
                        build: mqtt.Builder | None = None,
-                       sleep: Callable[[float], None] = time.sleep,
-                       now: Callable[[], float] = time.time,
                        credentials_checked: bool = False,
                        runtime_dir: str | None = None) -> None:
     """Publish the boot message with the installed credentials, then set the status.
@@ -104,7 +100,7 @@ def update_boot_status(config: Config, deadline: Deadline,
     if problem:
         raise ConfigError(f"no device credentials: {problem}", hint=hint)
     ca = cert_dir.ca_for_connection(config.root_ca)
-    clock.check_clock([cert_dir.cert, ca], now)
+    clock.check_clock([cert_dir.cert, ca], deadline.clock.time)
     endpoint = mqtt.Endpoint(config.host, config.port, ca)
     client_id = config.thing_name or config.serial_id
     topic = boot_topic(config.serial_id)
@@ -118,7 +114,7 @@ def update_boot_status(config: Config, deadline: Deadline,
     def attempt() -> None:
         link = mqtt.connect(endpoint, cert_dir.cert, key, client_id,
                             deadline.step("connect with the device certificate"), builder,
-                            proxy=config.proxy)
+                            proxy=config.proxy, clock=deadline.clock)
         try:
             link.publish(topic, boot_message(config.serial_id), deadline.step("boot message"))
         finally:
@@ -128,7 +124,7 @@ def update_boot_status(config: Config, deadline: Deadline,
     if reported_this_boot(runtime_dir, mark):
         log.info("this boot's message was already acknowledged on %s: not sent again", topic)
     else:
-        with_retries(attempt, deadline, "boot message", sleep=sleep)
+        with_retries(attempt, deadline, "boot message")
         log.info("boot message acknowledged on %s (client ID %s)", topic, client_id)
         note_reported(runtime_dir, mark)
     if config.provisioned:

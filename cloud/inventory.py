@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 import sys
 from pathlib import Path
 
@@ -38,6 +39,8 @@ except ImportError:
 log = logging.getLogger("inventory")
 
 DEFAULT_TABLE = "ento-fleet-inventory"
+TABLE_SUFFIX = "-fleet-inventory"  # the stack's table: <NamePrefix>-fleet-inventory
+MAX_THING_NAME = 128
 EX_DATAERR, EX_CANTCREAT, EX_TEMPFAIL, EX_CONFIG = 65, 73, 75, 78
 
 
@@ -51,6 +54,22 @@ def _now() -> str:
 
 def new_secret() -> str:
     return secrets.token_urlsafe(32)
+
+
+def read_secret(path: Path) -> str:
+    """A secret file an earlier `add` left: ours only if no one else can read or change it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise InventoryError(f"{path} exists and is not a 0600 secret file of this user: "
+                                 "remove it or choose another --secrets-dir")
+        secret = os.read(fd, 4096).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    if not secret:
+        raise InventoryError(f"{path} is empty: remove it and run add again")
+    return secret
 
 
 def write_secret(path: Path, secret: str) -> Path:
@@ -86,17 +105,49 @@ class Inventory:
             AttributeDefinitions=[{"AttributeName": "serial", "AttributeType": "S"}])
 
     def add(self, serial: str, secrets_dir: Path) -> Path:
-        """A manufactured camera: its secret file for the image, its hash in the table."""
+        """A manufactured camera: its secret file for the image, its hash in the table.
+
+        Safe to run again for the same serial: a secret file left by an earlier
+        run whose outcome was unknown (a lost answer, a timeout) is reused, and
+        a table that already holds its hash means that run succeeded.  A secret
+        file is removed only when the table certainly does not hold it."""
         _check_serial(serial)
-        secret = new_secret()
-        path = write_secret(Path(secrets_dir) / f"{serial}.secret", secret)
+        if self.table.endswith(TABLE_SUFFIX):
+            # The stack names things <NamePrefix>-<serial>, at most 128 characters:
+            # a longer one would pass the hook and then fail in RegisterThing.
+            thing = f"{self.table[:-len(TABLE_SUFFIX)]}-{serial}"
+            if len(thing) > MAX_THING_NAME:
+                raise InventoryError(f"serial {serial[:40]}...: its thing name would be "
+                                     f"{len(thing)} characters, over AWS's {MAX_THING_NAME}")
+        path = Path(secrets_dir) / f"{serial}.secret"
+        made = not os.path.lexists(path)
+        if made:
+            secret = new_secret()
+            write_secret(path, secret)
+        else:
+            secret = read_secret(path)
+        digest = secret_hash(secret)
         try:
-            self.put(serial, secret_hash(secret))
+            self.put(serial, digest)
+        except InventoryError:
+            # The serial is there: with this file's hash (our own write whose answer
+            # was lost, then retried), or with another secret (a real duplicate).
+            if self.stored_hash(serial) == digest:
+                return path
+            if made:
+                path.unlink()
+            raise
         except BaseException:
-            # A secret the table does not know is useless; never leave it behind.
-            path.unlink()
+            # The write may have landed: keeping the file lets `add` be run again.
+            log.error("%s: the inventory did not confirm the write; the secret stays in %s: "
+                      "run add %s again", serial, path, serial)
             raise
         return path
+
+    def stored_hash(self, serial: str) -> str | None:
+        item = self.client.get_item(TableName=self.table, Key={"serial": {"S": serial}},
+                                    ConsistentRead=True).get("Item")
+        return item.get("secretSha256", {}).get("S") if item else None
 
     def put(self, serial: str, digest: str) -> None:
         """A manufactured camera whose secret has this SHA-256; never over an existing one."""
@@ -188,7 +239,10 @@ def client_from_environment():
     """A DynamoDB client from the standard AWS environment (AWS_ENDPOINT_URL included)."""
     import boto3
     from botocore.config import Config
-    return boto3.client("dynamodb", config=Config(
+    # AWS_REGION is what the CLI and the SDKs of other languages read; boto3
+    # reads only AWS_DEFAULT_REGION.
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None
+    return boto3.client("dynamodb", region_name=region, config=Config(
         connect_timeout=5, read_timeout=10, retries={"max_attempts": 3, "mode": "standard"}))
 
 
@@ -197,7 +251,7 @@ def _exit_code(exc: Exception) -> tuple[int, str]:
     code = _code(exc)
     if isinstance(exc, InventoryError):
         return exc.code, str(exc)
-    if isinstance(exc, OSError):
+    if isinstance(exc, OSError) and exc.filename:
         return EX_CANTCREAT, f"cannot write the secret file: {exc.strerror}: {exc.filename}"
     if isinstance(exc, (bex.NoRegionError, bex.NoCredentialsError, bex.PartialCredentialsError)):
         return EX_CONFIG, f"{exc}; set AWS_REGION and credentials (AWS_PROFILE, ...)"
@@ -206,7 +260,7 @@ def _exit_code(exc: Exception) -> tuple[int, str]:
     if code in ("AccessDeniedException", "UnrecognizedClientException"):
         return EX_CONFIG, f"DynamoDB refused the credentials ({code})"
     if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectTimeoutError,
-                        bex.ReadTimeoutError)) or code in (
+                        bex.ReadTimeoutError, bex.HTTPClientError, OSError)) or code in (
             "ProvisionedThroughputExceededException", "ThrottlingException",
             "RequestLimitExceeded", "InternalServerError", "ServiceUnavailable"):
         return EX_TEMPFAIL, f"DynamoDB did not answer; try again ({code or type(exc).__name__})"

@@ -216,7 +216,7 @@ def check_claim_mqtt(config: configuration.Config, settings: configuration.Provi
     link = mqtt.connect(mqtt.Endpoint(config.host, config.port, config.root_ca),
                         settings.claim_cert, settings.claim_key, client,
                         deadline.step("connect with the claim certificate"), build,
-                        proxy=config.proxy)
+                        proxy=config.proxy, clock=deadline.clock)
     try:
         service = fleet.FleetProvisioning(link, settings.template_name, settings.csr_mode,
                                           deadline)
@@ -239,6 +239,6 @@ def check_device_mqtt(config: configuration.Config, plan: Plan, deadline: Deadli
     link = mqtt.connect(mqtt.Endpoint(config.host, config.port, device_ca(config, plan)),
                         cert_dir.cert, key, client_id,
                         deadline.step("connect with the device certificate"), builder,
-                        proxy=config.proxy)
+                        proxy=config.proxy, clock=deadline.clock)
     link.close()
     return f"CONNECT as {client_id} with the device certificate accepted; nothing published"

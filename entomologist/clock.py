@@ -1,4 +1,14 @@
-"""Refuse to connect with a clock that is provably behind.
+"""The one clock seam, and refusing to connect with a clock that is provably behind.
+
+``Clock`` is every reading of time and every wait the product makes on a
+bounded future or queue: the run's ``Deadline`` carries one, and the lock,
+the retries, fleet provisioning, the MQTT waits and the spend record all ask
+it, so tests replace one object (tests/fakes.py FakeClock) instead of waiting.
+A wait on something another thread completes (an awscrt future, the queue
+its callbacks fill) has to be a real bounded wait: ``Clock`` does it, given
+the timeout the caller worked out from ``monotonic``, and a fake clock
+answers at once (what is ready, or the timeout after advancing by it) rather
+than being polled.
 
 A board without a real-time clock can boot years in the past; TLS would then
 fail only after a long delay, with an opaque error.  The clock cannot be
@@ -11,7 +21,9 @@ service's clock, not ours.)
 """
 from __future__ import annotations
 
+import queue
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,12 +32,38 @@ from .errors import TransientError
 from .files import FileProblem, read_bounded
 
 
+class Clock:
+    """Real time: the monotonic clock for durations, the wall clock for what
+    outlives the run (records, certificate validity), and real waits."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(max(0.0, seconds))
+
+    def result(self, future: Future, timeout: float):
+        """``future.result``, waiting at most ``timeout`` seconds (awscrt's futures
+        never time out by themselves); concurrent.futures.TimeoutError then."""
+        return future.result(max(0.0, timeout))
+
+    def get(self, items: queue.Queue, timeout: float):
+        """The next item of ``items``, waiting at most ``timeout``; queue.Empty then."""
+        return items.get(timeout=max(0.0, timeout))
+
+
+REAL = Clock()
+
+
 def _utc(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def check_clock(certificate_files: Sequence[Path],
-                now: Callable[[], float] = time.time) -> None:
+                now: Callable[[], float] = REAL.time) -> None:
     floor, source = 0.0, ""
     for path in certificate_files:
         try:

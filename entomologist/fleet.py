@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -101,7 +100,7 @@ class FleetProvisioning:
     on one claim connection."""
 
     def __init__(self, link: Link, template_name: str, csr_mode: bool, deadline: Deadline,
-                 sleep: Callable[[float], None] = time.sleep, serial: str = ""):
+                 serial: str = ""):
         from awsiot import iotidentity
         self._iotidentity = iotidentity
         self.client = iotidentity.IotIdentityClient(link.connection)
@@ -109,7 +108,6 @@ class FleetProvisioning:
         self.template_name = template_name
         self.create_operation = CREATE_FROM_CSR if csr_mode else CREATE_KEYS
         self.deadline = deadline
-        self.sleep = sleep
         self.serial = serial
         # Each operation's claim-policy resource, from the topics the client
         # subscribed to (the client, not this module, knows the topics).
@@ -221,7 +219,7 @@ class FleetProvisioning:
             return self._await(operation)
 
         try:
-            return with_retries(once, self.deadline, operation, BUSY_BACKOFF, self.sleep,
+            return with_retries(once, self.deadline, operation, BUSY_BACKOFF,
                                 retry_on=ServiceBusy)
         except TransientError as exc:
             if isinstance(exc.__cause__, ServiceBusy):
@@ -249,11 +247,12 @@ class FleetProvisioning:
             self.link.events.put(item)
 
     def _await(self, operation: str):
-        end = time.monotonic() + self.deadline.step(operation)
+        clock = self.deadline.clock
+        end = clock.monotonic() + self.deadline.step(operation)
         while True:
             try:
                 answered, outcome, answer = self.link.next_event(
-                    end - time.monotonic(), silence_hint(self.resources.get(operation, operation)))
+                    end - clock.monotonic(), silence_hint(self.resources.get(operation, operation)))
             except TransientError as exc:
                 raise TransientError(f"{operation}: {exc}", hint=exc.hint) from None
             if answered != operation:

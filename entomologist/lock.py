@@ -17,7 +17,6 @@ import fcntl
 import logging
 import os
 import stat
-import time
 from pathlib import Path
 
 from .errors import ConfigError, StorageError, TransientError
@@ -79,7 +78,7 @@ class RunLock:
             if deadline.remaining() <= poll:
                 raise TransientError("another run still holds the lock at the time limit",
                                      hint=f"for a hung process holding {self.path}")
-            time.sleep(poll)
+            deadline.clock.sleep(poll)
 
     def release(self) -> None:
         if self._fd is not None:

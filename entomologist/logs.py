@@ -38,15 +38,28 @@ class _Redactor(logging.Filter):
         for secret in self.short:
             if secret in text:
                 text = re.sub(rf"(?<![^\W_]){re.escape(secret)}(?![^\W_])", "[redacted]", text)
+        # Every window of every secret is looked for in the text as it came, and
+        # the union of what they cover is cut out at once: cutting one fragment
+        # first would hide its overlap with the next and leave the rest showing.
+        covered = bytearray(len(text))
         for secret in self.secrets:
-            if secret in text:
-                text = text.replace(secret, "[redacted]")
-            if len(secret) >= 2 * SECRET_FRAGMENT:
-                for start in range(0, len(secret) - SECRET_FRAGMENT + 1, SECRET_FRAGMENT // 2):
-                    fragment = secret[start:start + SECRET_FRAGMENT]
-                    if fragment in text:
-                        text = text.replace(fragment, "[redacted]")
-        return text
+            size = min(len(secret), SECRET_FRAGMENT)
+            for start in range(len(secret) - size + 1):
+                piece = secret[start:start + size]
+                found = text.find(piece)
+                while found != -1:
+                    covered[found:found + size] = b"\x01" * size
+                    found = text.find(piece, found + 1)
+        if not any(covered):
+            return text
+        parts, index = [], 0
+        while index < len(text):
+            end = index
+            while end < len(text) and covered[end] == covered[index]:
+                end += 1
+            parts.append("[redacted]" if covered[index] else text[index:end])
+            index = end
+        return "".join(parts)
 
     def line(self, text: str) -> str:
         clean = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"),

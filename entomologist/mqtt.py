@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
@@ -19,6 +18,7 @@ from typing import Callable, Iterable
 
 from . import proxy as http_proxy
 from . import proxy_probe
+from .clock import REAL, Clock
 from .errors import ConfigError, SubscriptionRefused, TransientError
 from .files import read_bounded
 from .proxy import Proxy
@@ -91,11 +91,6 @@ def build_connection(endpoint: Endpoint, tls: Tls, client_id: str, timeout: floa
 Builder = Callable[..., object]
 
 
-def _wait(future: Future, timeout: float):
-    """``future.result`` bounded by ``timeout``; FutureTimeout when it runs out."""
-    return future.result(max(0.0, timeout))
-
-
 class Link:
     """An open connection, and a queue of what arrives on it.
 
@@ -103,29 +98,31 @@ class Link:
     connection puts a TransientError there, so a flow awaiting an answer
     learns at once that none will come (it starts again from scratch rather
     than trusting an automatic reconnect to have kept its subscriptions).
+    Every wait on the connection goes through ``clock`` (entomologist.clock).
     """
 
-    def __init__(self, connection, events: "queue.Queue"):
+    def __init__(self, connection, events: "queue.Queue", clock: Clock = REAL):
         self.connection = connection
         self.events = events
+        self.clock = clock
         # (action, topic, when) of the last publish or subscribe sent
         self.last_sent: tuple[str, str, float] | None = None
 
     def note_sent(self, action: str, topic: str) -> None:
         """Call before sending: a loss may be reported before the send returns."""
-        self.last_sent = (action, topic, time.monotonic())
+        self.last_sent = (action, topic, self.clock.monotonic())
 
     def loss_hint(self) -> str:
         """The hint for a lost connection: the policy too, if it closed right after a send."""
         sent = self.last_sent
-        if sent and time.monotonic() - sent[2] < POLICY_SUSPECT_SECS:
+        if sent and self.clock.monotonic() - sent[2] < POLICY_SUSPECT_SECS:
             return policy_hint(NETWORK_HINT, sent[0], sent[1])
         return NETWORK_HINT
 
     def next_event(self, timeout: float, silence_hint: str | None = None):
         """The next message or loss; ``silence_hint`` is what to check when nothing came."""
         try:
-            item = self.events.get(timeout=max(0.0, timeout))
+            item = self.clock.get(self.events, timeout)
         except queue.Empty:
             raise TransientError(f"no answer from the service in {timeout:.0f} s",
                                  hint=silence_hint or "the network link and that the "
@@ -138,12 +135,12 @@ class Link:
     def wait_subscribed(self, pending: Iterable[tuple[str, Future]], timeout: float,
                         refused_hint: str) -> None:
         """Wait for the SUBACK of every subscription already sent (one round trip)."""
-        end = time.monotonic() + timeout
+        end = self.clock.monotonic() + timeout
         for topic, future in pending:
             # The first one unacknowledged is the one a lost connection points at.
             self.note_sent("iot:Subscribe", topic)
             try:
-                granted = _wait(future, end - time.monotonic())
+                granted = self.clock.result(future, end - self.clock.monotonic())
             except FutureTimeout:
                 raise TransientError(f"subscribe to {topic}: no SUBACK in {timeout:.0f} s",
                                      hint=policy_hint("the network link", "iot:Subscribe",
@@ -162,7 +159,7 @@ class Link:
 
     def wait_published(self, topic: str, future: Future, timeout: float) -> None:
         try:
-            _wait(future, timeout)
+            self.clock.result(future, timeout)
         except FutureTimeout:
             raise TransientError(f"publish to {topic}: no PUBACK in {timeout:.0f} s",
                                  hint=policy_hint("the network link", "iot:Publish",
@@ -180,17 +177,19 @@ class Link:
 
     def close(self) -> None:
         try:
-            _wait(self.connection.disconnect(), CLOSE_WAIT)
+            self.clock.result(self.connection.disconnect(), CLOSE_WAIT)
         except Exception:
             log.debug("disconnect did not complete cleanly")
 
 
 def connect(endpoint: Endpoint, cert: Path, key, client_id: str, timeout: float,
-            build: Builder | None = None, proxy: Proxy | None = None) -> Link:
+            build: Builder | None = None, proxy: Proxy | None = None,
+            clock: Clock = REAL) -> Link:
     """Open a mutual-TLS MQTT connection and wait, bounded, for its CONNACK.
 
     ``key`` is a key file's path, or a token key for ``build``; ``proxy``, an
-    HTTP proxy to tunnel through (every builder sees it on the endpoint).
+    HTTP proxy to tunnel through (every builder sees it on the endpoint);
+    ``clock``, what the link's waits run on (the run deadline's).
     """
     build = build or build_connection
     if proxy is not None:
@@ -214,20 +213,20 @@ def connect(endpoint: Endpoint, cert: Path, key, client_id: str, timeout: float,
     except Exception as exc:
         raise ConfigError(f"cannot load the TLS files ({getattr(exc, 'name', type(exc).__name__)})",
                           hint=f"{endpoint.ca}, {cert} and {key}") from None
-    link = Link(connection, events)
+    link = Link(connection, events, clock)
     links.append(link)
     from . import nodelay
     # Through a proxy, awscrt's one socket goes to the proxy.
     peer = endpoint.proxy or endpoint
     via = f" through the HTTP proxy {endpoint.proxy}" if endpoint.proxy else ""
-    started = time.monotonic()
+    started = clock.monotonic()
     try:
         # awscrt opens its socket inside connect(); the option must land on it
         # before the TLS handshake's second flight (see nodelay).
         with nodelay.after_connect(peer.host, peer.port, timeout) as watch:
             connecting = connection.connect()
         try:
-            _wait(connecting, timeout)
+            clock.result(connecting, timeout)
         finally:
             watch.stop()
     except FutureTimeout:
@@ -237,6 +236,6 @@ def connect(endpoint: Endpoint, cert: Path, key, client_id: str, timeout: float,
     except Exception as exc:
         if endpoint.proxy is not None:
             raise proxy_probe.failure(endpoint.proxy, endpoint.host, endpoint.port, exc,
-                                      timeout - (time.monotonic() - started)) from None
+                                      timeout - (clock.monotonic() - started)) from None
         raise crt_failure(f"connect to {endpoint.host}:{endpoint.port}", exc) from None
     return link

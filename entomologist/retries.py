@@ -4,10 +4,10 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 from dataclasses import dataclass
 from typing import Callable
 
+from .clock import REAL, Clock
 from .errors import TransientError
 
 log = logging.getLogger("entomologist")
@@ -28,18 +28,20 @@ def positive_seconds(text: str) -> float:
 
 
 class Deadline:
-    """The whole run's time budget; every wait asks it for a bounded slice."""
+    """The whole run's time budget; every wait asks it for a bounded slice.
 
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic,
-                 step_limit: float = STEP_TIMEOUT):
+    It carries the run's clock (entomologist.clock), so whatever is handed the
+    deadline sleeps and waits on the same time that bounds it."""
+
+    def __init__(self, seconds: float, clock: Clock = REAL, step_limit: float = STEP_TIMEOUT):
         if not math.isfinite(seconds) or seconds <= 0:
             raise ValueError(f"a deadline needs a finite positive number of seconds, not {seconds}")
-        self._clock = clock
-        self._end = clock() + seconds
+        self.clock = clock
+        self._end = clock.monotonic() + seconds
         self.step_limit = step_limit
 
     def remaining(self) -> float:
-        return self._end - self._clock()
+        return self._end - self.clock.monotonic()
 
     def step(self, what: str) -> float:
         """How long the next wait may last: the step limit, or what is left of the run."""
@@ -72,8 +74,7 @@ RECONNECT_BACKOFF = Backoff(base=0.5, cap=20.0)
 
 
 def with_retries(action: Callable[[], object], deadline: Deadline, what: str,
-                 backoff: Backoff = RECONNECT_BACKOFF, sleep: Callable[[float], None] = time.sleep,
-                 rng: random.Random | None = None,
+                 backoff: Backoff = RECONNECT_BACKOFF, rng: random.Random | None = None,
                  retry_on: type[TransientError] = TransientError,
                  hold: "Callable[[], tuple[float, str]] | None" = None):
     """Call ``action`` until it does not raise ``retry_on`` or time runs out.
@@ -97,4 +98,4 @@ def with_retries(action: Callable[[], object], deadline: Deadline, what: str,
                 raise TransientError(f"{exc} (gave up after {attempt} attempt(s): {reason})",
                                      hint=exc.hint) from exc
             log.warning("%s: %s; retrying in %.1f s (attempt %d)", what, exc, pause, attempt + 1)
-            sleep(pause)
+            deadline.clock.sleep(pause)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import files
+from .clock import REAL
 from .config import CERTIFICATE_ID_RE
 from .errors import TransientError
 
@@ -113,13 +114,13 @@ def _parse(raw: bytes) -> list[Entry]:
 class SpendRecord:
     """``CERT_DIR/provisioning-spend.json``: written atomically, fsynced, born 0600."""
 
-    def __init__(self, path: Path, now: Callable[[], float] = time.time):
+    def __init__(self, path: Path, now: Callable[[], float] = REAL.time):
         self.path = path
         self.now = now
         self.entries: list[Entry] = []
 
     @classmethod
-    def open(cls, path: Path, now: Callable[[], float] = time.time,
+    def open(cls, path: Path, now: Callable[[], float] = REAL.time,
              settle: bool = True) -> "SpendRecord":
         """The record at ``path``, settled if it cannot be trusted as is, and written back
         so unless ``settle`` is False (``boot.py --check`` writes nothing)."""

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import queue
 import re
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from awscrt import mqtt
 from awscrt.exceptions import AwsCrtError
@@ -20,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from entomologist.clock import Clock
 
 CREATE = "$aws/certificates/create/json"
 CREATE_CSR = "$aws/certificates/create-from-csr/json"
@@ -264,17 +268,27 @@ class FakeCloud:
         return self.published(REGISTER_PREFIX)
 
 
-class FakeClock:
-    """The one clock seam: wall time (``now``), the deadline's monotonic time and
-    ``sleep`` move together, and only when a flow sleeps or a test advances them."""
+class FakeClock(Clock):
+    """The one clock seam: wall time (``time``, also ``now``), the deadline's
+    monotonic time and ``sleep`` move together, and only when a flow sleeps or
+    waits or a test advances them.
+
+    A wait on a future or a queue takes no real time: what is ready now is
+    returned, and otherwise the clock moves on by the whole timeout and the
+    wait times out, as a real one would at that moment.  Everything the fakes
+    resolve is resolved before or while the flow sends, on the same thread, so
+    nothing could arrive later; and nothing polls, so nothing can spin."""
 
     def __init__(self, start: float = 1_800_000_000.0):
         self.wall = start
         self.mono = 1000.0
         self.sleeps: list[float] = []
+        self.waits: list[float] = []
 
-    def now(self) -> float:
+    def time(self) -> float:
         return self.wall
+
+    now = time
 
     def monotonic(self) -> float:
         return self.mono
@@ -285,4 +299,21 @@ class FakeClock:
 
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        self.advance(seconds)
+        self.advance(max(0.0, seconds))
+
+    def _timed_out(self, timeout: float) -> None:
+        self.waits.append(max(0.0, timeout))
+        self.advance(max(0.0, timeout))
+
+    def result(self, future: Future, timeout: float):
+        if not future.done():
+            self._timed_out(timeout)
+            raise FutureTimeout()
+        return future.result(0)
+
+    def get(self, items, timeout: float):
+        try:
+            return items.get_nowait()
+        except queue.Empty:
+            self._timed_out(timeout)
+            raise

@@ -70,8 +70,9 @@ def test_add_never_replaces_a_secret_file_nor_an_inventory_item(server, tmp_path
     assert run(server, "add", "CAM-0001", "--secrets-dir", str(tmp_path)).returncode == 0
     first = (tmp_path / "CAM-0001.secret").read_text()
     before = items(server)
+    # Run again (as after a lost answer): the file and the table agree, nothing changes.
     proc = run(server, "add", "CAM-0001", "--secrets-dir", str(tmp_path))
-    assert proc.returncode == 73 and "File exists" in proc.stderr, proc.stderr
+    assert proc.returncode == 0, proc.stderr
     other = tmp_path / "other"
     other.mkdir()
     proc = run(server, "add", "CAM-0001", "--secrets-dir", str(other))
@@ -114,3 +115,48 @@ def test_the_environment_decides_where_and_failures_have_their_exit_codes(server
     proc = run(server, "list", env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
     assert proc.returncode == 75 and "try again" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_write_whose_answer_was_lost_keeps_the_secret_and_add_again_completes(server, tmp_path):
+    """The table took the hash but the answer never came: the secret file must stay."""
+    inventory = cli.Inventory(server.client(), TABLE)
+    real_put = inventory.client.put_item
+
+    def landed_then_lost(**kwargs):
+        real_put(**kwargs)
+        raise ConnectionResetError("the answer was lost")
+
+    inventory.client.put_item = landed_then_lost
+    with pytest.raises(ConnectionResetError):
+        inventory.add("CAM-0042", tmp_path)
+    secret = (tmp_path / "CAM-0042.secret").read_text().strip()
+    stored = items(server)[0]["secretSha256"]["S"]
+    assert stored == hashlib.sha256(secret.encode()).hexdigest()
+    inventory.client.put_item = real_put
+    # Repeated as botocore's retry does: the item exists with this file's hash.
+    assert inventory.add("CAM-0042", tmp_path) == tmp_path / "CAM-0042.secret"
+    assert (tmp_path / "CAM-0042.secret").read_text().strip() == secret
+
+
+def test_a_leftover_secret_file_others_can_read_is_not_reused(server, tmp_path):
+    (tmp_path / "CAM-0043.secret").write_text("x" * 43 + "\n")
+    os.chmod(tmp_path / "CAM-0043.secret", 0o644)
+    assert cli.main(["add", "CAM-0043", "--secrets-dir", str(tmp_path)],
+                    client=server.client()) == 65
+    assert items(server) == []
+
+
+def test_a_serial_whose_thing_name_would_be_too_long_is_refused(server, tmp_path):
+    serial = "C" * 124  # ento- + 124 = 129 characters
+    assert cli.main(["add", serial, "--secrets-dir", str(tmp_path)],
+                    client=server.client()) == 65
+    assert list(tmp_path.iterdir()) == [] and items(server) == []
+    assert cli.main(["add", "C" * 123, "--secrets-dir", str(tmp_path)],
+                    client=server.client()) == 0
+
+
+def test_aws_region_alone_is_enough(server, tmp_path):
+    environment = {k: v for k, v in server.environment().items() if k != "AWS_DEFAULT_REGION"}
+    region = server.environment().get("AWS_DEFAULT_REGION", "us-east-1")
+    proc = run(None, "list", env={**environment, "AWS_REGION": region})
+    assert proc.returncode == 0, proc.stderr

@@ -9,7 +9,7 @@ import socket
 from awscrt import mqtt as crt_mqtt
 
 from entomologist import config as configuration, mqtt
-from fakes import FakeCloud, MiniCA
+from fakes import FakeClock, FakeCloud, MiniCA
 
 
 class NetworkUsedInUnitTest(AssertionError):
@@ -95,3 +95,9 @@ class Device:
 @pytest.fixture
 def device(tmp_path, cloud):
     return Device(tmp_path, cloud.ca)
+
+
+@pytest.fixture
+def clock():
+    """The run's clock: time moves only when the flow sleeps or waits (tests/fakes.py)."""
+    return FakeClock()

@@ -11,7 +11,7 @@ import boot
 from entomologist import errors
 from entomologist.credentials import CertDir
 from entomologist.retries import Deadline
-from fakes import CAM42_CLAIM, CREATE, ClaimClientId, crt_error
+from fakes import CAM42_CLAIM, CREATE, ClaimClientId, FakeClock, crt_error
 
 REGISTER = "$aws/provisioning-templates/Fleet/provision/json"
 CERT, KEY, CA = "certificate.pem.crt", "private.pem.key", "AmazonRootCA1.pem"
@@ -25,10 +25,12 @@ def mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def run(device, cloud, force=False, seconds=60.0, sleeps=None, step=0.2):
-    sleeps = [] if sleeps is None else sleeps
-    boot.boot(device.config_path, Deadline(seconds, step_limit=step), force=force, build=cloud,
-              sleep=sleeps.append)
+def run(device, cloud, force=False, seconds=60.0, sleeps=None, step=0.2, clock=None):
+    clock = clock or FakeClock()
+    if sleeps is not None:
+        clock.sleeps = sleeps
+    boot.boot(device.config_path, Deadline(seconds, clock=clock, step_limit=step), force=force,
+              build=cloud)
 
 
 def assert_no_credentials(device):
@@ -314,30 +316,33 @@ def test_a_connection_lost_while_awaiting_an_answer_is_retried_at_once(device, c
     assert device.device["PROVISION_STATUS"] == "True"
 
 
-def test_a_suback_that_never_comes_is_bounded(device, cloud):
+def test_a_suback_that_never_comes_is_bounded(device, cloud, clock):
     cloud.fail_with("subscribe", *["never"] * 200)
+    started = clock.monotonic()
     with pytest.raises(errors.TransientError, match="no SUBACK"):
-        run(device, cloud, seconds=2.5, step=0.2)
+        run(device, cloud, seconds=120, step=20, clock=clock)
+    assert clock.waits and max(clock.waits) <= 20
+    assert clock.monotonic() - started <= 120
 
 
-def test_a_puback_that_never_comes_is_bounded(device, cloud):
+def test_a_puback_that_never_comes_is_bounded(device, cloud, clock):
     cloud.fail_with("publish", *["never"] * 200)
+    started = clock.monotonic()
     with pytest.raises(errors.TransientError, match="no PUBACK"):
-        run(device, cloud, seconds=2.5, step=0.2)
+        run(device, cloud, seconds=120, step=20, clock=clock)
+    assert clock.waits and max(clock.waits) <= 20
+    assert clock.monotonic() - started <= 120
 
 
-def test_transient_failures_stop_at_the_run_deadline(device, cloud):
-    clock = [0.0]
-    deadline = Deadline(30.0, clock=lambda: clock[0], step_limit=0.01)
+def test_transient_failures_stop_at_the_run_deadline(device, cloud, clock):
+    started = clock.monotonic()
+    deadline = Deadline(30.0, clock=clock, step_limit=0.01)
     # Failures that spend nothing at the service (see test_fleet_guard for those that do).
     cloud.fail_with("connect", *[crt_error("AWS_IO_SOCKET_TIMEOUT")] * 100)
 
-    def sleep(seconds):
-        clock[0] += seconds
-
     with pytest.raises(errors.TransientError, match="time limit"):
-        boot.boot(device.config_path, deadline, build=cloud, sleep=sleep)
-    assert clock[0] <= 30.0
+        boot.boot(device.config_path, deadline, build=cloud)
+    assert clock.sleeps and clock.monotonic() - started <= 30.0
     assert_no_credentials(device)
 
 

@@ -11,23 +11,24 @@ from cryptography.hazmat.primitives.asymmetric import ec
 import boot
 from entomologist import clock, errors, logs, retries
 import update_boot_status as ubs
-from fakes import MiniCA
+from fakes import FakeClock, MiniCA
 
 
 def test_a_clock_before_the_claim_certificate_fails_fast_as_transient(device, cloud):
-    started = time.monotonic()
+    behind = FakeClock(start=946684800.0)  # 2000-01-01
+    started = behind.monotonic()
     with pytest.raises(errors.TransientError, match="system clock is not set") as err:
-        boot.boot(device.config_path, retries.Deadline(60), build=cloud,
-                  now=lambda: 946684800.0)  # 2000-01-01
-    assert time.monotonic() - started < 1.0
+        boot.boot(device.config_path, retries.Deadline(60, clock=behind), build=cloud)
+    assert behind.monotonic() == started and behind.sleeps == behind.waits == []
     assert "2000-01-01T00:00:00Z" in str(err.value)
     assert "will be retried" in str(err.value)
     assert cloud.calls == []
 
 
 def test_the_exit_code_for_a_wrong_clock_is_75(device, cloud):
-    code = errors.run_main(lambda: boot.boot(device.config_path, retries.Deadline(60),
-                                             build=cloud, now=lambda: 0.0))
+    code = errors.run_main(lambda: boot.boot(device.config_path,
+                                             retries.Deadline(60, clock=FakeClock(start=0.0)),
+                                             build=cloud))
     assert code == os.EX_TEMPFAIL
 
 
@@ -49,7 +50,7 @@ def test_a_config_modified_in_the_future_does_not_block_a_boot(device, cloud):
     # A clock that ran ahead stamped the config; it was corrected since.
     future = time.time() + 10 * 365 * 86400
     os.utime(device.config_path, (future, future))
-    boot.boot(device.config_path, retries.Deadline(30), build=cloud, sleep=lambda s: None)
+    boot.boot(device.config_path, retries.Deadline(30, clock=FakeClock()), build=cloud)
     assert device.device["PROVISION_STATUS"] == "True"
 
 
@@ -58,11 +59,11 @@ def test_a_clock_after_every_start_of_validity_passes(device):
 
 
 def test_boot_status_checks_the_clock_against_the_device_certificate(device, cloud):
-    boot.boot(device.config_path, retries.Deadline(30), build=cloud, sleep=lambda s: None)
+    boot.boot(device.config_path, retries.Deadline(30, clock=FakeClock()), build=cloud)
     cloud.calls.clear()
     with pytest.raises(errors.TransientError, match="start of validity of .*certificate.pem.crt"):
-        ubs.update_boot_status(device.config(), retries.Deadline(5), build=cloud,
-                               now=lambda: time.time() - 3600)
+        behind = FakeClock(start=time.time() - 3600)
+        ubs.update_boot_status(device.config(), retries.Deadline(5, clock=behind), build=cloud)
     assert cloud.calls == []
 
 
@@ -148,3 +149,28 @@ def test_every_log_line_is_one_bounded_line_whatever_a_path_holds(tmp_path, devi
     for line in lines:
         assert "\x1b" not in line and len(line) < 1100
     assert "\\n" in lines[-1]
+
+
+PROVISIONING_SECRET = "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789-_abcde"  # as token_urlsafe(32)
+
+
+@pytest.mark.parametrize("start", range(0, len(PROVISIONING_SECRET) - 15))
+def test_every_16_character_run_of_a_secret_is_redacted_wherever_it_starts(start):
+    logs.redact(PROVISIONING_SECRET)
+    run = PROVISIONING_SECRET[start:start + 16]
+    assert logs.holds_secret(run)
+    assert run not in logs.shown(f"echo {run} back")
+
+
+def test_a_secret_of_16_to_31_characters_is_redacted_by_its_runs_too():
+    secret = "0123456789abcdefXYZW"
+    logs.redact(secret)
+    assert logs.holds_secret(secret[:16]) and logs.holds_secret(secret[4:])
+    assert logs.shown(f"<{secret[2:18]}>") == "<[redacted]>"
+
+
+def test_overlapping_runs_are_cut_out_whole_leaving_no_tail_of_the_secret():
+    logs.redact(PROVISIONING_SECRET)
+    leaked = PROVISIONING_SECRET[5:40]
+    shown = logs.shown(f"a {leaked} z")
+    assert shown == "a [redacted] z"

@@ -8,13 +8,13 @@ import pytest
 import boot
 import update_boot_status as ubs
 from entomologist import errors, retries
-from fakes import ClaimClientId
+from fakes import ClaimClientId, FakeClock
 
 PAIR = ("certificate.pem.crt", "private.pem.key", "AmazonRootCA1.pem")
 
 
 def run(device, cloud):
-    boot.boot(device.config_path, retries.Deadline(30), build=cloud, sleep=lambda s: None)
+    boot.boot(device.config_path, retries.Deadline(30, clock=FakeClock()), build=cloud)
 
 
 def cloned(device, cloud, serial="CAM-99"):

@@ -11,7 +11,7 @@ from cryptography.x509.oid import NameOID
 
 import boot
 from entomologist import errors, keys, retries
-from fakes import CREATE, CREATE_CSR, public_keys_equal
+from fakes import CREATE, CREATE_CSR, FakeClock, public_keys_equal
 
 REGISTER = "$aws/provisioning-templates/Fleet/provision/json"
 CERT, KEY = "certificate.pem.crt", "private.pem.key"
@@ -19,7 +19,8 @@ DEVICE_KEY, STAGED_KEY = "private.pem.key.device-made", "private.pem.key.staging
 
 
 def run(device, cloud, **kw):
-    boot.boot(device.config_path, retries.Deadline(30, step_limit=0.2), build=cloud, sleep=lambda s: None, **kw)
+    boot.boot(device.config_path, retries.Deadline(30, clock=FakeClock(), step_limit=0.2),
+              build=cloud, **kw)
 
 
 @pytest.fixture

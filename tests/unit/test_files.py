@@ -4,8 +4,6 @@ import json
 import logging
 import os
 import stat
-import threading
-import time
 
 import pytest
 
@@ -151,21 +149,30 @@ def test_a_config_that_would_grow_too_large_is_refused_before_anything(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["ento.conf"]
 
 
-def test_a_second_run_waits_for_the_lock_then_proceeds(tmp_path):
+def test_a_second_run_waits_for_the_lock_then_proceeds(tmp_path, clock):
     first = lock.RunLock(tmp_path)
-    first.acquire(retries.Deadline(1))
-    threading.Timer(0.3, first.release).start()
-    started = time.monotonic()
+    first.acquire(retries.Deadline(1, clock=clock))
+    polled = clock.sleep
+
+    def sleep(seconds):
+        polled(seconds)
+        if len(clock.sleeps) == 3:
+            first.release()  # the other run ends while this one waits
+
+    clock.sleep = sleep
     with lock.RunLock(tmp_path) as second:
-        second.acquire(retries.Deadline(5))
-    assert 0.2 < time.monotonic() - started < 3
+        second.acquire(retries.Deadline(5, clock=clock))
+        assert lock.holder(tmp_path) == tmp_path / "run.lock"
+    assert clock.sleeps == [0.1] * 3
 
 
-def test_waiting_for_the_lock_is_bounded_by_the_run_deadline(tmp_path):
+def test_waiting_for_the_lock_is_bounded_by_the_run_deadline(tmp_path, clock):
     with lock.RunLock(tmp_path) as first:
-        first.acquire(retries.Deadline(1))
+        first.acquire(retries.Deadline(1, clock=clock))
+        started = clock.monotonic()
         with pytest.raises(errors.TransientError, match="lock"):
-            lock.RunLock(tmp_path).acquire(retries.Deadline(0.3))
+            lock.RunLock(tmp_path).acquire(retries.Deadline(0.3, clock=clock))
+    assert clock.sleeps and clock.monotonic() - started <= 0.3
 
 
 def test_the_lock_is_a_0600_file_in_cert_dir_that_others_cannot_open(tmp_path):

@@ -23,14 +23,9 @@ def mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-@pytest.fixture
-def clock():
-    return FakeClock()
-
-
 def run(device, cloud, clock, seconds=60.0, force=False):
-    boot.boot(device.config_path, Deadline(seconds, clock=clock.monotonic, step_limit=0.2),
-              force=force, build=cloud, sleep=clock.sleep, now=clock.now)
+    boot.boot(device.config_path, Deadline(seconds, clock=clock, step_limit=0.2),
+              force=force, build=cloud)
 
 
 def connects(cloud):

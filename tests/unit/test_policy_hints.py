@@ -1,19 +1,19 @@
 """A denied publish or subscribe looks like the network on MQTT 3.1.1 (AWS sends no
 refusal, it closes the connection): the device names the policy beside the network."""
-import time
 
 import pytest
 
 import boot
 from entomologist import errors, mqtt
 from entomologist.retries import Deadline
+from fakes import FakeClock
 
 POLICY = "the certificate's policy may not allow"
 
 
 def run(device, cloud, seconds=2.5):
-    boot.boot(device.config_path, Deadline(seconds, step_limit=0.2), build=cloud,
-              sleep=lambda s: None)
+    boot.boot(device.config_path, Deadline(seconds, clock=FakeClock(), step_limit=0.2),
+              build=cloud)
 
 
 def test_a_boot_message_puback_that_never_comes_names_the_policy_and_the_topic(device, cloud):
@@ -57,9 +57,12 @@ def test_a_connection_closed_right_after_a_request_names_the_policy(device, clou
 
 
 def test_a_connection_lost_long_after_the_last_send_blames_only_the_network():
-    link = mqtt.Link(connection=None, events=None)
+    clock = FakeClock()
+    link = mqtt.Link(connection=None, events=None, clock=clock)
     assert link.loss_hint() == mqtt.NETWORK_HINT
-    link.last_sent = ("iot:Publish", "a/b", time.monotonic() - mqtt.POLICY_SUSPECT_SECS - 1)
-    assert link.loss_hint() == mqtt.NETWORK_HINT
-    link.last_sent = ("iot:Publish", "a/b", time.monotonic())
+    link.note_sent("iot:Publish", "a/b")
     assert link.loss_hint().endswith(f"(or {POLICY} iot:Publish on a/b)")
+    clock.advance(mqtt.POLICY_SUSPECT_SECS - 0.1)
+    assert link.loss_hint().endswith(f"(or {POLICY} iot:Publish on a/b)")
+    clock.advance(0.2)
+    assert link.loss_hint() == mqtt.NETWORK_HINT

@@ -9,6 +9,7 @@ from awscrt import http
 
 from entomologist import config as configuration, errors, logs, mqtt, proxy
 from entomologist.retries import Deadline
+from fakes import FakeClock
 
 import boot
 import update_boot_status
@@ -138,7 +139,7 @@ def test_no_proxy_means_no_proxy_options_and_no_credentials_without_a_user():
 
 def test_both_connections_of_a_first_boot_go_through_the_proxy(device, cloud):
     device.update(HTTP_PROXY=f"http://camera:{SECRET}@10.0.0.1:3128")
-    boot.boot(device.config_path, Deadline(60, step_limit=0.2), build=cloud, sleep=lambda s: None)
+    boot.boot(device.config_path, Deadline(60, clock=FakeClock(), step_limit=0.2), build=cloud)
     assert len(cloud.connections) == 2
     expected = proxy.Proxy("10.0.0.1", 3128, "camera", SECRET)
     assert [c.endpoint.proxy for c in cloud.connections] == [expected, expected]
@@ -146,11 +147,12 @@ def test_both_connections_of_a_first_boot_go_through_the_proxy(device, cloud):
 
 
 def test_a_later_boot_goes_through_the_proxy(device, cloud):
-    boot.boot(device.config_path, Deadline(60, step_limit=0.2), build=cloud, sleep=lambda s: None)
+    boot.boot(device.config_path, Deadline(60, clock=FakeClock(), step_limit=0.2), build=cloud)
     device.update(HTTP_PROXY="http://10.0.0.1:3128")
     cloud.connections.clear()
-    update_boot_status.update_boot_status(device.config(), Deadline(60, step_limit=0.2),
-                                          build=cloud, sleep=lambda s: None)
+    update_boot_status.update_boot_status(device.config(), Deadline(60, clock=FakeClock(),
+                                                                         step_limit=0.2),
+                                          build=cloud)
     assert [c.endpoint.proxy for c in cloud.connections] == [proxy.Proxy("10.0.0.1", 3128)]
 
 

@@ -7,10 +7,11 @@ import pytest
 
 import boot
 from entomologist import errors, files, retries
+from fakes import FakeClock
 
 
 def provisioned(device, cloud):
-    boot.boot(device.config_path, retries.Deadline(30), build=cloud, sleep=lambda s: None)
+    boot.boot(device.config_path, retries.Deadline(30, clock=FakeClock()), build=cloud)
     cloud.calls.clear()
     cloud.connections.clear()
 
@@ -48,7 +49,7 @@ def test_a_provisioned_camera_on_a_read_only_root_reports_every_boot_and_writes_
     folder = read_only(device.config_path.parent)
     before = snapshot(folder)
     for _ in range(2):
-        boot.boot(device.config_path, retries.Deadline(10), build=cloud, sleep=lambda s: None)
+        boot.boot(device.config_path, retries.Deadline(10, clock=FakeClock()), build=cloud)
     assert [topic for topic, _ in cloud.published()] == ["cameraDevice/CAM-42/booted"] * 2
     assert snapshot(folder) == before
     assert set(os.listdir(folder / "cert")) == {"certificate.pem.crt", "private.pem.key",
@@ -78,7 +79,7 @@ def test_a_read_only_cert_dir_alone_still_lets_the_status_be_recorded(
     provisioned(device, cloud)
     device.update(PROVISION_STATUS="False")
     read_only(device.cert_dir)
-    boot.boot(device.config_path, retries.Deadline(10), build=cloud, sleep=lambda s: None)
+    boot.boot(device.config_path, retries.Deadline(10, clock=FakeClock()), build=cloud)
     assert len(cloud.published()) == 1
     assert device.device["PROVISION_STATUS"] == "True"
 

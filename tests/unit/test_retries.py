@@ -1,10 +1,14 @@
-"""The run's deadline, and backoff with full jitter."""
+"""The run's deadline and clock, and backoff with full jitter."""
 import math
+import queue
 import random
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
 
-from entomologist import errors, retries
+from entomologist import clock, errors, retries
+from fakes import FakeClock
 
 
 class Highest:
@@ -43,12 +47,12 @@ def test_a_deadline_without_a_finite_bound_is_refused(seconds):
 
 
 def test_a_step_is_the_step_limit_or_what_is_left():
-    now = [0.0]
-    deadline = retries.Deadline(30, clock=lambda: now[0], step_limit=20)
+    fake = FakeClock()
+    deadline = retries.Deadline(30, clock=fake, step_limit=20)
     assert deadline.step("x") == 20
-    now[0] = 25
+    fake.advance(25)
     assert deadline.step("x") == 5
-    now[0] = 31
+    fake.advance(6)
     with pytest.raises(errors.TransientError, match="time limit"):
         deadline.step("x")
 
@@ -74,18 +78,37 @@ def test_a_plain_ento_error_is_one_line_and_75_not_a_traceback(caplog):
 
 def test_a_hold_longer_than_the_backoff_is_slept_and_one_past_the_deadline_ends_the_run():
     Transient = errors.TransientError
-    now = [0.0]
-    slept = []
-
-    def sleep(seconds):
-        slept.append(seconds)
-        now[0] += seconds
+    fake = FakeClock()
 
     def failing():
         raise Transient("no answer", hint="the claim policy")
 
     holds = iter([(30.0, "allowed at A"), (500.0, "allowed at B")])
     with pytest.raises(Transient, match=r"gave up after 2 attempt\(s\): allowed at B") as err:
-        retries.with_retries(failing, retries.Deadline(100.0, clock=lambda: now[0]),
-                             "provisioning", sleep=sleep, hold=lambda: next(holds))
-    assert slept == [30.0] and err.value.hint == "the claim policy"
+        retries.with_retries(failing, retries.Deadline(100.0, clock=fake),
+                             "provisioning", hold=lambda: next(holds))
+    assert fake.sleeps == [30.0] and err.value.hint == "the claim policy"
+
+
+def test_the_real_clock_bounds_a_wait_on_a_future_or_a_queue_that_never_answers():
+    real = clock.Clock()
+    with pytest.raises(FutureTimeout):
+        real.result(Future(), 0.01)
+    with pytest.raises(queue.Empty):
+        real.get(queue.Queue(), -5)  # what is left of a step already spent: no wait
+    done: Future = Future()
+    done.set_result("suback")
+    assert real.result(done, 0) == "suback"
+
+
+def test_a_fake_clock_answers_a_wait_at_once_and_moves_on_by_its_timeout():
+    fake = FakeClock()
+    started = fake.monotonic()
+    with pytest.raises(FutureTimeout):
+        fake.result(Future(), 20)
+    items: queue.Queue = queue.Queue()
+    with pytest.raises(queue.Empty):
+        fake.get(items, 5)
+    assert fake.waits == [20, 5] and fake.monotonic() - started == 25
+    items.put("answer")
+    assert fake.get(items, 5) == "answer" and fake.monotonic() - started == 25

@@ -7,10 +7,11 @@ import pytest
 import boot
 from entomologist import errors, retries
 import update_boot_status as ubs
+from fakes import FakeClock
 
 
 def provisioned(device, cloud):
-    boot.boot(device.config_path, retries.Deadline(30), build=cloud, sleep=lambda s: None)
+    boot.boot(device.config_path, retries.Deadline(30, clock=FakeClock()), build=cloud)
     cloud.calls.clear()
     cloud.connections.clear()
 
@@ -40,14 +41,11 @@ def test_status_stays_false_when_the_publish_is_never_acknowledged(device, cloud
     provisioned(device, cloud)
     device.update(PROVISION_STATUS="False")
     cloud.fail_with("publish", *["never"] * 50)
-    clock = [0.0]
-
-    def sleep(s):
-        clock[0] += s
+    clock = FakeClock()
 
     with pytest.raises(errors.TransientError):
-        ubs.update_boot_status(device.config(), retries.Deadline(20, clock=lambda: clock[0], step_limit=0.01),
-                               build=cloud, sleep=sleep)
+        ubs.update_boot_status(device.config(), retries.Deadline(20, clock=clock, step_limit=0.01),
+                               build=cloud)
     assert device.device["PROVISION_STATUS"] == "False"
 
 
