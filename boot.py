@@ -29,10 +29,10 @@ from pathlib import Path
 
 from entomologist import certs, check, clock, files, fleet, keys, logs, mqtt, secret, spend
 from entomologist.bugs import note_outcome
+from entomologist.client_id import claim_client_id
 from entomologist.config import (DEFAULT_CONFIG, Config, ProvisioningSettings, load_config,
                                  provisioning_settings, rehearse_update, update_device_config)
 from entomologist.credentials import CertDir, Registration
-from entomologist.client_id import claim_client_id
 from entomologist.errors import (ConfigError, EntoError, InventoryRefused, Rejected,
                                  ServiceBusy, ServiceError, SubscriptionRefused, TransientError,
                                  run_main)
