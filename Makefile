@@ -68,8 +68,12 @@ systemd-analyze:
 demo: setup
 	$(PY) iot_standin.py demo
 
+# pytest-xdist: most of the suite waits on processes, sockets and deadlines, not
+# on the CPU, so two workers per core; TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) * 2 )))
+
 test: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist worksteal
 
 # Cases that wait on a deliberate delay (a server certificate from an unknown CA
 # fails only after the TLS library's 10-30 s delay): kept out of `make test`.

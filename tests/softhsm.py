@@ -36,6 +36,26 @@ class SoftToken:
                   "pin_file": self.pin_file, **overrides}
         return TokenSettings(**values)
 
+    def token_file(self) -> Path:
+        (path,) = (self.root / "softhsm-tokens").glob("*/token.object")
+        return path
+
+    def mend_torn_token_file(self, saved: bytes) -> bool:
+        """Put back SoftHSM's own token.object if a kill tore it; True if it did.
+
+        SoftHSM's file store rewrites token.object in place (truncate, then write)
+        at every C_Login, to store the token's flags: a SIGKILL in that instant leaves
+        it empty and the token unreadable, whatever order the program kept.  That is
+        SoftHSM's, not the program's; a TPM's store (tpm2-pkcs11, SQLite) has no such
+        instant.  ``saved`` is the file from before the kill: its content is the
+        same, the flags that login rewrites being unchanged."""
+        path = self.token_file()
+        current = path.read_bytes()
+        if current == saved or len(current) >= len(saved):
+            return False
+        path.write_bytes(saved)
+        return True
+
     def objects(self) -> list[tuple[str, str, bytes]]:
         """(class, label, CKA_ID) of every object in the token, seen through a fresh login."""
         import pkcs11

@@ -1,7 +1,9 @@
 """Integration tests: the scripts run as real processes against the stand-in."""
+import fcntl
 import os
 import socket
 import ssl
+import tempfile
 import threading
 
 import pytest
@@ -31,7 +33,20 @@ def device_files(tmp_path):
 
 
 @pytest.fixture
-def alpn_listener(standin):
+def port_443():
+    """Port 443 is one per machine: pytest-xdist's workers, and any other run of this
+    suite here, take turns with it by a lock on one file in the temporary folder."""
+    path = os.path.join(tempfile.gettempdir(), "entomologist-tests-port-443.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield 443
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def alpn_listener(standin, port_443):
     """A TLS listener on 127.0.0.1:443 that records the ALPN the client offered."""
     if os.geteuid() != 0:
         pytest.skip("binding port 443 needs root")
@@ -44,7 +59,7 @@ def alpn_listener(standin):
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(("127.0.0.1", 443))
+        sock.bind(("127.0.0.1", port_443))
     except OSError as exc:
         # Skipping would hide that the 443 path went untested on this machine.
         pytest.fail(f"port 443 is taken here ({exc}): stop what listens on it "

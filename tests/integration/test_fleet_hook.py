@@ -155,10 +155,19 @@ def test_of_two_concurrent_registrations_of_one_serial_exactly_one_passes(fleet)
     # (botocore's own event) until the other has got there too.
     client = hook.inventory_client(fleet.environ)
     both_read = threading.Barrier(2, timeout=5)
+    # DynamoDB applies each conditional write atomically; moto's server checks the
+    # condition and writes without a lock, so the two writes go one at a time here.
+    one_write = threading.Lock()
+
     def wait_for_the_other(**kwargs):
-        both_read.wait()  # and answer None: botocore would take a value as the response
+        both_read.wait()
+        one_write.acquire()  # and answer None: botocore would take a value as the response
+
+    def written(**kwargs):
+        one_write.release()
 
     client.meta.events.register("before-call.dynamodb.UpdateItem", wait_for_the_other)
+    client.meta.events.register("after-call.dynamodb.UpdateItem", written)
     answers = []
 
     def register(certificate_id):
@@ -173,6 +182,7 @@ def test_of_two_concurrent_registrations_of_one_serial_exactly_one_passes(fleet)
             t.join(10)
     finally:
         client.meta.events.unregister("before-call.dynamodb.UpdateItem", wait_for_the_other)
+        client.meta.events.unregister("after-call.dynamodb.UpdateItem", written)
     assert sorted(answers) == [False, True]
     assert sorted(line["reason"] for line in fleet.lines) == ["concurrent-registration",
                                                               "registrable"]

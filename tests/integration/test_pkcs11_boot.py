@@ -166,9 +166,11 @@ def test_killed_at_each_step_the_next_run_completes_with_one_key_and_no_orphans(
     make_trigger, delay = STEPS[step]
     device.faults.delay = delay
     claim = device.claim_key.read_bytes()
+    token_file = token.token_file().read_bytes()
     killed, output = run_and_kill(device, make_trigger(device),
                                   *(["--force"] if force else []), env=token.env)
     assert killed, step
+    token.mend_torn_token_file(token_file)
     device.faults.delay = 0.0
     result = boot(device, token)
     if result.code == 75 and HELD_BACK in result.stderr:

@@ -271,10 +271,10 @@ def one_byte_a_second(conn, n, stopping):
 def test_the_proxy_status_probe_ends_by_the_runs_deadline(device_files, scripted_proxy, hostile):
     proxy = scripted_proxy(refused_then(hostile))
     device_files.write_device_config(HTTP_PROXY=proxy.url())
-    result = run_script("boot.py", device_files.config_path, "--timeout", "4", timeout=60)
+    result = run_script("boot.py", device_files.config_path, "--timeout", "3", timeout=60)
     assert result.code == 75, result.stderr
     # The deadline, plus the interpreter's start and one bounded disconnect.
-    assert result.seconds < 4 + 4, result.stderr
+    assert result.seconds < 3 + 4, result.stderr
     assert len(proxy.requests) >= 2, "the probe was never sent"
 
 

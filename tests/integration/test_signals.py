@@ -38,6 +38,11 @@ def run_and_signal(standin, trigger, signo=signal.SIGTERM, *args, preexec_fn=Non
     return proc.returncode, err, time.monotonic() - sent
 
 
+def delay_register_answer(standin, seconds):
+    """Hold back only RegisterThing's answer: the steps before it run at full speed."""
+    standin.faults.after_register = lambda: setattr(standin.faults, "delay", seconds)
+
+
 def errors(stderr):
     return [line for line in stderr.splitlines() if line.startswith("ERROR")]
 
@@ -45,13 +50,13 @@ def errors(stderr):
 def test_sigterm_while_registerthing_is_answered_waits_records_and_the_next_run_asks_nothing(
         standin):
     state = DeviceState(standin)
-    standin.faults.delay = 1.0  # RegisterThing's answer is on its way for a second
+    delay_register_answer(standin, 1.0)  # its answer is on its way for a second
     code, err, _ = run_and_signal(standin, event_seen(standin, "register-request"))
     assert code == 75, err
     assert "SIGTERM: RegisterThing is on its way" in err
     assert errors(err) == ["ERROR SIGTERM: stopping after RegisterThing, its answer recorded"]
     assert (standin.workdir / "cert" / "registration.json.staging").exists()
-    standin.faults.delay = 0.0
+    standin.faults.after_register, standin.faults.delay = None, 0.0
     result = run_script("boot.py", standin.config_path)
     assert result.code == 0, result.stderr
     assert "registered by an earlier run" in result.stderr
@@ -61,7 +66,7 @@ def test_sigterm_while_registerthing_is_answered_waits_records_and_the_next_run_
 
 
 def test_sigterm_waits_for_registerthing_no_longer_than_its_grace(standin):
-    standin.faults.delay = 10.0  # past the grace, within the step's 20 s
+    delay_register_answer(standin, 10.0)  # past the grace, within the step's 20 s
     code, err, seconds = run_and_signal(standin, event_seen(standin, "register-request"))
     assert code == 75, err
     assert errors(err) == ["ERROR SIGTERM: no answer to RegisterThing in 5 s: stopping; "

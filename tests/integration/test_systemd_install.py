@@ -1,4 +1,5 @@
 """The systemd unit, installation into a staging tree, and the scripts as a service runs them."""
+import fcntl
 import os
 import re
 import shutil
@@ -100,13 +101,25 @@ def test_unit_has_no_trailing_comments():
             assert "#" not in line.split("=", 1)[-1] or line.startswith("ExecStart"), line
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def staged(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rootfs")
-    proc = subprocess.run(["make", "-C", str(ROOT), "install", f"DESTDIR={root}",
-                           f"INSTALL_PYTHON={sys.executable}"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    """`make install` into a staging tree once per run: pytest-xdist's workers share
+    it, built by the first that needs it while the others wait on a lock.  Read only:
+    a test that changes the tree changes a copy of it."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's own folder, above each worker's
+    root, done = shared / "staged-rootfs", shared / "staged-rootfs.done"
+    with open(shared / "staged-rootfs.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a worker's failed attempt
+            root.mkdir()
+            proc = subprocess.run(["make", "-C", str(ROOT), "install", f"DESTDIR={root}",
+                                   f"INSTALL_PYTHON={sys.executable}"],
+                                  capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            done.touch()
     return root
 
 
