@@ -38,6 +38,22 @@ HOOK_LOGGER = "entomologist.hook"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "standin", "AWS_SECRET_ACCESS_KEY": "standin"}
 
 
+def _one_request_at_a_time(app, lock: threading.Lock):
+    """DynamoDB applies each write to an item atomically (its conditional writes
+    rest on that); moto's threaded server checks a condition and writes without a
+    lock, so two requests at once could both pass it.  One at a time, as AWS
+    behaves for one item."""
+    def serve(environ, start_response):
+        with lock:
+            body = app(environ, start_response)
+            try:
+                return [b"".join(body)]
+            finally:
+                if hasattr(body, "close"):
+                    body.close()
+    return serve
+
+
 class InventoryServer:
     """moto's DynamoDB on a free loopback port, with the stack's tables."""
 
@@ -46,13 +62,25 @@ class InventoryServer:
         self._server = None
         self.endpoint: str | None = None
         self.credentials: dict[str, str] = {}
-        self._client = None
+        self._dynamodb = None
 
     def start(self) -> None:
-        from moto.server import ThreadedMotoServer
+        from moto.moto_server import threaded_moto_server as moto_server
+        lock = threading.Lock()
+
+        class Serialised(moto_server.ThreadedMotoServer):
+            # moto's own _server_entry, with the app served one request at a time.
+            def _server_entry(self):
+                app = moto_server.DomainDispatcherApplication(moto_server.create_backend_app)
+                self._server = moto_server.make_server(
+                    self._ip_address, self._port, _one_request_at_a_time(app, lock), True,
+                    request_handler=moto_server.MotoRequestHandler)
+                self._server_ready_event.set()
+                self._server.serve_forever()
+
         # werkzeug logs every request at INFO on the root handlers: not the stand-in's news.
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server = Serialised(ip_address="127.0.0.1", port=0, verbose=False)
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"
@@ -60,7 +88,7 @@ class InventoryServer:
         # (through STS AssumeRole, as moto documents) keeps stand-ins that
         # share a process (a test run, the fleet benchmark) apart.
         account = "".join(secrets.choice("0123456789") for _ in range(12))
-        sts = self._session(CREDENTIALS).client("sts", endpoint_url=self.endpoint)
+        sts = self._client("sts", CREDENTIALS)
         granted = sts.assume_role(RoleArn=f"arn:aws:iam::{account}:role/entomologist-standin",
                                   RoleSessionName="entomologist-standin")["Credentials"]
         self.credentials = {"AWS_ACCESS_KEY_ID": granted["AccessKeyId"],
@@ -82,24 +110,26 @@ class InventoryServer:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": self.stack.region,
                 "AWS_DEFAULT_REGION": self.stack.region, **self.credentials}
 
-    def _session(self, credentials: dict):
+    def _client(self, service: str, credentials: dict, **options):
+        # boto3's default session: botocore's service models are read once per
+        # process, not once per stand-in (most of a stand-in's start-up CPU).
         import boto3
-        return boto3.session.Session(
-            aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
+        return boto3.client(
+            service, aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"],
             aws_session_token=credentials.get("AWS_SESSION_TOKEN"),
-            region_name=self.stack.region)
+            region_name=self.stack.region, endpoint_url=self.endpoint, **options)
 
     def client(self):
         """One DynamoDB client for the stand-in's own calls (thread-safe; making one
         costs about 0.2 s)."""
-        if self._client is None:
+        if self._dynamodb is None:
             from botocore.config import Config
-            self._client = self._session(self.credentials).client(
-                "dynamodb", endpoint_url=self.endpoint,
+            self._dynamodb = self._client(
+                "dynamodb", self.credentials,
                 config=Config(connect_timeout=2, read_timeout=5,
                               retries={"max_attempts": 2, "mode": "standard"}))
-        return self._client
+        return self._dynamodb
 
     def inventory(self):
         """cloud/inventory.py's Inventory on the stack's inventory table."""

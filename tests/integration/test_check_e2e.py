@@ -379,7 +379,7 @@ def test_through_a_proxy_that_allows_the_port_the_tls_check_runs_in_its_tunnel(s
     assert found["proxy"].startswith(f"ok   proxy       the HTTP proxy 127.0.0.1:{proxy.port} "
                                      f"opened a tunnel to localhost:{standin.port}")
     # One tunnel for the TLS check, one for the claim connection's CONNECT.
-    assert proxy.connects(standin.port) == 2
+    assert proxy.connects(standin.port, 2) == 2
 
 
 def test_the_units_count_of_bugs_in_a_row_is_left_as_it_is(device_files, tmp_path):
