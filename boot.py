@@ -29,6 +29,7 @@ from pathlib import Path
 
 from entomologist import certs, check, clock, fleet, keys, logs, mqtt, secret, spend
 from entomologist.bugs import note_outcome
+from entomologist.client_id import claim_client_id
 from entomologist.config import (DEFAULT_CONFIG, Config, ProvisioningSettings,
                                  provisioning_settings, rehearse_update, update_device_config)
 from entomologist.credentials import CertDir, Look, Registration, State
@@ -181,10 +182,11 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
         csr = keys.make_csr(device_key, config.serial_id)
 
     def attempt() -> Registration:
+        client = claim_client_id(config.serial_id)
         log.info("connecting to %s:%s with the claim certificate as %s",
-                 config.host, config.port, config.serial_id)
+                 config.host, config.port, client)
         link = mqtt.connect(mqtt.Endpoint(config.host, config.port, config.root_ca),
-                            settings.claim_cert, settings.claim_key, config.serial_id,
+                            settings.claim_cert, settings.claim_key, client,
                             deadline.step("connect with the claim certificate"), build,
                             proxy=config.proxy, clock=deadline.clock)
         try:

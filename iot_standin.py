@@ -53,6 +53,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -570,7 +571,7 @@ class StandIn:
                 if isinstance(action, Answer):
                     self._send(action)
                 elif isinstance(action, Drop):
-                    self._kick(action.client_id)
+                    self._kick(self._device_client_id(action.client_id))
         except Exception:
             log.exception("stand-in responder failed on %s", topic)
 
@@ -591,6 +592,17 @@ class StandIn:
             threading.Timer(answer.delay, send).start()
         else:
             send()
+
+    def _device_client_id(self, serial: str) -> str:
+        """The client ID the camera's claim connection uses: ``<serial>-<random hex>``, new
+        for every attempt, so it is looked up in what mosquitto logged (the last one)."""
+        if self.enforcer is not None:
+            seen = self.enforcer.connected("claim")
+        else:
+            log_text = self._broker.log_path.read_text(errors="replace")
+            seen = re.findall(r"New client connected from \S+ as (\S+) ", log_text)
+        ours = [c for c in seen if c == serial or c.startswith(serial + "-")]
+        return ours[-1] if ours else serial
 
     def _kick(self, client_id: str) -> None:
         """Drop a device's connection: MQTT lets a new client take over its client ID."""

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 from pathlib import Path
 from typing import Callable
 
-from . import config as configuration, files, fleet, mqtt, proxy_probe
+from . import config as configuration, files, fleet, lookup, mqtt, proxy_probe
 from . import proxy as http_proxy
 from .check_local import Plan, device_ca
+from .client_id import claim_client_id
 from .errors import ConfigError, TransientError
 from .retries import Deadline
 
@@ -26,33 +26,16 @@ from .retries import Deadline
 VERDICT_WAIT = 1.0
 
 
-def _bounded(call: Callable[[], object], timeout: float, what: str):
-    """``call`` in a thread, given up after ``timeout`` (getaddrinfo has no time limit)."""
-    box: list = []
-
-    def target() -> None:
-        try:
-            box.append((True, call()))
-        except BaseException as exc:  # noqa: BLE001 - handed back to the caller
-            box.append((False, exc))
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if not box:
-        raise TransientError(f"{what}: no answer in {timeout:.0f} s", hint="the network link")
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
-
-
 def check_dns(config: configuration.Config, deadline: Deadline):
     host, port = ((config.proxy.host, config.proxy.port) if config.proxy
                   else (config.host, config.port))
     what = f"the HTTP proxy's host {host}" if config.proxy else f"ENDPOINT_URL {host}"
     try:
-        infos = _bounded(lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM),
-                         deadline.step("DNS"), f"resolve {what}")
+        step = deadline.step("DNS")
+        infos = lookup.getaddrinfo(host, port, step)
+    except TimeoutError:
+        raise TransientError(f"resolve {what}: no answer in {step:.0f} s",
+                             hint="the network link") from None
     except socket.gaierror as exc:
         raise TransientError(f"cannot resolve {what}: {exc.strerror}",
                              hint="DNS, ENDPOINT_URL" + (" and HTTP_PROXY" if config.proxy
@@ -84,7 +67,7 @@ def check_proxy(config: configuration.Config, deadline: Deadline):
 
 def check_tcp(config: configuration.Config, deadline: Deadline):
     try:
-        sock = socket.create_connection((config.host, config.port), deadline.step("TCP"))
+        sock = lookup.create_connection(config.host, config.port, deadline.step("TCP"))
     except OSError as exc:
         raise TransientError(f"connect to {config.host}:{config.port} failed: "
                              f"{exc.strerror or type(exc).__name__}",
@@ -229,8 +212,9 @@ def check_tls(config: configuration.Config, deadline: Deadline,
 
 def check_claim_mqtt(config: configuration.Config, settings: configuration.ProvisioningSettings,
                      deadline: Deadline, build: mqtt.Builder | None):
+    client = claim_client_id(config.serial_id)
     link = mqtt.connect(mqtt.Endpoint(config.host, config.port, config.root_ca),
-                        settings.claim_cert, settings.claim_key, config.serial_id,
+                        settings.claim_cert, settings.claim_key, client,
                         deadline.step("connect with the claim certificate"), build,
                         proxy=config.proxy, clock=deadline.clock)
     try:
@@ -239,7 +223,7 @@ def check_claim_mqtt(config: configuration.Config, settings: configuration.Provi
         service.subscribe()
     finally:
         link.close()
-    return (f"CONNECT as {config.serial_id} with the claim certificate accepted; subscribed "
+    return (f"CONNECT as {client} with the claim certificate accepted; subscribed "
             f"to {' and '.join(service.resources.values())}; nothing published")
 
 

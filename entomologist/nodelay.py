@@ -27,6 +27,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from . import lookup
+
 log = logging.getLogger(__name__)
 
 POLL_S = 0.002
@@ -94,8 +96,8 @@ def tcp_table() -> dict[int, tuple[tuple[str, int], tuple[str, int], str]]:
     return table
 
 
-def resolve(host: str, port: int) -> set[str]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+def resolve(host: str, port: int, timeout: float) -> set[str]:
+    infos = lookup.getaddrinfo(host, port, timeout)
     out = set()
     for info in infos:
         ip = ipaddress.ip_address(info[4][0].split("%")[0])
@@ -176,7 +178,7 @@ class Watch:
 
     def _search(self, deadline: float) -> Applied | None:
         try:
-            addresses = resolve(self.host, self.port)
+            addresses = resolve(self.host, self.port, deadline - time.monotonic())
         except OSError as exc:
             log.debug("TCP_NODELAY: cannot resolve %s (%s)", self.host, exc)
             return None

@@ -16,6 +16,7 @@ import re
 import socket
 import time
 
+from . import lookup
 from .errors import ConfigError, EntoError, TransientError
 from .proxy import FORM, KEY, Proxy
 
@@ -60,7 +61,7 @@ def open_tunnel(proxy: Proxy, host: str, port: int, timeout: float,
     if proxy.username is not None:
         token = base64.b64encode(f"{proxy.username}:{proxy.password}".encode()).decode("ascii")
         lines.append(f"Proxy-Authorization: Basic {token}")
-    sock = socket.create_connection((proxy.host, proxy.port), timeout=timeout)
+    sock = lookup.create_connection(proxy.host, proxy.port, timeout)
     try:
         sock.settimeout(max(end - time.monotonic(), 0.001))
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import queue
+import re
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -47,6 +48,22 @@ def pem_key(key) -> str:
 
 def crt_error(name: str) -> AwsCrtError:
     return AwsCrtError(code=1049, name=name, message=f"fake {name}")
+
+
+class ClaimClientId:
+    """Equal to any claim client ID of ``serial``: the serial, "-", 16 random hex digits."""
+
+    def __init__(self, serial: str):
+        self.pattern = re.compile(re.escape(serial) + "-[0-9a-f]{16}")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, str) and self.pattern.fullmatch(other) is not None
+
+    def __repr__(self) -> str:
+        return f"<claim client ID {self.pattern.pattern}>"
+
+
+CAM42_CLAIM = ClaimClientId("CAM-42")
 
 
 class MiniCA:

@@ -11,6 +11,7 @@ import threading
 import pytest
 
 import iot_standin
+from e2e import run_script
 from iot_standin import StandIn
 
 THING = "ento-CAM-0001"
@@ -181,3 +182,24 @@ def test_the_demo_shows_the_claim_pair_alone_refused_and_says_its_window_is_off(
            "(hook: already-provisioned)" in text
     assert f"Connect as {THING} with the claim certificate: refused" in text
     assert guarded.secret not in text
+
+
+def test_a_claim_pair_holder_connecting_as_the_serial_in_a_loop_does_not_disturb_a_first_boot(
+        guarded):
+    stop, kicks = threading.Event(), []
+
+    def attacker():
+        while not stop.is_set():
+            kicks.append(guarded.claim_pair_connects(guarded.serial, timeout=5))
+            stop.wait(0.05)
+    thread = threading.Thread(target=attacker, daemon=True)
+    thread.start()
+    try:
+        result = run_script("boot.py", guarded.config_path, "--timeout", "20")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert result.code == 0, result.stderr
+    assert kicks.count(True) >= 3, kicks
+    assert registered_things(guarded) == [THING]
+    assert guarded.inventory.show(guarded.serial)["registrations"] == 1

@@ -11,7 +11,7 @@ import boot
 from entomologist import errors
 from entomologist.credentials import CertDir
 from entomologist.retries import Deadline
-from fakes import CREATE, FakeClock, crt_error
+from fakes import CAM42_CLAIM, CREATE, ClaimClientId, FakeClock, crt_error
 
 REGISTER = "$aws/provisioning-templates/Fleet/provision/json"
 CERT, KEY, CA = "certificate.pem.crt", "private.pem.key", "AmazonRootCA1.pem"
@@ -75,7 +75,7 @@ def test_claim_connection_subscribes_once_then_creates_and_registers(device, clo
     subscribed = [c[1] for c in claim_calls if c[0] == "subscribe"]
     assert sorted(subscribed) == sorted([CREATE + "/accepted", CREATE + "/rejected",
                                          REGISTER + "/accepted", REGISTER + "/rejected"])
-    assert claim_calls[0] == ("connect", "CAM-42", "claim.pem.crt")
+    assert claim_calls[0] == ("connect", CAM42_CLAIM, "claim.pem.crt")
 
 
 def test_all_four_subscriptions_are_sent_before_any_suback_is_awaited(device, cloud):
@@ -291,7 +291,7 @@ def test_a_busy_service_is_asked_again_on_the_same_connection(device, cloud, sta
     run(device, cloud, sleeps=sleeps)
     assert len(sleeps) == 2
     assert [c for c in cloud.calls if c[0] == "connect"] == [
-        ("connect", "CAM-42", "claim.pem.crt"), ("connect", "thing-CAM-42", CERT)]
+        ("connect", CAM42_CLAIM, "claim.pem.crt"), ("connect", "thing-CAM-42", CERT)]
     registers = cloud.registers()
     assert len(registers) == 3 and len(set(registers)) == 1
     assert len(cloud.issued) == 1
@@ -304,7 +304,7 @@ def test_silence_is_retried_from_a_new_connection(device, cloud):
     run(device, cloud, sleeps=sleeps)
     assert len(sleeps) == 1
     assert [c for c in cloud.calls if c[0] == "connect"][:2] == [
-        ("connect", "CAM-42", "claim.pem.crt")] * 2
+        ("connect", CAM42_CLAIM, "claim.pem.crt")] * 2
     assert device.device["PROVISION_STATUS"] == "True"
 
 
@@ -567,3 +567,21 @@ def test_a_lost_pair_makes_the_status_false_before_provisioning_again(device, cl
     with pytest.raises(errors.ServiceError):
         run(device, cloud)
     assert device.device["PROVISION_STATUS"] == "False"
+
+
+def test_the_claim_client_id_is_the_serial_and_random_hex_new_for_every_attempt(device, cloud):
+    cloud.create_answers.append(None)
+    run(device, cloud, sleeps=[])
+    claim_ids = [c[1] for c in cloud.calls if c[0] == "connect" and c[2] == "claim.pem.crt"]
+    assert len(claim_ids) == 2
+    assert all(cid == ClaimClientId("CAM-42") for cid in claim_ids)
+    assert claim_ids[0] != claim_ids[1]
+    assert "CAM-42" not in claim_ids
+
+
+def test_a_claim_client_id_of_a_128_character_serial_keeps_its_random_part():
+    from entomologist.client_id import claim_client_id
+    serial = "S" * 128
+    cid = claim_client_id(serial)
+    assert len(cid) == 128
+    assert cid == ClaimClientId("S" * 111)

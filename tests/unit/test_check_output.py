@@ -7,6 +7,7 @@ import pytest
 import boot
 from entomologist import check, check_local, check_network, logs
 from entomologist.errors import ConfigError, StorageError, TransientError
+from fakes import CAM42_CLAIM
 
 
 def test_a_failed_check_prints_its_problem_and_hint_on_one_line_without_secrets():
@@ -94,7 +95,7 @@ def test_the_claim_check_connects_subscribes_to_the_answers_and_publishes_nothin
                                                                                  cloud):
     detail = claim_check(device, cloud)
     assert cloud.calls == [
-        ("connect", "CAM-42", "claim.pem.crt"),
+        ("connect", CAM42_CLAIM, "claim.pem.crt"),
         ("subscribe", "$aws/certificates/create/json/accepted"),
         ("subscribe", "$aws/certificates/create/json/rejected"),
         ("subscribe", "$aws/provisioning-templates/Fleet/provision/json/accepted"),

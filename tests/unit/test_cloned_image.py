@@ -8,7 +8,7 @@ import pytest
 import boot
 import update_boot_status as ubs
 from entomologist import errors, retries
-from fakes import FakeClock
+from fakes import ClaimClientId, FakeClock
 
 PAIR = ("certificate.pem.crt", "private.pem.key", "AmazonRootCA1.pem")
 
@@ -47,7 +47,7 @@ def test_a_pair_installed_for_another_serial_is_set_aside_and_this_camera_provis
     assert stat.S_IMODE(aside.stat().st_mode) == 0o700
     assert (device.cert_dir / "certificate.pem.crt").read_bytes() != first[PAIR[0]]
     assert json.loads((device.cert_dir / "installed-for.json").read_text())["serialId"] == "CAM-99"
-    assert [c.client_id for c in cloud.connections][0] == "CAM-99"
+    assert [c.client_id for c in cloud.connections][0] == ClaimClientId("CAM-99")
     assert cloud.published()[-1][0] == "cameraDevice/CAM-99/booted"
     assert device.device["PROVISION_STATUS"] == "True"
     said = [r.getMessage() for r in caplog.records

@@ -124,7 +124,7 @@ def test_a_failing_search_is_logged_at_debug_and_goes_no_further(listener, monke
 def test_an_unresolvable_host_means_no_search(monkeypatch, caplog):
     caplog.set_level(logging.DEBUG, logger="entomologist.nodelay")
 
-    def no_answer(host, port):
+    def no_answer(host, port, timeout):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(nodelay, "resolve", no_answer)
