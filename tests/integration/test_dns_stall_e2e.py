@@ -71,7 +71,11 @@ def test_a_boot_behind_a_refusing_proxy_ends_at_its_timeout_when_dns_stops_answe
     out, err = finish(proc, 60)
     took = time.monotonic() - started
     assert proc.returncode == 75, err
-    assert "asking it again failed (TimeoutError)" in err, err
+    # Which wait the deadline ends depends on how many of awscrt's queries (A,
+    # AAAA, retries) the server answered before it went silent: either way
+    # the run ends at its time limit, transient.
+    assert ("asking it again failed (TimeoutError)" in err
+            or "no answer in 5 s" in err), err
     assert took < 5 + 3, (took, err)
 
 
