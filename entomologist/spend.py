@@ -142,6 +142,7 @@ class SpendRecord:
     def __init__(self, path: Path, clock: Clock = REAL):
         self.path = path
         self.clock = clock
+        self.boot = clock.boot_id()  # a process lives within one boot
         self.entries: list[Entry] = []
 
     def now(self) -> float:
@@ -155,7 +156,7 @@ class SpendRecord:
     def _stamp(self, entry: Entry) -> None:
         """Dates ``entry`` now, in this boot."""
         entry.at = self.now()
-        entry.boot, entry.boottime = self.clock.boot_id(), self.clock.boottime()
+        entry.boot, entry.boottime = self.boot, self.clock.boottime()
         if entry.boot is None or entry.boottime is None:
             entry.boot = entry.boottime = None
 
@@ -163,7 +164,7 @@ class SpendRecord:
         """When ``entry`` was written, on the wall clock as it reads now (``current``):
         by CLOCK_BOOTTIME for an entry of this boot, else its wall-clock date, never
         after now."""
-        if entry.boot is not None and entry.boot == self.clock.boot_id():
+        if entry.boot is not None and entry.boot == self.boot:
             since_boot = self.clock.boottime()
             if since_boot is not None:
                 return current - max(0.0, since_boot - entry.boottime)
@@ -185,10 +186,10 @@ class SpendRecord:
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             record._assume_the_worst(f"{path} does not parse ({type(exc).__name__})", settle)
             return record
-        boot, since_boot = clock.boot_id(), clock.boottime()
-        this_boot = [e for e in record.entries if e.boot is not None and e.boot == boot
+        since_boot = clock.boottime()
+        this_boot = [e for e in record.entries if e.boot is not None and e.boot == record.boot
                      and since_boot is not None]
-        earlier = [e for e in record.entries if e not in this_boot]
+        earlier = [e for e in record.entries if all(e is not t for t in this_boot)]
         ahead = [e for e in earlier if e.at > current]
         # Only a boot-time date past the boot's clock is impossible; the wall clock
         # may be anywhere.
