@@ -27,15 +27,15 @@ import os
 import sys
 from pathlib import Path
 
-from entomologist import certs, check, clock, files, fleet, keys, logs, mqtt, secret, spend
+from entomologist import certs, check, clock, fleet, keys, logs, mqtt, secret, spend
 from entomologist.bugs import note_outcome
-from entomologist.config import (DEFAULT_CONFIG, Config, ProvisioningSettings, load_config,
+from entomologist.config import (DEFAULT_CONFIG, Config, ProvisioningSettings,
                                  provisioning_settings, rehearse_update, update_device_config)
-from entomologist.credentials import CertDir, Registration
+from entomologist.credentials import CertDir, Look, Registration, State
 from entomologist.errors import (ConfigError, EntoError, InventoryRefused, Rejected,
                                  ServiceBusy, ServiceError, SubscriptionRefused, TransientError,
                                  run_main)
-from entomologist.lock import RunLock
+from entomologist.run import locked_run
 from entomologist.retries import RUN_TIMEOUT, Deadline, positive_seconds, with_retries
 from entomologist.spend import SpendRecord
 from entomologist.stop import Stop
@@ -97,78 +97,51 @@ def boot(config_path: Path, deadline: Deadline, force: bool = False,
          stop: Stop | None = None) -> None:
     """The whole boot-time job, under the run lock (``runtime_dir``: the unit's
     RuntimeDirectory, see update_boot_status; ``stop``: the run's signal handling).
-    Every reading of time and every wait is the deadline's clock."""
-    config = load_config(config_path)
+    Every reading of time and every wait is the deadline's clock; CERT_DIR's state
+    decides (entomologist.credentials has the table)."""
     # CERT_DIR holds the lock, so it exists (0700) before anything else happens.
-    cert_dir = CertDir.open(config.cert_dir, create=True, token=config.token)
-    with RunLock(cert_dir.path) as lock:
-        lock.acquire(deadline)
-        config = load_config(config_path)  # as the run before us may have left it
-        files.remove_stray_temp_files(config.real_path.parent)
-        cert_dir.remove_stray_files()
-        registration = cert_dir.registration()
-        if registration is not None:
+    with locked_run(config_path, deadline, create=True) as run:
+        config, cert_dir = run.config, run.cert_dir
+        look = cert_dir.state(config.serial_id)
+        if look.state is State.REGISTERED:
             # An earlier run registered this pair and did not finish installing it.
-            log.info("installing thing %s, registered by an earlier run", registration.thing_name)
-            cert_dir.install(config, registration, config.root_ca)
-            config = load_config(config_path)
-        elif (set_aside_foreign_pair(config, cert_dir) or force
-              or needs_provisioning(config, cert_dir)):
+            log.info("installing thing %s, registered by an earlier run",
+                     look.registration.thing_name)
+            cert_dir.recover(look, config)
+            config = run.reload()
+        elif force or look.needs_provisioning:
+            if look.state is State.FOREIGN:
+                set_aside_foreign_pair(config, cert_dir, look)
+            elif not force:
+                if config.provisioned:
+                    log.warning("PROVISION_STATUS is True but %s: provisioning again",
+                                look.problem)
+                else:
+                    log.info("not provisioned yet (%s)", look.problem)
             provision(config, provisioning_settings(config), deadline, build,
-                      lost=not force, stop=stop)
-            config = load_config(config_path)
-        elif cert_dir.installed_for() is None:
-            record_installed_for(config, cert_dir)
+                      lost=not force, stop=stop, cert_dir=cert_dir)
+            config = run.reload()
+        else:
+            cert_dir.recover(look, config)
         # The pair was just found sound or just installed from checked files.
         update_boot_status(config, deadline, build, credentials_checked=True,
-                           runtime_dir=runtime_dir)
+                           runtime_dir=runtime_dir, cert_dir=cert_dir)
 
 
-def set_aside_foreign_pair(config: Config, cert_dir: CertDir) -> bool:
+def set_aside_foreign_pair(config: Config, cert_dir: CertDir, look: Look) -> None:
     """A pair installed for another SERIAL_ID came with a copied image: that
     camera's identity, refused at connect for this one.  It is not this camera's
     to use, nor to delete (the other camera, or an operator, may need it): moved
-    aside, and this camera provisions afresh with the claim.  True if it was."""
-    owner = cert_dir.installed_for()
-    if owner is None or owner == config.serial_id:
-        return False
-    folder = cert_dir.set_aside(owner)
+    aside, and this camera provisions afresh with the claim."""
+    folder = cert_dir.recover(look, config)
     log.warning("%s holds credentials installed for camera %s, not this one (%s): an image "
                 "copied after its first boot; moved them to %s, provisioning this camera",
-                cert_dir.path, owner, config.serial_id, folder)
-    return True
-
-
-def record_installed_for(config: Config, cert_dir: CertDir) -> None:
-    """A pair installed before installed-for.json existed is this camera's (nothing
-    says otherwise): record it, so that a copy of this image is recognised."""
-    try:
-        cert_dir.record_installed_for(config.serial_id,
-                                      Registration(config.thing_name or "",
-                                                   config.device.get("CERTIFICATE_ID") or "",
-                                                   {}))
-    except EntoError as exc:  # a read-only root: the boot report needs no write
-        log.debug("cannot record whom the pair is installed for: %s", exc)
-
-
-def needs_provisioning(config: Config, cert_dir: CertDir) -> bool:
-    """Installed credentials, not PROVISION_STATUS, decide: only registered ones are installed."""
-    problem = cert_dir.installed_problem()
-    if problem is None:
-        cert_dir.remove_stray_files()
-        # What a --force run killed before it registered left behind.
-        cert_dir.discard_stale()
-        return False
-    if config.provisioned:
-        log.warning("PROVISION_STATUS is True but %s: provisioning again", problem)
-    else:
-        log.info("not provisioned yet (%s)", problem)
-    return True
+                cert_dir.path, look.owner, config.serial_id, folder)
 
 
 def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline,
               build: mqtt.Builder | None = None, lost: bool = False,
-              stop: Stop | None = None) -> Registration:
+              stop: Stop | None = None, cert_dir: CertDir | None = None) -> Registration:
     """Fleet provisioning by claim, retried from scratch on transient failures.
 
     ``lost``: the installed credentials are gone or broken (not --force), so a
@@ -194,8 +167,8 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
     rehearse_update(config)
     if lost and config.provisioned:
         update_device_config(config, {"PROVISION_STATUS": "False"})
-    cert_dir = CertDir.open(config.cert_dir, create=True, token=config.token)
-    cert_dir.remove_stray_files()
+    if cert_dir is None:
+        cert_dir = CertDir.open(config.cert_dir, create=True, token=config.token)
     spent = SpendRecord.open(cert_dir.spend_record, deadline.clock)
     spent.check()
     cert_dir.reserve()

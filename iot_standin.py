@@ -95,10 +95,11 @@ RESPONDER_DYNSEC = [{"acltype": kind, "topic": topic, "priority": 0, "allow": Tr
 DYNSEC_TOPIC = "$CONTROL/dynamic-security/v1"
 
 
-def _stack_parameters(mode: str | None, hook: bool | None) -> dict | None:
-    """The stack parameters a StandIn's options set: ProvisioningMode, and the
-    PreProvisioningHook switch (None: the stack's defaults)."""
-    parameters = {}
+def _stack_parameters(mode: str | None, hook: bool | None,
+                      given: dict[str, str] | None = None) -> dict | None:
+    """The stack parameters a StandIn's options set: ProvisioningMode, the
+    PreProvisioningHook switch (None: the stack's defaults), and any others given."""
+    parameters = dict(given or {})
     if mode:
         parameters["ProvisioningMode"] = mode
     if hook is not None:
@@ -125,6 +126,7 @@ class StandIn:
     ``template``: the template's name (default the stack's); ``policies``
     False: no claim or device policy (any certificate the CA signed may do
     anything), for tests of something else that bring certificates of their own.
+    ``parameters``: other stack parameters (e.g. {"ReregistrationWindowHours": "0"}).
     """
 
     def __init__(self, workdir: Path, serial: str = DEFAULT_SERIAL,
@@ -132,7 +134,8 @@ class StandIn:
                  key_factory: Callable | None = None, host: str = "127.0.0.1",
                  overwrite: bool = True, tcp_nodelay: bool = True,
                  stack: "templates.Stack | Path | str | None" = None,
-                 mode: str | None = None, policies: bool = True, hook: bool | None = None):
+                 mode: str | None = None, policies: bool = True, hook: bool | None = None,
+                 parameters: dict[str, str] | None = None):
         self.workdir = Path(workdir)
         self.dir = self.workdir / "standin"
         self.serial = serial
@@ -141,10 +144,12 @@ class StandIn:
                 raise ValueError("give a Stack loaded with the mode wanted")
             if hook is not None and hook != (stack.hook is not None):
                 raise ValueError("give a Stack loaded with PreProvisioningHook as wanted")
+            if parameters:
+                raise ValueError("give a Stack loaded with the parameters wanted")
             self.stack = stack
         else:
             self.stack = templates.load_stack(stack or templates.STACK,
-                                              _stack_parameters(mode, hook))
+                                              _stack_parameters(mode, hook, parameters))
         self.mode = self.stack.parameters.get("ProvisioningMode", MODES[0])
         self.template = template or self.stack.template_name
         self.policies = policies
@@ -540,10 +545,12 @@ class StandIn:
 
     def events(self, name: str | None = None) -> list[dict]:
         try:
-            lines = self.events_path.read_text().splitlines()
+            text = self.events_path.read_text()
         except FileNotFoundError:
             return []
-        events = [json.loads(line) for line in lines if line]
+        # A line without its line end is still being written (a long one takes
+        # more than one write): it is read next time.
+        events = [json.loads(line) for line in text.split("\n")[:-1] if line]
         return [e for e in events if name is None or e["event"] == name]
 
     def wait_for(self, name: str, count: int = 1, timeout: float = 10.0) -> list[dict]:
@@ -693,6 +700,11 @@ def _attacks(standin: StandIn, out) -> None:
     hook = "on" if standin.stack.hook else "OFF (--no-hook)"
     out.write(f"The claim pair alone, through AWS's fleet provisioning client "
               f"(pre-provisioning hook {hook}):\n")
+    if standin.stack.hook and \
+            standin.stack.hook.environment.get("REREGISTRATION_WINDOW_HOURS") == "0":
+        out.write("  (ReregistrationWindowHours is 0 here, so the camera stands as it would "
+                  "24 h after its registration: within the default 24 h window, its own "
+                  "secret file would register it again, the retry of a lost answer)\n")
     thing = f"{standin.template.removesuffix('-fleet-template')}-{standin.serial}"
     trials = (("an unknown serial CAM-9999", "CAM-9999", None),
               (f"{standin.serial} again, without its secret", standin.serial, None),
@@ -711,10 +723,17 @@ def _attacks(standin: StandIn, out) -> None:
     out.write(f"Inventory: {json.dumps(standin.inventory.show(standin.serial))}\n")
 
 
+# A thief's registration with the camera's own secret file, shown after the
+# re-registration window (the default one would still be open a second after the
+# camera's registration, and let it pass).
+DEMO_PARAMETERS = {"ReregistrationWindowHours": "0"}
+
+
 def _demo(args) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ento-demo-") as tmp, \
-            StandIn(Path(tmp), hook=False if args.no_hook else None) as standin:
+            StandIn(Path(tmp), hook=False if args.no_hook else None,
+                    parameters=DEMO_PARAMETERS) as standin:
         root = Path(tmp)
         out = sys.stdout
         out.write(f"Stand-in for AWS IoT on localhost:{standin.port} (mosquitto, mutual TLS)\n")

@@ -28,10 +28,10 @@ import sys
 from pathlib import Path
 
 from entomologist import clock, files, logs, mqtt
-from entomologist.config import DEFAULT_CONFIG, Config, load_config, update_device_config
-from entomologist.credentials import CertDir
+from entomologist.config import DEFAULT_CONFIG, Config, update_device_config
+from entomologist.credentials import CertDir, State
 from entomologist.errors import ConfigError, EntoError, ReadOnlyStorage, run_main
-from entomologist.lock import RunLock
+from entomologist.run import locked_run
 from entomologist.retries import RUN_TIMEOUT, Deadline, positive_seconds, with_retries
 from entomologist.stop import Stop
 
@@ -77,28 +77,34 @@ def note_reported(runtime_dir: str | None, mark: bytes) -> None:
 def update_boot_status(config: Config, deadline: Deadline,
                        build: mqtt.Builder | None = None,
                        credentials_checked: bool = False,
-                       runtime_dir: str | None = None) -> None:
+                       runtime_dir: str | None = None,
+                       cert_dir: CertDir | None = None) -> None:
     """Publish the boot message with the installed credentials, then set the status.
 
-    ``credentials_checked``: the caller has just checked (or installed) the pair.
+    ``credentials_checked``: the caller has just found CERT_DIR SOUND (or installed
+    the pair), so its state is not read again.
     ``runtime_dir``: the unit's RuntimeDirectory, which outlives the unit's
     restarts but not a reboot: once this boot's message is acknowledged, a
     retry (after the status write failed) only writes the status.
     """
     hint = "that boot.py has provisioned this device"
-    cert_dir = CertDir.existing(config.cert_dir, config.token)
+    cert_dir = cert_dir or CertDir.existing(config.cert_dir, config.token)
     if cert_dir is None:
         raise ConfigError(f"no device credentials: no folder {config.cert_dir}", hint=hint)
-    if cert_dir.registration() is not None:
-        raise ConfigError("new credentials are registered but not installed yet", hint=hint)
-    owner = cert_dir.installed_for()
-    if owner is not None and owner != config.serial_id:
-        raise ConfigError(f"the credentials in {cert_dir.path} were installed for {owner}, "
-                          f"not this camera ({config.serial_id}): a copied image",
-                          hint="boot.py, which sets them aside and provisions this camera")
-    problem = None if credentials_checked else cert_dir.installed_problem()
-    if problem:
-        raise ConfigError(f"no device credentials: {problem}", hint=hint)
+    if not credentials_checked:
+        look = cert_dir.state(config.serial_id)
+        if look.state is State.REGISTERED:
+            raise ConfigError("new credentials are registered but not installed yet", hint=hint)
+        if look.state is State.FOREIGN:
+            raise ConfigError(f"the credentials in {cert_dir.path} were installed for "
+                              f"{look.owner}, not this camera ({config.serial_id}): a copied "
+                              f"image", hint="boot.py, which sets them aside and provisions "
+                                             "this camera")
+        if not look.installed:
+            raise ConfigError(f"no device credentials: {look.problem}", hint=hint)
+        if cert_dir.token is not None:
+            # The key the connection uses must carry the final label.
+            cert_dir.promote_token_key()
     ca = cert_dir.ca_for_connection(config.root_ca)
     clock.check_clock([cert_dir.cert, ca], deadline.clock.time)
     endpoint = mqtt.Endpoint(config.host, config.port, ca)
@@ -152,16 +158,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         deadline = Deadline(args.timeout)
-        config = load_config(args.config)
-        cert_dir = CertDir.existing(config.cert_dir, config.token)
-        if cert_dir is None:
-            raise ConfigError(f"no device credentials: no folder {config.cert_dir}",
-                              hint="that boot.py has provisioned this device")
-        with RunLock(cert_dir.path) as lock:
-            lock.acquire(deadline)
-            config = load_config(args.config)
-            files.remove_stray_temp_files(config.real_path.parent)
-            update_boot_status(config, deadline,
+        with locked_run(args.config, deadline) as run:
+            update_boot_status(run.config, deadline, cert_dir=run.cert_dir,
                                runtime_dir=os.environ.get("RUNTIME_DIRECTORY"))
 
     # No registration happens here: a signal ends the run at once.

@@ -11,11 +11,23 @@ writes it):
   unknown serial                                   deny  unknown-serial
   ProvisioningSecret's SHA-256 is not the stored   deny  wrong-secret
   state revoked                                    deny  revoked
-  state provisioned                                deny  already-provisioned
+  state provisioned, its registration younger
+    than the re-registration window                allow reregistration-within-window
+  state provisioned otherwise                      deny  already-provisioned
   this serial's registrations today >= budget      deny  daily-budget
-  state manufactured or reprovision-allowed        allow, recorded as provisioned
+  state manufactured or reprovision-allowed        allow registrable, recorded as provisioned
   anything else (a malformed event, a timeout,
   a lost race, any error)                          deny
+
+The re-registration window (REREGISTRATION_WINDOW_HOURS, default 24; 0 turns
+it off) lets a camera whose RegisterThing answer was lost (a weak link, the
+power cut while it travelled) register again with its own secret without the
+operator.  It opens at the registration that made the item provisioned and a
+re-registration does not move it, so whoever holds the secret cannot keep it
+open.  Every allowed certificateId is kept in the item (the last
+CERTIFICATE_IDS of them), and a re-registration's log line names the
+certificate it may have orphaned (replacesCertificateId): that certificate
+stays active until the operator deactivates it.
 
 The allow is recorded with a conditional write on the item's version: of two
 registrations of one serial at once, one writes and the other is denied
@@ -48,6 +60,8 @@ LOGGER = "entomologist.hook"
 SERIAL = re.compile(r"[A-Za-z0-9:_-]{1,128}")
 MAX_SECRET = 256
 DEFAULT_BUDGET = 5
+DEFAULT_WINDOW_HOURS = 24
+CERTIFICATE_IDS = 10
 STATES = ("manufactured", "provisioned", "reprovision-allowed", "revoked")
 REGISTRABLE = ("manufactured", "reprovision-allowed")
 
@@ -102,6 +116,21 @@ def _budget(environ) -> int:
     return int(text)
 
 
+def _window_seconds(environ) -> int:
+    text = environ.get("REREGISTRATION_WINDOW_HOURS", str(DEFAULT_WINDOW_HOURS))
+    if not text.isdigit():
+        raise ValueError("REREGISTRATION_WINDOW_HOURS is not a whole number")
+    return int(text) * 3600
+
+
+def _within_window(item, window: int, now: float) -> bool:
+    opened = item.get("provisionedAt", {}).get("S")
+    if not window or not opened:
+        return False
+    age = now - datetime.datetime.fromisoformat(opened).timestamp()
+    return 0 <= age < window
+
+
 def _request(event) -> tuple[str, str | None]:
     if not isinstance(event, dict) or not isinstance(event.get("parameters"), dict):
         raise Denied("malformed-event")
@@ -130,9 +159,12 @@ def _decide(event, environ, now: float) -> dict:
     state = item.get("state", {}).get("S")
     if state == "revoked":
         raise Denied("revoked", serial=serial, state=state)
+    reason = "registrable"
     if state == "provisioned":
-        raise Denied("already-provisioned", serial=serial, state=state)
-    if state not in REGISTRABLE:
+        if not _within_window(item, _window_seconds(environ), now):
+            raise Denied("already-provisioned", serial=serial, state=state)
+        reason = "reregistration-within-window"
+    elif state not in REGISTRABLE:
         raise Denied("unknown-state", serial=serial)
     today = _today(now)
     count = int(item["registrationsToday"]["N"]) \
@@ -141,6 +173,13 @@ def _decide(event, environ, now: float) -> dict:
         raise Denied("daily-budget", serial=serial, state=state, registrationsToday=count,
                      budget=budget)
     version = item["version"]["N"]
+    stamp = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(
+        timespec="seconds")
+    certificate = str(event.get("certificateId", ""))[:64]
+    earlier = [c.get("S", "") for c in item.get("certificateIds", {}).get("L", [])]
+    kept = (earlier + [certificate])[-CERTIFICATE_IDS:]
+    # The window opens at the registration the operator's state allowed, never later.
+    opened = item["provisionedAt"]["S"] if reason != "registrable" else stamp
     try:
         client.update_item(
             TableName=table, Key={"serial": {"S": serial}},
@@ -148,21 +187,25 @@ def _decide(event, environ, now: float) -> dict:
                 "SET #state = :provisioned, #version = :next, #day = :today, "
                 "registrationsToday = :count, "
                 "registrations = if_not_exists(registrations, :zero) + :one, "
-                "lastCertificateId = :cert, updatedAt = :now"),
+                "lastCertificateId = :cert, certificateIds = :certs, "
+                "provisionedAt = :opened, updatedAt = :now"),
             ConditionExpression="#version = :version AND #state = :seen",
             ExpressionAttributeNames={"#state": "state", "#version": "version", "#day": "day"},
             ExpressionAttributeValues={
                 ":provisioned": {"S": "provisioned"}, ":seen": {"S": state},
                 ":version": {"N": version}, ":next": {"N": str(int(version) + 1)},
                 ":today": {"S": today}, ":count": {"N": str(count + 1)},
-                ":zero": {"N": "0"}, ":one": {"N": "1"},
-                ":cert": {"S": str(event.get("certificateId", ""))[:64]},
-                ":now": {"S": datetime.datetime.fromtimestamp(
-                    now, datetime.timezone.utc).isoformat(timespec="seconds")}})
+                ":zero": {"N": "0"}, ":one": {"N": "1"}, ":cert": {"S": certificate},
+                ":certs": {"L": [{"S": c} for c in kept]},
+                ":opened": {"S": opened}, ":now": {"S": stamp}})
     except client.exceptions.ConditionalCheckFailedException:
         raise Denied("concurrent-registration", serial=serial, state=state) from None
-    return {"serial": serial, "state": state, "registrationsToday": count + 1,
-            "budget": budget}
+    fields = {"serial": serial, "state": state, "registrationsToday": count + 1,
+              "budget": budget}
+    if reason != "registrable":
+        fields["replacesCertificateId"] = item.get("lastCertificateId", {}).get("S", "")[:64]
+        fields["provisionedAt"] = opened
+    return reason, fields
 
 
 def _text(value, limit: int = 160):
@@ -190,8 +233,8 @@ def handler(event, context=None, environ=None):
     environ = os.environ if environ is None else environ
     started = time.monotonic()
     try:
-        fields = _decide(event, environ, time.time())
-        decision, reason = "allow", "registrable"
+        reason, fields = _decide(event, environ, time.time())
+        decision = "allow"
     except Denied as exc:
         decision, reason, fields = "deny", exc.reason, exc.fields
     except Exception as exc:  # any failure is a denial, never a registration

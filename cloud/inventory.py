@@ -11,9 +11,13 @@ It talks to DynamoDB through boto3 with the standard AWS environment
 provisioning secret (secrets.token_urlsafe(32)), writes it to
 DIR/<SERIAL>.secret (mode 0600 from birth, never over an existing file) for
 the image build, and stores only its SHA-256.  A camera's item then goes
-manufactured -> provisioned (the hook, at its registration); an operator
-moves it to reprovision-allowed (one more registration, e.g. after a
-replaced SD card) or revoked (never again).
+manufactured -> provisioned (the hook, at its registration; within the
+stack's re-registration window the camera may register again with its own
+secret, after a lost answer); an operator moves it to reprovision-allowed
+(one more registration, e.g. after a replaced SD card) or revoked (never
+again).  ``show`` lists the certificates the hook allowed (certificateIds,
+the last 10, oldest first): all but the one the camera uses are orphans to
+deactivate in AWS IoT.
 
 Exit codes: 0 done; 2 usage; 65 no such serial, or a change its state does
 not allow; 73 a secret file cannot be written; 75 DynamoDB unreachable or
@@ -218,9 +222,17 @@ def _plain(item: dict) -> dict:
     for key, value in item.items():
         if key == "secretSha256":
             continue
-        (kind, raw), = value.items()
-        out[key] = int(raw) if kind == "N" else raw
+        out[key] = _value(value)
     return out
+
+
+def _value(value: dict):
+    (kind, raw), = value.items()
+    if kind == "N":
+        return int(raw)
+    if kind == "L":
+        return [_value(v) for v in raw]
+    return raw
 
 
 def _check_serial(serial: str) -> None:

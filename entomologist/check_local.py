@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import certs, clock, config as configuration, files, lock, secret, spend
-from .credentials import CertDir
+from .credentials import CertDir, State
 from .errors import ConfigError, StorageError
 
 # Room a first boot needs in a folder it writes: the registration reserve (64 KiB)
@@ -69,15 +69,15 @@ def check_cert_dir(config: configuration.Config):
         files.trusted_path(Path(os.path.join(os.getcwd(), config.cert_dir)).parent,
                            "the folder of CERT_DIR")
         plan = Plan("provision", f"no {config.cert_dir} yet", None)
-    elif (registration := cert_dir.registration(repair=False)) is not None:
-        plan = Plan("install", f"thing {registration.thing_name} is registered and its "
+    elif (look := cert_dir.state(config.serial_id)).state is State.REGISTERED:
+        plan = Plan("install", f"thing {look.registration.thing_name} is registered and its "
                                f"credentials wait in {config.cert_dir}", cert_dir)
-    elif (owner := cert_dir.installed_for()) not in (None, config.serial_id):
+    elif look.state is State.FOREIGN:
         plan = Plan("provision", f"the credentials in {config.cert_dir} were installed for "
-                                 f"camera {owner}, not this one (an image copied after its "
+                                 f"camera {look.owner}, not this one (an image copied after its "
                                  f"first boot): they will be set aside", cert_dir)
-    elif (problem := cert_dir.installed_problem(repair=False)) is not None:
-        plan = Plan("provision", f"not provisioned: {problem}", cert_dir)
+    elif not look.installed:
+        plan = Plan("provision", f"not provisioned: {look.problem}", cert_dir)
     else:
         plan = Plan("report", f"provisioned (credentials in {config.cert_dir})", cert_dir)
     return f"{plan.why}; the next boot will {PLAN_WORDS[plan.action]}", plan

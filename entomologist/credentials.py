@@ -8,13 +8,10 @@ Staged, as soon as its content exists:
 - private.pem.key.device-made: a key made here (CSR mode), before anything is sent;
 - private.pem.key.staging: a key the service sent, when CreateKeysAndCertificate answers;
 - certificate.pem.crt.staging: the new certificate, at the same moment;
-- registration.json.staging: written when RegisterThing is accepted.  While it
-  exists the staged pair is registered and is installed by the next run
-  without any request (a failing disk or a power cut never wastes a
-  registration); it is removed last, once the pair and the config are in place.
+- registration.json.staging: written when RegisterThing is accepted; while it
+  exists the next run installs the staged pair without any request; removed last;
 - registration.reserve: room held for that marker while RegisterThing is
-  awaited, freed just before the marker is written, so that a full disk
-  cannot refuse it.
+  awaited, freed just before the marker is written (a full disk cannot refuse it).
 
 installed-for.json (0644): the SERIAL_ID, thing and certificate the installed
 pair was registered for, written with the pair.  An image copied from another
@@ -24,17 +21,43 @@ never used and never deleted.
 
 provisioning-spend.json (0600): what attempts that installed nothing spent at
 the service (entomologist.spend); removed once a pair is installed.
+
+States.  ``CertDir.state()`` only reads, and returns exactly one of these (the
+first that holds, in this order); ``CertDir.recover()`` takes the local step
+that state calls for; provisioning (the network) is boot.py's.
+
+  state           what holds                                  recover()            then
+  REGISTERED      registration.json.staging parses, and its   install()            SOUND
+                  certificate is staged with its key (or the
+                  pair it names is already installed)
+  FOREIGN         installed-for.json names another SERIAL_ID  set_aside()          EMPTY/STAGED
+  EMPTY           no certificate installed, nothing staged    nothing: provision   REGISTERED
+  STAGED          no certificate installed; an unregistered   nothing: provision   REGISTERED
+                  attempt's files (a device-made key is reused)
+  BROKEN          a certificate, but no key that belongs to   nothing: provision   REGISTERED
+                  it, or one that does not parse
+  KEY_UNPROMOTED  (token) installed and sound, but its key is  promote the key,     SOUND
+                  not the only one under the final label, or  delete the staged
+                  not under it yet, or a staged key is stale  one, then as SOUND
+  SOUND           a certificate and its key                   discard leftovers,   SOUND
+                                                              record installed-for
+
+A provisioning attempt moves EMPTY, STAGED or BROKEN to STAGED (its files
+written as soon as their content exists), to REGISTERED (the marker, when
+RegisterThing is accepted), then install() to SOUND; a failed attempt goes
+back to STAGED (``discard_unregistered``).
 """
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import certs, config as configuration, files, spend
-from .errors import StorageError
+from . import certs, config as configuration, files, spend, token_pair
+from .errors import EntoError
 
 log = logging.getLogger("entomologist")
 
@@ -47,6 +70,33 @@ class Registration:
     thing_name: str
     certificate_id: str
     device_configuration: dict
+
+
+class State(enum.Enum):
+    EMPTY = "empty"
+    STAGED = "staged, not registered"
+    REGISTERED = "registered, not installed"
+    FOREIGN = "installed for another camera"
+    BROKEN = "installed and broken"
+    KEY_UNPROMOTED = "installed, the token key not under its final label"
+    SOUND = "installed and sound"
+
+
+@dataclass(frozen=True)
+class Look:
+    """What ``CertDir.state()`` found: the state and what acting on it needs."""
+    state: State
+    problem: str | None = None              # EMPTY, STAGED, BROKEN: why nothing sound is installed
+    registration: Registration | None = None  # REGISTERED
+    owner: str | None = None                # the SERIAL_ID installed-for.json names, if any
+
+    @property
+    def installed(self) -> bool:
+        return self.state in (State.SOUND, State.KEY_UNPROMOTED)
+
+    @property
+    def needs_provisioning(self) -> bool:
+        return self.state in (State.EMPTY, State.STAGED, State.BROKEN, State.FOREIGN)
 
 
 class CertDir:
@@ -85,43 +135,77 @@ class CertDir:
 
     # -- what is installed
 
-    def installed_problem(self, repair: bool = True) -> str | None:
-        """None if a certificate and its key are installed, else what is wrong.
+    def state(self, serial_id: str) -> Look:
+        """The one state CERT_DIR (and the token) is in, for the camera ``serial_id``;
+        reads only (the table in the module's docstring)."""
+        registration = self.registration()
+        if registration is not None:
+            return Look(State.REGISTERED, registration=registration)
+        owner = self.installed_for()
+        if owner is not None and owner != serial_id:
+            return Look(State.FOREIGN, owner=owner)
+        problem, unpromoted = self._installed()
+        if problem is None:
+            return Look(State.KEY_UNPROMOTED if unpromoted else State.SOUND, owner=owner)
+        if os.path.lexists(self.cert):
+            return Look(State.BROKEN, problem=problem, owner=owner)
+        staged = any(os.path.lexists(path) for path in (
+            self.device_key, self.staged_key, self.staged_cert, self.registration_marker,
+            self.reserve_file))
+        return Look(State.STAGED if staged else State.EMPTY, problem=problem, owner=owner)
 
-        ``repair`` False only looks: a token's half-done promotion is not finished."""
+    def installed_problem(self) -> str | None:
+        """None if a certificate and its key are installed, else what is wrong."""
+        return self._installed()[0]
+
+    def _installed(self) -> tuple[str | None, bool]:
+        """(what is wrong with the installed pair or None, whether a token key still
+        waits for its final label or a promotion a killed run left half done)."""
         try:
             cert = files.read_bounded(self.cert, "certificate")
         except files.FileProblem as exc:
-            return f"no certificate in {self.path}" if exc.missing else str(exc)
+            return (f"no certificate in {self.path}" if exc.missing else str(exc)), False
         if self.token is not None:
-            return self._token_problem(cert, repair)
+            return token_pair.look(self.token, cert)
         try:
             key = files.read_bounded(self.key, "private key")
         except files.FileProblem as exc:
-            return str(exc)
-        return certs.pair_problem(cert, key)
+            return str(exc), False
+        return certs.pair_problem(cert, key), False
 
-    def _token_problem(self, cert_pem: bytes, repair: bool = True) -> str | None:
-        """None if the token holds the key of ``cert_pem`` (given the final label now,
-        if a run was killed before it could), else why not.  Once the installed pair
-        is known, a staged key is stale (no registration waits for it): it goes, so
-        no orphan piles up in the token."""
-        from . import pkcs11_key
-        problem = certs.certificate_problem(cert_pem)
-        if problem:
-            return problem
-        spki = pkcs11_key.certificate_public_key_der(cert_pem)
-        with pkcs11_key.open_token(self.token) as token:
-            if not repair:
-                pair = token.matching(spki)
-                return None if pair is not None else (
-                    f"no key in token {self.token.token_label!r} belongs to the certificate")
-            pair = token.reconcile(spki)
-            if pair is not None and token.delete_label(self.token.staging_label):
-                log.info("removed a key a run killed before registering left in the token")
-        if pair is None:
-            return f"no key in token {self.token.token_label!r} belongs to the certificate"
+    def promote_token_key(self) -> None:
+        """See token_pair.promote (the KEY_UNPROMOTED step)."""
+        token_pair.promote(self.token, files.read_bounded(self.cert, "certificate"))
+
+    # -- acting on the state
+
+    def recover(self, look: Look, cfg: configuration.Config) -> Path | None:
+        """The local step ``look`` calls for (see the table): install a registered
+        pair, set a foreign pair aside (its folder is returned), or tidy a sound
+        one.  EMPTY, STAGED and BROKEN need provisioning, which is not local:
+        nothing is done here."""
+        if look.state is State.REGISTERED:
+            self.install(cfg, look.registration, cfg.root_ca)
+        elif look.state is State.FOREIGN:
+            return self.set_aside(look.owner)
+        elif look.installed:
+            if self.token is not None:
+                self.promote_token_key()
+            # What a --force run killed before it registered left behind.
+            self.discard_stale()
+            if look.owner is None:
+                self._record_installed_for_existing(cfg)
         return None
+
+    def _record_installed_for_existing(self, cfg: configuration.Config) -> None:
+        """A pair installed before installed-for.json existed is this camera's (nothing
+        says otherwise): record it, so that a copy of this image is recognised."""
+        try:
+            self.record_installed_for(cfg.serial_id,
+                                      Registration(cfg.thing_name or "",
+                                                   cfg.device.get("CERTIFICATE_ID") or "", {}))
+        except EntoError as exc:  # a read-only root: the boot report needs no write
+            log.debug("cannot record whom the pair is installed for: %s", exc)
 
     def installed_for(self) -> str | None:
         """The SERIAL_ID the installed pair was registered for; None when no record
@@ -170,9 +254,8 @@ class CertDir:
 
     # -- what is staged
 
-    def registration(self, repair: bool = True) -> Registration | None:
-        """The registration an earlier run recorded and has not finished installing
-        (``repair``: as for ``installed_problem``)."""
+    def registration(self) -> Registration | None:
+        """The registration an earlier run recorded and has not finished installing."""
         try:
             raw = files.read_bounded(self.registration_marker, "registration record", 256 * 1024)
             doc = json.loads(raw)
@@ -196,7 +279,7 @@ class CertDir:
                 log.warning("ignoring %s: no staged key belongs to its certificate",
                             self.registration_marker)
                 return None
-        elif self.installed_problem(repair) is not None:
+        elif self.installed_problem() is not None:
             log.warning("ignoring %s: its credentials are gone", self.registration_marker)
             return None
         return reg
@@ -210,7 +293,7 @@ class CertDir:
         except files.FileProblem:
             return None
         if self.token is not None:
-            return self.key if self._token_holds(cert) else None
+            return self.key if token_pair.holds(self.token, cert) else None
         for path in (self.staged_key, self.device_key, self.key):
             try:
                 if certs.pair_problem(cert, files.read_bounded(path, "staged key")) is None:
@@ -218,14 +301,6 @@ class CertDir:
             except files.FileProblem:
                 continue
         return None
-
-    def _token_holds(self, cert_pem: bytes) -> bool:
-        from . import pkcs11_key
-        spki = pkcs11_key.certificate_public_key_der(cert_pem)
-        with pkcs11_key.open_token(self.token) as token:
-            return any(pair.public_key_der() == spki
-                       for label in (self.token.staging_label, self.token.key_label)
-                       for pair in token.pairs(label))
 
     def stage_created(self, cert_pem: bytes, key_pem: bytes | None) -> None:
         if key_pem is not None:
@@ -284,10 +359,7 @@ class CertDir:
         if self.token is not None:
             # The new pair is installed: give its key the final label, and delete
             # the key it replaces, last.
-            problem = self._token_problem(files.read_bounded(self.cert, "certificate"))
-            if problem:
-                raise StorageError(f"cannot install the token key: {problem}",
-                                   hint="the token")
+            self.promote_token_key()
         if reg.device_configuration:
             files.write_file_atomic(self.device_configuration,
                                     (json.dumps(reg.device_configuration, indent=2) + "\n"

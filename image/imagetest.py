@@ -423,7 +423,7 @@ def fmt_modes(listing: dict[str, int]) -> str:
 def reference_run(tmp: Path, umask: int) -> dict[str, int]:
     """The same first boot with this machine's Python and the source tree's boot.py."""
     from iot_standin import StandIn
-    with StandIn(tmp, hook=False) as standin:
+    with StandIn(tmp) as standin:
         proc = run([sys.executable, str(ROOT / "boot.py"), "--config", str(standin.config_path)],
                    check=False, capture_output=True, text=True, umask=umask, timeout=120)
         if proc.returncode != 0:
@@ -482,7 +482,7 @@ def image_test(args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory(prefix="ento-image-ref-") as ref:
             reference = reference_run(Path(ref), umask)
         conf_dir = root / "etc/entomologist"
-        with StandIn(conf_dir, hook=False) as standin:
+        with StandIn(conf_dir) as standin:
             check_boots(root, standin, reference, exec_start, umask, timings)
         log.info("two boots in the image: CERT_DIR %s as on %s; two boot messages",
                  fmt_modes(reference), platform.machine())

@@ -38,6 +38,22 @@ HOOK_LOGGER = "entomologist.hook"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "standin", "AWS_SECRET_ACCESS_KEY": "standin"}
 
 
+def _one_request_at_a_time(app, lock: threading.Lock):
+    """DynamoDB applies each write to an item atomically (its conditional writes
+    rest on that); moto's threaded server checks a condition and writes without a
+    lock, so two requests at once could both pass it.  One at a time, as AWS
+    behaves for one item."""
+    def serve(environ, start_response):
+        with lock:
+            body = app(environ, start_response)
+            try:
+                return [b"".join(body)]
+            finally:
+                if hasattr(body, "close"):
+                    body.close()
+    return serve
+
+
 class InventoryServer:
     """moto's DynamoDB on a free loopback port, with the stack's tables."""
 
@@ -49,10 +65,22 @@ class InventoryServer:
         self._dynamodb = None
 
     def start(self) -> None:
-        from moto.server import ThreadedMotoServer
+        from moto.moto_server import threaded_moto_server as moto_server
+        lock = threading.Lock()
+
+        class Serialised(moto_server.ThreadedMotoServer):
+            # moto's own _server_entry, with the app served one request at a time.
+            def _server_entry(self):
+                app = moto_server.DomainDispatcherApplication(moto_server.create_backend_app)
+                self._server = moto_server.make_server(
+                    self._ip_address, self._port, _one_request_at_a_time(app, lock), True,
+                    request_handler=moto_server.MotoRequestHandler)
+                self._server_ready_event.set()
+                self._server.serve_forever()
+
         # werkzeug logs every request at INFO on the root handlers: not the stand-in's news.
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server = Serialised(ip_address="127.0.0.1", port=0, verbose=False)
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"

@@ -19,7 +19,7 @@ def mosquitto_installed():
 
 @pytest.fixture
 def standin(tmp_path):
-    with StandIn(tmp_path, hook=False) as s:
+    with StandIn(tmp_path) as s:
         yield s
 
 
@@ -27,7 +27,7 @@ def standin(tmp_path):
 def device_files(tmp_path):
     """A simulated device's files and nothing listening: for runs that must fail
     before they connect (a connection attempt would end in 75, not 78)."""
-    s = StandIn(tmp_path, hook=False)
+    s = StandIn(tmp_path)
     s.prepare()
     return s
 

@@ -115,6 +115,8 @@ def test_a_cloned_image_sets_the_other_cameras_pair_aside_and_provisions_itself(
     first = (cert_dir / "certificate.pem.crt").read_bytes()
     doc = device_doc(standin)
     doc["device"]["SERIAL_ID"] = "CAM-0002"  # the copy, given its own serial at flashing
+    doc["device"]["PROVISIONING_SECRET_FILE"] = standin.inventory.add(
+        "CAM-0002", standin.workdir).name  # and its own secret, as the factory makes them
     standin.config_path.write_text(json.dumps(doc))
     result = run_script("boot.py", standin.config_path, "--timeout", "30")
     assert result.code == 0, result.stderr

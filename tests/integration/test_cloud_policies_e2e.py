@@ -38,7 +38,7 @@ def without_boot_topic(body):
 
 
 def test_a_device_policy_without_the_boot_topic_fails_the_boot_report_visibly(tmp_path):
-    with StandIn(tmp_path, stack=stack_with(without_boot_topic, hook=False)) as standin:
+    with StandIn(tmp_path, stack=stack_with(without_boot_topic)) as standin:
         state = DeviceState(standin)
         result = run_script("boot.py", standin.config_path, "--timeout", "4")
         assert result.code == 75, result.stderr
@@ -111,7 +111,7 @@ def with_site_parameter(body):
 
 
 def test_a_template_parameter_the_device_does_not_send_is_a_rejection_and_exit_65(tmp_path):
-    with StandIn(tmp_path, stack=stack_with(with_site_parameter, hook=False)) as standin:
+    with StandIn(tmp_path, stack=stack_with(with_site_parameter)) as standin:
         state = DeviceState(standin)
         result = run_script("boot.py", standin.config_path)
         assert result.code == 65, result.stderr
@@ -140,7 +140,7 @@ def test_a_device_connecting_under_another_client_id_than_its_thing_name_is_refu
 @pytest.mark.parametrize("mode,api", [("CreateCertificateFromCsr", "CreateCertificateFromCsr"),
                                       ("Both", None)])
 def test_the_mode_picks_the_claim_policy_and_the_devices_provisioning_api(tmp_path, mode, api):
-    with StandIn(tmp_path, mode=mode, hook=False) as standin:
+    with StandIn(tmp_path, mode=mode) as standin:
         assert device_doc(standin)["device"].get("PROVISIONING_API") == api
         standin.write_device_config(PROVISIONING_API="CreateCertificateFromCsr")
         result = run_script("boot.py", standin.config_path)

@@ -11,7 +11,7 @@ from standin.ca import public_key_id
 def standin(tmp_path):
     """The stack deployed with ProvisioningMode Both: its claim policy allows either
     mode (test_the_record_does_show_a_private_key_in_the_default_mode uses the other)."""
-    with StandIn(tmp_path, mode="Both", hook=False) as s:
+    with StandIn(tmp_path, mode="Both") as s:
         yield s
 
 

@@ -8,6 +8,14 @@ import pytest
 
 from e2e import HELD_BACK, DeviceState, let_the_spend_wait_pass, run_and_kill, run_script
 from fakes import certificate_id
+from iot_standin import StandIn
+
+
+@pytest.fixture
+def standin(tmp_path):
+    # The hook on, with a budget for sweeps that re-provision one serial tens of times by design.
+    with StandIn(tmp_path, parameters={"DailyRegistrationBudget": "1000"}) as s:
+        yield s
 
 
 def event_seen(standin, name, **fields):

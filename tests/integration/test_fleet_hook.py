@@ -38,7 +38,8 @@ class Fleet:
         self.client = server.client()
         self.inventory = Inventory(self.client, table)
         self.inventory.create_table()
-        self.environ = {**server.environment(), "INVENTORY_TABLE": table, "DAILY_BUDGET": "5"}
+        self.environ = {**server.environment(), "INVENTORY_TABLE": table, "DAILY_BUDGET": "5",
+                        "REREGISTRATION_WINDOW_HOURS": "24"}
         self.dir = tmp_path
         self.lines: list[dict] = []
 
@@ -55,8 +56,8 @@ class Fleet:
                                "ento-fleet-template",
                 "clientId": serial, "parameters": parameters}
 
-    def register(self, serial, secret, **environ) -> tuple[bool, dict]:
-        answer = hook.handler(self.event(serial, secret), None,
+    def register(self, serial, secret, certificate_id="c" * 64, **environ) -> tuple[bool, dict]:
+        answer = hook.handler(self.event(serial, secret, certificate_id), None,
                               environ={**self.environ, **environ})
         assert set(answer) == {"allowProvisioning"}
         return answer["allowProvisioning"], self.lines[-1]
@@ -88,6 +89,7 @@ def test_a_manufactured_camera_with_its_secret_is_allowed_and_recorded_provision
     item = fleet.inventory.show("CAM-0001")
     assert item["state"] == "provisioned" and item["registrations"] == 1
     assert item["lastCertificateId"] == "c" * 64 and item["registrationsToday"] == 1
+    assert item["certificateIds"] == ["c" * 64]
 
 
 @pytest.mark.parametrize("serial, secret, reason", [
@@ -113,16 +115,89 @@ def test_a_revoked_camera_is_denied_even_with_its_secret(fleet):
     assert not allowed and line["reason"] == "revoked"
 
 
-def test_a_provisioned_camera_registers_again_only_once_after_allow_reprovision(fleet):
+def test_with_the_window_off_a_provisioned_camera_registers_again_only_once_after_allow_reprovision(
+        fleet):
     secret = fleet.add("CAM-0001")
-    assert fleet.register("CAM-0001", secret)[0]
-    allowed, line = fleet.register("CAM-0001", secret)
+    off = {"REREGISTRATION_WINDOW_HOURS": "0"}
+    assert fleet.register("CAM-0001", secret, **off)[0]
+    allowed, line = fleet.register("CAM-0001", secret, **off)
     assert not allowed and line["reason"] == "already-provisioned"
     fleet.inventory.allow_reprovision("CAM-0001")
-    assert fleet.register("CAM-0001", secret)[0]
-    allowed, line = fleet.register("CAM-0001", secret)
+    assert fleet.register("CAM-0001", secret, **off)[0]
+    allowed, line = fleet.register("CAM-0001", secret, **off)
     assert not allowed and line["reason"] == "already-provisioned"
     assert fleet.inventory.show("CAM-0001")["registrations"] == 2
+
+
+def provisioned_hours_ago(fleet, serial, hours):
+    """The item as it is ``hours`` after its registration (the hook's clock is the table's)."""
+    opened = (datetime.datetime.now(datetime.timezone.utc)
+              - datetime.timedelta(hours=hours)).isoformat(timespec="seconds")
+    fleet.client.update_item(
+        TableName=fleet.inventory.table, Key={"serial": {"S": serial}},
+        UpdateExpression="SET provisionedAt = :t", ExpressionAttributeValues={":t": {"S": opened}})
+
+
+def test_within_the_window_a_provisioned_camera_registers_again_with_its_secret(fleet):
+    """A RegisterThing whose answer was lost: the camera's retry is not locked out."""
+    secret = fleet.add("CAM-0001")
+    assert fleet.register("CAM-0001", secret, certificate_id="1" * 64)[0]
+    provisioned_hours_ago(fleet, "CAM-0001", 23)
+    allowed, line = fleet.register("CAM-0001", secret, certificate_id="2" * 64)
+    assert allowed and line["decision"] == "allow"
+    assert line["reason"] == "reregistration-within-window"
+    assert line["replacesCertificateId"] == "1" * 64
+    item = fleet.inventory.show("CAM-0001")
+    assert item["state"] == "provisioned" and item["registrations"] == 2
+    assert item["certificateIds"] == ["1" * 64, "2" * 64]
+    assert item["lastCertificateId"] == "2" * 64
+    # The window is the first registration's: a re-registration does not reopen it.
+    assert item["provisionedAt"] == line["provisionedAt"]
+    assert datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(
+        item["provisionedAt"]) > datetime.timedelta(hours=22)
+
+
+@pytest.mark.parametrize("secret", ["not-its-secret", None])
+def test_within_the_window_a_wrong_or_no_secret_is_still_denied(fleet, secret):
+    right = fleet.add("CAM-0001")
+    assert fleet.register("CAM-0001", right)[0]
+    allowed, line = fleet.register("CAM-0001", secret)
+    assert not allowed and line["reason"] == "wrong-secret"
+    assert fleet.inventory.show("CAM-0001")["registrations"] == 1
+
+
+def test_after_the_window_the_camera_needs_allow_reprovision(fleet):
+    secret = fleet.add("CAM-0001")
+    assert fleet.register("CAM-0001", secret)[0]
+    provisioned_hours_ago(fleet, "CAM-0001", 24)
+    allowed, line = fleet.register("CAM-0001", secret)
+    assert not allowed and line["reason"] == "already-provisioned"
+    assert fleet.register("CAM-0001", secret, REREGISTRATION_WINDOW_HOURS="25")[0]
+    fleet.inventory.allow_reprovision("CAM-0001")
+    allowed, line = fleet.register("CAM-0001", secret)
+    assert allowed and line["reason"] == "registrable"
+    # The operator's registration opens a new window.
+    allowed, line = fleet.register("CAM-0001", secret)
+    assert allowed and line["reason"] == "reregistration-within-window"
+
+
+def test_within_the_window_the_daily_budget_still_applies(fleet):
+    secret = fleet.add("CAM-0001")
+    for _ in range(3):
+        assert fleet.register("CAM-0001", secret, DAILY_BUDGET="3")[0]
+    allowed, line = fleet.register("CAM-0001", secret, DAILY_BUDGET="3")
+    assert not allowed and line["reason"] == "daily-budget"
+    assert fleet.inventory.show("CAM-0001")["registrations"] == 3
+
+
+def test_the_item_keeps_the_last_10_allowed_certificate_ids(fleet):
+    secret = fleet.add("CAM-0001")
+    for i in range(12):
+        assert fleet.register("CAM-0001", secret, certificate_id=f"{i:064x}",
+                              DAILY_BUDGET="20")[0]
+    item = fleet.inventory.show("CAM-0001")
+    assert item["certificateIds"] == [f"{i:064x}" for i in range(2, 12)]
+    assert item["registrations"] == 12
 
 
 def test_registrations_over_the_daily_budget_are_denied_whatever_the_operator_allowed(fleet):
@@ -189,6 +264,37 @@ def test_of_two_concurrent_registrations_of_one_serial_exactly_one_passes(fleet)
     assert fleet.inventory.show("CAM-0001")["registrations"] == 1
 
 
+def test_of_two_concurrent_reregistrations_within_the_window_exactly_one_passes(fleet):
+    secret = fleet.add("CAM-0001")
+    assert fleet.register("CAM-0001", secret, certificate_id="1" * 64)[0]
+    client = hook.inventory_client(fleet.environ)
+    both_read = threading.Barrier(2, timeout=5)
+
+    def wait_for_the_other(**kwargs):
+        both_read.wait()
+
+    client.meta.events.register("before-call.dynamodb.UpdateItem", wait_for_the_other)
+    answers = []
+
+    def register(certificate_id):
+        answers.append(hook.handler(fleet.event("CAM-0001", secret, certificate_id), None,
+                                    environ=fleet.environ)["allowProvisioning"])
+
+    try:
+        threads = [threading.Thread(target=register, args=(c * 64,)) for c in "de"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    finally:
+        client.meta.events.unregister("before-call.dynamodb.UpdateItem", wait_for_the_other)
+    assert sorted(answers) == [False, True]
+    assert sorted(line["reason"] for line in fleet.lines[1:]) == [
+        "concurrent-registration", "reregistration-within-window"]
+    item = fleet.inventory.show("CAM-0001")
+    assert item["registrations"] == 2 and len(item["certificateIds"]) == 2
+
+
 def test_any_error_denies(fleet):
     secret = fleet.add("CAM-0001")
     allowed, line = fleet.register("CAM-0001", secret, INVENTORY_TABLE="no-such-table")
@@ -196,13 +302,16 @@ def test_any_error_denies(fleet):
     assert line["errorCode"] == "ResourceNotFoundException"
     allowed, line = fleet.register("CAM-0001", secret, DAILY_BUDGET="five")
     assert not allowed and line["reason"] == "error" and line["error"] == "ValueError"
+    assert fleet.register("CAM-0001", secret)[0]
+    allowed, line = fleet.register("CAM-0001", secret, REREGISTRATION_WINDOW_HOURS="-1")
+    assert not allowed and line["reason"] == "error" and line["error"] == "ValueError"
     environ = {k: v for k, v in fleet.environ.items() if k != "INVENTORY_TABLE"}
     assert hook.handler(fleet.event("CAM-0001", secret), None,
                         environ=environ) == {"allowProvisioning": False}
     for event in (None, [], {"parameters": "SerialNumber=CAM-0001"}, {}):
         assert hook.handler(event, None, environ=fleet.environ) == \
             {"allowProvisioning": False}
-    assert fleet.inventory.show("CAM-0001")["state"] == "manufactured"
+    assert fleet.inventory.show("CAM-0001")["registrations"] == 1
 
 
 def test_an_unreachable_table_denies_well_within_aws_5_s(fleet):
@@ -231,6 +340,7 @@ def test_as_a_lambda_it_prints_one_json_line_per_decision_and_never_the_secret(s
     script = ("import json, sys; import hook; "
               "print(json.dumps(hook.handler(json.load(sys.stdin), None)), file=sys.stderr)")
     outputs = []
+    fleet.environ["REREGISTRATION_WINDOW_HOURS"] = "0"
     for given in (secret, "a-guess-of-the-secret", secret):
         proc = subprocess.run(
             [sys.executable, "-c", script], input=json.dumps(fleet.event("CAM-0001", given)),

@@ -117,6 +117,24 @@ def test_the_environment_decides_where_and_failures_have_their_exit_codes(server
     assert "Traceback" not in proc.stderr
 
 
+def test_show_lists_every_certificate_the_hook_allowed_so_orphans_can_be_deactivated(
+        server, tmp_path):
+    from cloud import hook
+    assert run(server, "add", "CAM-0001", "--secrets-dir", str(tmp_path)).returncode == 0
+    secret = (tmp_path / "CAM-0001.secret").read_text().strip()
+    environ = {**server.environment(), "INVENTORY_TABLE": TABLE}
+    for certificate_id in ("1" * 64, "2" * 64):  # the first one's answer lost on its way
+        event = {"certificateId": certificate_id, "clientId": "CAM-0001",
+                 "parameters": {"SerialNumber": "CAM-0001", "ProvisioningSecret": secret}}
+        assert hook.handler(event, None, environ=environ)["allowProvisioning"]
+    shown = run(server, "show", "CAM-0001")
+    assert shown.returncode == 0, shown.stderr
+    record = json.loads(shown.stdout)
+    assert record["certificateIds"] == ["1" * 64, "2" * 64]
+    assert record["lastCertificateId"] == "2" * 64 and record["registrations"] == 2
+    assert secret not in shown.stdout
+
+
 def test_a_write_whose_answer_was_lost_keeps_the_secret_and_add_again_completes(server, tmp_path):
     """The table took the hash but the answer never came: the secret file must stay."""
     inventory = cli.Inventory(server.client(), TABLE)

@@ -310,7 +310,7 @@ def test_a_fifo_in_place_of_the_installed_ca_does_not_hang_the_boot_report(stand
 
 def test_csr_mode_provisions_a_serial_id_longer_than_a_common_name(tmp_path):
     serial = "S" * 100
-    with StandIn(tmp_path, serial=serial, mode="CreateCertificateFromCsr", hook=False) as standin:
+    with StandIn(tmp_path, serial=serial, mode="CreateCertificateFromCsr") as standin:
         assert device_doc(standin)["device"]["PROVISIONING_API"] == "CreateCertificateFromCsr"
         result = run_script("boot.py", standin.config_path)
         assert result.code == 0, result.stderr
@@ -331,7 +331,7 @@ def open_standin():
     root = Path(tempfile.mkdtemp(prefix="ento-open-", dir="/tmp"))
     os.chmod(root, 0o755)
     try:
-        with StandIn(root, hook=False) as s:
+        with StandIn(root) as s:
             yield s
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -16,7 +16,7 @@ FINAL, STAGING = "entomologist-device", "entomologist-device.staging"
 @pytest.fixture
 def standin(tmp_path):
     """The stack deployed for CSR mode, the only mode a token key can use."""
-    with StandIn(tmp_path, mode="CreateCertificateFromCsr", hook=False) as s:
+    with StandIn(tmp_path, mode="CreateCertificateFromCsr") as s:
         yield s
 
 

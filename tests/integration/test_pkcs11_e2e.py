@@ -29,7 +29,7 @@ def standin(tmp_path):
     """Without the stack's policies: these tests connect with certificates they
     have the stand-in's CA sign directly, which no RegisterThing attached to a
     thing (AWS would refuse them too)."""
-    with StandIn(tmp_path, policies=False, hook=False) as s:
+    with StandIn(tmp_path, policies=False) as s:
         yield s
 
 

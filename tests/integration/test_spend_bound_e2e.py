@@ -29,6 +29,13 @@ def guarded(tmp_path):
         yield s
 
 
+@pytest.fixture
+def after_window(tmp_path):
+    """The hook as it answers once the camera's re-registration window has passed."""
+    with StandIn(tmp_path, hook=True, parameters={"ReregistrationWindowHours": "0"}) as s:
+        yield s
+
+
 def secret_nowhere(standin, secret, outputs):
     for text in outputs:
         assert secret not in text and secret[:16] not in text
@@ -49,7 +56,9 @@ def test_a_camera_with_its_secret_provisions_through_the_fleet_inventory(guarded
     secret_nowhere(guarded, guarded.secret, [result.stderr])
 
 
-def test_force_is_refused_by_the_inventory_until_the_operator_allows_it(guarded):
+def test_force_after_the_window_is_refused_by_the_inventory_until_the_operator_allows_it(
+        after_window):
+    guarded = after_window
     assert run_script("boot.py", guarded.config_path).code == 0
     cert_dir = guarded.workdir / "cert"
     installed = (cert_dir / "certificate.pem.crt").read_bytes()
@@ -147,11 +156,36 @@ def test_a_hook_refusal_is_65_at_once_with_one_line_naming_the_fleet_inventory(
     assert not (standin.workdir / "cert" / "certificate.pem.crt").exists()
 
 
-def test_a_lost_answer_then_the_inventory_refusing_the_next_registration_says_why(guarded):
-    """The inventory records the registration whose answer was lost as this camera's:
-    the next one, a minute later, is refused as already provisioned, and the line
-    says the lost one may have been it (the operator's allow-reprovision is the way)."""
+def test_a_lost_registerthing_answer_then_the_next_run_provisions_within_the_window(guarded):
+    """The hook recorded the registration whose answer was lost as this camera's; the
+    camera's next attempt, with its own secret, is a re-registration within the
+    window: it provisions, and the lost one's certificate is named for the operator."""
     from e2e import let_the_spend_wait_pass
+    guarded.faults.drop_register_answers = True
+    first = run_script("boot.py", guarded.config_path, "--timeout", TIMEOUT)
+    assert first.code == 75, first.stderr
+    assert let_the_spend_wait_pass(guarded.workdir / "cert")
+    guarded.faults.drop_register_answers = False
+    second = run_script("boot.py", guarded.config_path, "--timeout", TIMEOUT)
+    assert second.code == 0, second.stderr
+    assert len(guarded.events("register-request")) == 2
+    assert [h["allowProvisioning"] for h in guarded.events("hook")] == [True, True]
+    decision, = guarded.events("hook")[-1]["decisions"]
+    assert decision["reason"] == "reregistration-within-window"
+    record = guarded.inventory.show(guarded.serial)
+    assert record["state"] == "provisioned" and record["registrations"] == 2
+    orphan, installed = record["certificateIds"]
+    assert decision["replacesCertificateId"] == orphan
+    assert [e["certificateId"] for e in guarded.events("register-accepted")] == [orphan,
+                                                                                 installed]
+
+
+def test_after_the_window_a_lost_answer_then_the_inventory_refusing_says_why(after_window):
+    """Once the window has passed, the next registration is refused as already
+    provisioned, and the line says the lost one may have been it (the operator's
+    allow-reprovision is the way)."""
+    from e2e import let_the_spend_wait_pass
+    guarded = after_window
     guarded.faults.drop_register_answers = True
     first = run_script("boot.py", guarded.config_path, "--timeout", TIMEOUT)
     assert first.code == 75, first.stderr
@@ -160,6 +194,7 @@ def test_a_lost_answer_then_the_inventory_refusing_the_next_registration_says_wh
     second = run_script("boot.py", guarded.config_path, "--timeout", TIMEOUT)
     assert second.code == 65, second.stderr
     assert "got no answer and may have been that registration" in second.errors[0]
+    assert f"allow-reprovision {guarded.serial}" in second.errors[0]
     assert [d["reason"] for d in guarded.events("hook")[-1]["decisions"]] == \
         ["already-provisioned"]
     guarded.inventory.allow_reprovision(guarded.serial)

@@ -14,7 +14,7 @@ from e2e import ROOT, run_script
 
 def start(tmp_path, *options, preexec_fn=None):
     proc = subprocess.Popen([sys.executable, str(ROOT / "iot_standin.py"), "run", "--dir",
-                             str(tmp_path), "--no-hook", *options], stdin=subprocess.DEVNULL,
+                             str(tmp_path), *options], stdin=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
     end = time.monotonic() + 20
     for line in proc.stderr:
@@ -55,8 +55,8 @@ def test_fault_options_from_the_command_line(tmp_path, options, code, expected):
     assert expected in result.stderr
 
 
-def test_demo_shows_files_and_boot_messages():
-    proc = subprocess.run([sys.executable, str(ROOT / "iot_standin.py"), "demo", "--no-hook"],
+def test_demo_shows_files_boot_messages_and_the_claim_pair_alone_refused():
+    proc = subprocess.run([sys.executable, str(ROOT / "iot_standin.py"), "demo"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "600    " in proc.stdout and "cert/private.pem.key" in proc.stdout
@@ -71,6 +71,10 @@ def test_demo_shows_files_and_boot_messages():
     assert "topic write cameraDevice/CAM-0001/booted" in proc.stdout
     assert "644      50  cert/device-configuration.json" in proc.stdout
     assert "Policy denials: 0" in proc.stdout
+    assert "ReregistrationWindowHours is 0 here" in proc.stdout
+    assert [line.rsplit("(hook: ", 1)[-1] for line in proc.stdout.splitlines()
+            if line.startswith("  RegisterThing for ")] == [
+        "unknown-serial)", "wrong-secret)", "already-provisioned)"]
 
 
 def test_run_applies_the_mode_and_the_stack_given(tmp_path):

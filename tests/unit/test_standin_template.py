@@ -317,7 +317,7 @@ def test_stack_hook_is_the_lambda_handler_module_beside_the_stack_with_its_envir
     assert stack.hook.module_path == STACK.parent / "hook.py"
     assert (stack.hook.function, stack.hook.payload_version) == ("handler", "2020-04-01")
     assert stack.hook.environment == {"INVENTORY_TABLE": "ento-fleet-inventory",
-                                      "DAILY_BUDGET": "5"}
+                                      "DAILY_BUDGET": "5", "REREGISTRATION_WINDOW_HOURS": "24"}
     assert stack.inventory_table == "ento-fleet-inventory"
     assert stack.tables["ento-fleet-inventory"]["KeySchema"] == [
         {"AttributeName": "serial", "KeyType": "HASH"}]
@@ -327,9 +327,11 @@ def test_stack_hook_parameter_disabled_leaves_the_template_without_hook_but_the_
     stack = load_stack(parameters={"PreProvisioningHook": "Disabled",
                                    "DailyRegistrationBudget": "2"})
     assert stack.hook is None and stack.inventory_table == "ento-fleet-inventory"
-    assert load_stack(parameters={"DailyRegistrationBudget": "2", "NamePrefix": "bugs"}
+    assert load_stack(parameters={"DailyRegistrationBudget": "2", "NamePrefix": "bugs",
+                                  "ReregistrationWindowHours": "0"}
                       ).hook.environment == {"INVENTORY_TABLE": "bugs-fleet-inventory",
-                                             "DAILY_BUDGET": "2"}
+                                             "DAILY_BUDGET": "2",
+                                             "REREGISTRATION_WINDOW_HOURS": "0"}
 
 
 def test_stack_provisioning_secret_is_declared_but_never_an_attribute_or_configuration():
