@@ -170,7 +170,7 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
         update_device_config(config, {"PROVISION_STATUS": "False"})
     if cert_dir is None:
         cert_dir = CertDir.open(config.cert_dir, create=True, token=config.token)
-    spent = SpendRecord.open(cert_dir.spend_record, now)
+    spent = SpendRecord.open(cert_dir.spend_record, deadline.clock)
     spent.check()
     cert_dir.reserve()
 

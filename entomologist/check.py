@@ -178,7 +178,7 @@ def run_checks(config_path: Path, deadline: Deadline, emit: Callable[[Result], N
         else:
             checks.skip("secret", "needs the config's provisioning settings")
         try:
-            checks.run("spend", lambda: check_spend(plan, now))
+            checks.run("spend", lambda: check_spend(plan, deadline.clock))
         except Failed:
             pass
 

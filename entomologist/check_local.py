@@ -113,11 +113,11 @@ def check_secret(settings: configuration.ProvisioningSettings):
             f"{len(text)} characters, sent as ProvisioningSecret")
 
 
-def check_spend(plan: Plan, now: Callable[[], float]):
+def check_spend(plan: Plan, timer: clock.Clock):
     """What the boot's spend record allows now, read as the boot reads it, written never."""
     if plan.cert_dir is None:
         return "CERT_DIR does not exist yet: no failed attempt recorded"
-    record = spend.SpendRecord.open(plan.cert_dir.spend_record, now, settle=False)
+    record = spend.SpendRecord.open(plan.cert_dir.spend_record, timer, settle=False)
     record.check()
     if not record.entries:
         return "no failed attempt recorded: nothing holds the next one back"

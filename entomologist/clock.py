@@ -22,6 +22,7 @@ service's clock, not ours.)
 from __future__ import annotations
 
 import queue
+import re
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -30,6 +31,9 @@ from typing import Callable, Sequence
 from .certs import not_valid_before, pem_certificates
 from .errors import TransientError
 from .files import FileProblem, read_bounded
+
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+BOOT_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class Clock:
@@ -41,6 +45,23 @@ class Clock:
 
     def time(self) -> float:
         return time.time()
+
+    def boot_id(self) -> str | None:
+        """This boot's identity (the kernel's random boot_id); None where there is none."""
+        try:
+            with open(BOOT_ID, "rb") as f:
+                text = f.read(64).decode("ascii", "replace").strip()
+        except OSError:
+            return None
+        return text if BOOT_ID_RE.fullmatch(text) else None
+
+    def boottime(self) -> float | None:
+        """Seconds since this boot, counting suspend, and blind to the wall clock being
+        set; None where the kernel has no CLOCK_BOOTTIME."""
+        try:
+            return time.clock_gettime(time.CLOCK_BOOTTIME)
+        except (AttributeError, OSError):
+            return None
 
     def sleep(self, seconds: float) -> None:
         time.sleep(max(0.0, seconds))

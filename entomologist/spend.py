@@ -23,11 +23,22 @@ connection may start:
   camera exist at once, and the common case, a network fault right after
   CreateKeysAndCertificate, is retried at once.
 
-The record is trusted as far as it can be: an entry dated after the clock
-(the clock was set back, or ran ahead when it was written) is taken as now
-and written back so, which delays by one ordinary wait, never for ever; a
-record that cannot be read or parsed is replaced by the worst it could hide,
-one unanswered RegisterThing now.  Both are logged.
+Each entry is dated three ways: the wall clock, the boot (the kernel's
+boot_id) and CLOCK_BOOTTIME, at writing.  An entry of this boot is aged by
+CLOCK_BOOTTIME, exact whatever is done to the wall clock meanwhile (set back a
+day, corrected by NTP, swung by a hostile time server): the waits and the
+daily cap hold within a boot.  Only an entry of an earlier boot is aged by
+the wall clock, the one clock two boots share.
+
+The record is trusted as far as it can be: an entry of an earlier boot dated
+after the clock is taken as now (the clock is behind, or ran ahead when the
+entry was written) and left as it is, so that a clock corrected later still
+sees it at its true time; one dated more than 24 h after the clock could hold
+nothing back by its true time once the clock is right, so it is rewritten as
+now, which delays by one ordinary wait, never for ever.  A record that cannot
+be read or parsed is replaced by the worst it could hide, one unanswered
+RegisterThing now.  Both are logged.  Records without the boot fields still
+parse: their entries count as of an earlier boot.
 """
 from __future__ import annotations
 
@@ -39,7 +50,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import files
-from .clock import REAL
+from .clock import BOOT_ID_RE, REAL, Clock
 from .config import CERTIFICATE_ID_RE
 from .errors import TransientError
 
@@ -88,11 +99,21 @@ def _duration(seconds: float) -> str:
 @dataclass
 class Entry:
     kind: str
-    at: float
+    at: float                        # the wall clock at writing
     certificate_id: str | None = None
+    boot: str | None = None          # the boot_id at writing
+    boottime: float | None = None    # CLOCK_BOOTTIME at writing
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "at": self.at, "certificateId": self.certificate_id}
+        doc = {"kind": self.kind, "at": self.at, "certificateId": self.certificate_id}
+        if self.boot is not None and self.boottime is not None:
+            doc.update(boot=self.boot, boottime=self.boottime)
+        return doc
+
+
+def _number(value) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and value == value and abs(value) != float("inf"))
 
 
 def _parse(raw: bytes) -> list[Entry]:
@@ -102,56 +123,97 @@ def _parse(raw: bytes) -> list[Entry]:
     entries = []
     for item in doc["entries"]:
         kind, at, cert = item["kind"], item["at"], item.get("certificateId")
-        if (kind not in KINDS or isinstance(at, bool) or not isinstance(at, (int, float))
-                or at != at or abs(at) == float("inf")
+        boot, boottime = item.get("boot"), item.get("boottime")
+        if (kind not in KINDS or not _number(at)
                 or not (cert is None or (isinstance(cert, str)
-                                         and CERTIFICATE_ID_RE.fullmatch(cert)))):
+                                         and CERTIFICATE_ID_RE.fullmatch(cert)))
+                or (boot is None) != (boottime is None)
+                or not (boot is None or (isinstance(boot, str) and BOOT_ID_RE.fullmatch(boot)
+                                         and _number(boottime) and boottime >= 0))):
             raise ValueError("invalid entry")
-        entries.append(Entry(kind, float(at), cert))
+        entries.append(Entry(kind, float(at), cert, boot,
+                             None if boottime is None else float(boottime)))
     return entries
 
 
 class SpendRecord:
     """``CERT_DIR/provisioning-spend.json``: written atomically, fsynced, born 0600."""
 
-    def __init__(self, path: Path, now: Callable[[], float] = REAL.time):
+    def __init__(self, path: Path, clock: Clock = REAL):
         self.path = path
-        self.now = now
+        self.clock = clock
+        self.boot = clock.boot_id()  # a process lives within one boot
         self.entries: list[Entry] = []
 
+    def now(self) -> float:
+        return self.clock.time()
+
+    def _new(self, kind: str, certificate_id: str | None = None) -> Entry:
+        entry = Entry(kind, 0.0, certificate_id)
+        self._stamp(entry)
+        return entry
+
+    def _stamp(self, entry: Entry) -> None:
+        """Dates ``entry`` now, in this boot."""
+        entry.at = self.now()
+        entry.boot, entry.boottime = self.boot, self.clock.boottime()
+        if entry.boot is None or entry.boottime is None:
+            entry.boot = entry.boottime = None
+
+    def _at(self, entry: Entry, current: float) -> float:
+        """When ``entry`` was written, on the wall clock as it reads now (``current``):
+        by CLOCK_BOOTTIME for an entry of this boot, else its wall-clock date, never
+        after now."""
+        if entry.boot is not None and entry.boot == self.boot:
+            since_boot = self.clock.boottime()
+            if since_boot is not None:
+                return current - max(0.0, since_boot - entry.boottime)
+        return min(entry.at, current)
+
     @classmethod
-    def open(cls, path: Path, now: Callable[[], float] = REAL.time,
-             settle: bool = True) -> "SpendRecord":
+    def open(cls, path: Path, clock: Clock = REAL, settle: bool = True) -> "SpendRecord":
         """The record at ``path``, settled if it cannot be trusted as is, and written back
         so unless ``settle`` is False (``boot.py --check`` writes nothing)."""
-        record = cls(path, now)
-        current = now()
+        record = cls(path, clock)
+        current = record.now()
         try:
             raw = files.read_bounded(path, "provisioning spend record", MAX_RECORD_BYTES)
             record.entries = _parse(raw)
         except files.FileProblem as exc:
             if not exc.missing:
-                record._assume_the_worst(current, str(exc), settle)
+                record._assume_the_worst(str(exc), settle)
             return record
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            record._assume_the_worst(current, f"{path} does not parse ({type(exc).__name__})",
-                                     settle)
+            record._assume_the_worst(f"{path} does not parse ({type(exc).__name__})", settle)
             return record
-        ahead = [entry for entry in record.entries if entry.at > current]
+        since_boot = clock.boottime()
+        this_boot = [e for e in record.entries if e.boot is not None and e.boot == record.boot
+                     and since_boot is not None]
+        earlier = [e for e in record.entries if all(e is not t for t in this_boot)]
+        ahead = [e for e in earlier if e.at > current]
+        # Only a boot-time date past the boot's clock is impossible; the wall clock
+        # may be anywhere.
+        impossible = [e for e in this_boot if e.boottime > since_boot]
+        far = [e for e in ahead if e.at > current + DAY]
         if ahead:
-            log.warning("%s has %d entries dated after the clock (up to %s, the clock reads "
-                        "%s): taken as now, the clock was set back or ran ahead", path,
-                        len(ahead), utc(max(entry.at for entry in ahead)), utc(current))
-            for entry in ahead:
-                entry.at = current
-            if settle:
-                record._save()
+            log.warning("%s has %d entries of an earlier boot dated after the clock (up to %s, "
+                        "the clock reads %s): taken as now%s; the clock is behind or ran ahead "
+                        "when they were written", path, len(ahead),
+                        utc(max(entry.at for entry in ahead)), utc(current),
+                        f", {len(far)} more than 24 h ahead rewritten so" if far else "")
+        if impossible:
+            log.warning("%s has %d entries of this boot dated after the boot's clock: taken "
+                        "as now and rewritten so", path, len(impossible))
+        for entry in far + impossible:
+            record._stamp(entry)
+        if (far or impossible) and settle:
+            record._save()
         return record
 
-    def _assume_the_worst(self, current: float, problem: str, settle: bool) -> None:
+    def _assume_the_worst(self, problem: str, settle: bool) -> None:
         log.warning("%s: taken as one RegisterThing that got no answer now, the worst it "
                     "could hide", problem)
-        self.entries = [Entry(UNREADABLE, current)]
+        self.entries = [self._new(UNREADABLE)]
         if settle:
             self._save()
 
@@ -165,33 +227,37 @@ class SpendRecord:
     def _limit(self) -> tuple[float, str, str]:
         """The latest of the limits that apply: (when, why, what to check)."""
         current = self.now()
-        day = sorted((e for e in self.entries if current - e.at < DAY), key=lambda e: e.at)
-        costly = [e for e in day if e.kind in COSTLY]
-        orphaning = [e for e in costly if e.kind in ORPHANING]
-        unregistered = [e for e in day if e.kind in UNREGISTERED and current - e.at < HOUR]
+        dated = sorted(((self._at(e, current), e.kind) for e in self.entries),
+                       key=lambda pair: pair[0])
+        day = [(at, kind) for at, kind in dated if current - at < DAY]
+        costly = [(at, kind) for at, kind in day if kind in COSTLY]
+        orphaning = [at for at, kind in costly if kind in ORPHANING]
+        unregistered = [at for at, kind in day if kind in UNREGISTERED and current - at < HOUR]
         limits = [(0.0, "", "")]
         if costly:
             wait = WAITS[min(len(costly), len(WAITS)) - 1]
-            last = costly[-1]
-            limits.append((last.at + wait, f"{len(costly)} unanswered RegisterThing(s) or "
+            last_at, last_kind = costly[-1]
+            limits.append((last_at + wait, f"{len(costly)} unanswered RegisterThing(s) or "
                                            f"refused subscription(s) in 24 h, the last at "
-                                           f"{utc(last.at)} ({_WHAT[last.kind]}): the next "
+                                           f"{utc(last_at)} ({_WHAT[last_kind]}): the next "
                                            f"attempt waits {_duration(wait)}", HINT))
         if len(orphaning) >= MAX_ORPHANING_PER_DAY:
             oldest = orphaning[len(orphaning) - MAX_ORPHANING_PER_DAY]
-            limits.append((oldest.at + DAY, f"{len(orphaning)} RegisterThing requests in 24 h "
+            limits.append((oldest + DAY, f"{len(orphaning)} RegisterThing requests in 24 h "
                                             f"got no answer, the most allowed per day", HINT))
         if len(unregistered) >= MAX_UNREGISTERED_PER_HOUR:
             oldest = unregistered[len(unregistered) - MAX_UNREGISTERED_PER_HOUR]
-            limits.append((oldest.at + HOUR, f"{len(unregistered)} certificates asked for in "
+            limits.append((oldest + HOUR, f"{len(unregistered)} certificates asked for in "
                                              f"the last hour were never registered, the most "
                                              f"allowed per hour", UNREGISTERED_HINT))
         return max(limits)
+
     def unanswered_before(self, certificate_id: str) -> float | None:
         """When another certificate's RegisterThing last went unanswered in 24 h, if it did."""
         current = self.now()
-        times = [e.at for e in self.entries if e.kind == SENT and current - e.at < DAY
-                 and e.certificate_id != certificate_id]
+        times = [self._at(e, current) for e in self.entries
+                 if e.kind == SENT and e.certificate_id != certificate_id]
+        times = [at for at in times if current - at < DAY]
         return max(times, default=None)
 
     def hold(self) -> tuple[float, str]:
@@ -214,7 +280,7 @@ class SpendRecord:
     def create_sent(self) -> None:
         """Before CreateKeysAndCertificate or CreateCertificateFromCsr: an answer
         lost on the way may still have created a certificate."""
-        self.entries.append(Entry(CREATE_SENT, self.now()))
+        self.entries.append(self._new(CREATE_SENT))
         self._save()
 
     def create_rejected(self) -> None:
@@ -225,7 +291,7 @@ class SpendRecord:
             self._save()
 
     def created(self, certificate_id: str) -> None:
-        entry = self._pending() or Entry(CREATED, self.now())
+        entry = self._pending() or self._new(CREATED)
         if entry not in self.entries:
             self.entries.append(entry)
         entry.kind, entry.certificate_id = CREATED, certificate_id
@@ -240,13 +306,15 @@ class SpendRecord:
     def register_sent(self, certificate_id: str) -> None:
         """Before RegisterThing goes out: a run killed awaiting its answer has spent it."""
         entry = self._entry(certificate_id)
-        entry.kind, entry.at = SENT, max(entry.at, self.now())
+        entry.kind = SENT
+        self._stamp(entry)
         self._save()
 
     def unanswered(self, certificate_id: str) -> None:
         """The attempt gave up on RegisterThing's answer: the wait runs from now."""
         entry = self._entry(certificate_id)
-        entry.kind, entry.at = SENT, max(entry.at, self.now())
+        entry.kind = SENT
+        self._stamp(entry)
         self._save()
 
     def rejected(self, certificate_id: str) -> None:
@@ -255,20 +323,21 @@ class SpendRecord:
         self._save()
 
     def subscription_refused(self) -> None:
-        self.entries.append(Entry(REFUSED, self.now()))
+        self.entries.append(self._new(REFUSED))
         self._save()
 
     def _entry(self, certificate_id: str) -> Entry:
         for entry in reversed(self.entries):
             if entry.certificate_id == certificate_id:
                 return entry
-        entry = Entry(CREATED, self.now(), certificate_id)
+        entry = self._new(CREATED, certificate_id)
         self.entries.append(entry)
         return entry
 
     def _save(self) -> None:
         current = self.now()
-        self.entries = [e for e in self.entries if current - e.at < DAY][-MAX_ENTRIES:]
+        self.entries = [e for e in self.entries
+                        if current - self._at(e, current) < DAY][-MAX_ENTRIES:]
         if not self.entries:
             files.remove_durably(self.path)
             return

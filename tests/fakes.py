@@ -270,8 +270,9 @@ class FakeCloud:
 
 class FakeClock(Clock):
     """The one clock seam: wall time (``time``, also ``now``), the deadline's
-    monotonic time and ``sleep`` move together, and only when a flow sleeps or
-    waits or a test advances them.
+    monotonic time, the boot's clock (``boottime``) and ``sleep`` move together,
+    and only when a flow sleeps or waits or a test advances them; a test may
+    also set the wall clock alone (``set_wall``) or reboot (a new ``boot_id``).
 
     A wait on a future or a queue takes no real time: what is ready now is
     returned, and otherwise the clock moves on by the whole timeout and the
@@ -282,6 +283,8 @@ class FakeClock(Clock):
     def __init__(self, start: float = 1_800_000_000.0):
         self.wall = start
         self.mono = 1000.0
+        self.boot = "00000000-0000-4000-8000-000000000001"
+        self.since_boot = 500.0
         self.sleeps: list[float] = []
         self.waits: list[float] = []
 
@@ -293,9 +296,30 @@ class FakeClock(Clock):
     def monotonic(self) -> float:
         return self.mono
 
+    def boot_id(self) -> str | None:
+        return self.boot
+
+    def boottime(self) -> float | None:
+        return self.since_boot
+
     def advance(self, seconds: float) -> None:
         self.wall += seconds
         self.mono += seconds
+        self.since_boot += seconds
+
+    def set_wall(self, wall: float) -> None:
+        """The wall clock is set (NTP, an operator, a hostile time server): only it moves."""
+        self.wall = wall
+
+    def reboot(self, wall: float | None = None, boot: str | None = None) -> None:
+        """A new boot: a new boot_id, the boot-time clocks restart, the wall clock reads
+        ``wall`` (as a board without a real-time clock may)."""
+        number = int(self.boot.rsplit("-", 1)[1], 16) + 1
+        self.boot = boot or f"00000000-0000-4000-8000-{number:012x}"
+        self.since_boot = 5.0
+        self.mono = 5.0
+        if wall is not None:
+            self.wall = wall
 
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)

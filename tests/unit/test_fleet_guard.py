@@ -227,7 +227,7 @@ def test_after_unanswered_registers_the_next_attempts_wait_1_min_10_min_1_h_then
             run(device, cloud, clock)
         assert errors.exit_code(err.value) == 75
         assert len(cloud.calls) == calls
-        at, _ = spend.SpendRecord.open(device.cert_dir / SPEND, clock.now).next_attempt()
+        at, _ = spend.SpendRecord.open(device.cert_dir / SPEND, clock).next_attempt()
         waits.append(at - failed_at)
         assert spend.utc(at) in str(err.value)
         clock.advance(at - clock.now())
@@ -241,7 +241,7 @@ def test_after_unanswered_registers_the_next_attempts_wait_1_min_10_min_1_h_then
 
 
 def test_at_most_6_unanswered_registers_per_camera_per_24_h(tmp_path, clock):
-    record = spend.SpendRecord.open(tmp_path / SPEND, clock.now)
+    record = spend.SpendRecord.open(tmp_path / SPEND, clock)
     first = clock.now()
     for n in range(6):
         cert = f"{n:064x}"
@@ -303,13 +303,13 @@ def test_a_refused_subscription_names_topic_and_claim_policy_and_backs_off(devic
     assert device.device["PROVISION_STATUS"] == "True"
 
 
-def test_a_record_dated_in_the_future_is_taken_as_now_and_says_so(tmp_path, clock, caplog):
+def test_a_record_dated_more_than_a_day_after_the_clock_is_taken_as_now_and_says_so(tmp_path, clock, caplog):
     path = tmp_path / SPEND
     path.write_text(json.dumps({"version": 1, "entries": [
         {"kind": "register-sent", "at": clock.now() + 10 * 365 * spend.DAY,
          "certificateId": "ab" * 32}]}))
     with caplog.at_level(logging.WARNING):
-        record = spend.SpendRecord.open(path, clock.now)
+        record = spend.SpendRecord.open(path, clock)
     assert "dated after the clock" in caplog.text
     assert record.next_attempt()[0] == clock.now() + 60
     assert json.loads(path.read_text())["entries"][0]["at"] == clock.now()
@@ -326,7 +326,7 @@ def test_an_unreadable_record_is_taken_as_one_unanswered_register_now_and_says_s
     path = tmp_path / SPEND
     path.write_bytes(content)
     with caplog.at_level(logging.WARNING):
-        record = spend.SpendRecord.open(path, clock.now)
+        record = spend.SpendRecord.open(path, clock)
     assert "the worst it could hide" in caplog.text
     assert record.next_attempt()[0] == clock.now() + 60
     assert [e["kind"] for e in json.loads(path.read_text())["entries"]] == ["unreadable-record"]
@@ -336,7 +336,7 @@ def test_an_unreadable_record_is_taken_as_one_unanswered_register_now_and_says_s
 def test_a_fifo_in_place_of_the_record_does_not_hang_and_is_replaced(tmp_path, clock):
     path = tmp_path / SPEND
     os.mkfifo(path)
-    record = spend.SpendRecord.open(path, clock.now)
+    record = spend.SpendRecord.open(path, clock)
     assert record.next_attempt()[0] == clock.now() + 60
     assert stat.S_ISREG(os.lstat(path).st_mode)
 
@@ -356,7 +356,7 @@ def test_secret_module_names_the_parameter_the_cloud_expects():
 
 
 def test_certificates_created_and_refused_or_never_sent_are_cheap(tmp_path, clock):
-    record = spend.SpendRecord.open(tmp_path / SPEND, clock.now)
+    record = spend.SpendRecord.open(tmp_path / SPEND, clock)
     first = clock.now()
     for n in range(3):
         # Nothing holds the 2nd or the 3rd back.
