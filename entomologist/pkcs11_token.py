@@ -179,9 +179,9 @@ class Token:
     def _not_ours(self, found: str) -> ConfigError:
         return ConfigError(f"token {self.settings.token_label!r} holds {found}; this "
                            f"program deletes nothing it did not make",
-                           hint=f"the token's objects: remove or relabel the ones that are "
-                                f"not this camera's, or set PKCS11_KEY_LABEL to a label of "
-                                f"its own")
+                           hint="the token's objects: remove or relabel the ones that are "
+                                "not this camera's, or set PKCS11_KEY_LABEL to a label of "
+                                "its own")
 
     def remove_orphans(self) -> None:
         """Delete half pairs under our labels (left by a run killed mid-operation)."""

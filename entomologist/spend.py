@@ -47,7 +47,6 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import files
 from .clock import BOOT_ID_RE, REAL, Clock

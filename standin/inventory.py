@@ -28,7 +28,6 @@ import logging
 import secrets
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 from . import template as templates

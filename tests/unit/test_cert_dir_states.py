@@ -7,9 +7,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from entomologist import config as configuration
-from entomologist import credentials, files, pkcs11_key
+from entomologist import files, pkcs11_key
 from entomologist.credentials import CertDir, Registration, State
-from entomologist.errors import EntoError
 from softhsm import make_token
 
 REG = Registration("thing-CAM-42", "a" * 64, {"site": "meadow"})

@@ -12,7 +12,7 @@ import boot
 from entomologist import errors, logs, secret, spend
 from entomologist.config import provisioning_settings
 from entomologist.retries import Deadline
-from fakes import CAM42_CLAIM, FakeClock
+from fakes import CAM42_CLAIM
 
 SECRET = "Zq0vH3-_pL9sXkT2mW8cR4yB6nJ1fA5dE7gU0iO3eKa"  # as secrets.token_urlsafe(32)
 SPEND = "provisioning-spend.json"
