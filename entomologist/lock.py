@@ -33,7 +33,8 @@ class RunLock:
         self._fd: int | None = None
 
     def _open(self) -> int:
-        flags = os.O_CLOEXEC | os.O_NOFOLLOW
+        # O_NONBLOCK: a FIFO planted as the lock file must not hang the open.
+        flags = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
             return os.open(self.path, flags | os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
@@ -102,7 +103,7 @@ def holder(cert_dir: Path, runtime_dir: str | None = None) -> Path | None:
         candidates.insert(1, Path(runtime_dir) / LOCK_NAME)
     for path in candidates:
         try:
-            flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+            flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
             fd = os.open(path, flags | (os.O_DIRECTORY if path == cert_dir else 0))
         except OSError:
             continue

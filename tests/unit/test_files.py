@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import stat
+import threading
 
 import pytest
 
@@ -266,3 +267,36 @@ def test_a_read_only_cert_dir_without_its_lock_file_locks_in_the_units_runtime_d
         held.acquire(retries.Deadline(1))
         assert held.path == runtime / "run.lock"
     assert os.listdir(cert_dir) == []
+
+
+def ends_within(seconds, call):
+    """``call``'s result, failing (not hanging the suite) if it blocks."""
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("value", call()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"blocked for more than {seconds} s"
+    return result.get("value")
+
+
+def test_a_fifo_planted_as_the_lock_file_never_blocks_the_lock_probe(tmp_path):
+    os.mkfifo(tmp_path / "run.lock", 0o600)
+    assert ends_within(5, lambda: lock.holder(tmp_path)) is None
+
+
+def test_a_fifo_planted_as_the_lock_file_of_a_read_only_cert_dir_never_blocks_a_run(
+        tmp_path, read_only):
+    cert_dir = tmp_path / "cert"
+    cert_dir.mkdir(mode=0o700)
+    os.mkfifo(cert_dir / "run.lock", 0o600)
+    read_only(cert_dir)
+
+    def take():
+        try:
+            with lock.RunLock(cert_dir) as held:
+                held.acquire(retries.Deadline(1))
+            return "taken"
+        except errors.EntoError as exc:
+            return f"refused: {exc}"
+
+    assert ends_within(5, take) is not None
