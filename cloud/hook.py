@@ -59,7 +59,7 @@ import time
 LOGGER = "entomologist.hook"
 SERIAL = re.compile(r"[A-Za-z0-9:_-]{1,128}")
 MAX_SECRET = 256
-DEFAULT_BUDGET = 5
+DEFAULT_BUDGET = 8  # as the stack's DailyRegistrationBudget
 DEFAULT_WINDOW_HOURS = 24
 CERTIFICATE_IDS = 10
 STATES = ("manufactured", "provisioned", "reprovision-allowed", "revoked")

@@ -317,7 +317,7 @@ def test_stack_hook_is_the_lambda_handler_module_beside_the_stack_with_its_envir
     assert stack.hook.module_path == STACK.parent / "hook.py"
     assert (stack.hook.function, stack.hook.payload_version) == ("handler", "2020-04-01")
     assert stack.hook.environment == {"INVENTORY_TABLE": "ento-fleet-inventory",
-                                      "DAILY_BUDGET": "5", "REREGISTRATION_WINDOW_HOURS": "24"}
+                                      "DAILY_BUDGET": "8", "REREGISTRATION_WINDOW_HOURS": "24"}
     assert stack.inventory_table == "ento-fleet-inventory"
     assert stack.tables["ento-fleet-inventory"]["KeySchema"] == [
         {"AttributeName": "serial", "KeyType": "HASH"}]
@@ -355,3 +355,14 @@ def test_stack_claim_policy_denies_connecting_with_any_thing_name_of_its_prefix(
     for client_id in (f"{prefix}-CAM-0001", f"{prefix}-anything"):
         decision = P.connect_allowed(docs, client_id, stack.context(client_id=client_id))
         assert not decision and "explicit deny" in decision.reason
+
+
+def test_the_hooks_default_budget_lets_through_all_a_camera_asks_in_a_day_on_its_own():
+    """A camera leaves at most MAX_ORPHANING_PER_DAY RegisterThings unanswered in 24 h,
+    then one is answered: a budget below that would refuse (65, not retried) a camera
+    whose answers a bad link kept losing."""
+    from cloud import hook
+    from entomologist import spend
+    budget = int(load_stack().hook.environment["DAILY_BUDGET"])
+    assert budget == hook.DEFAULT_BUDGET
+    assert budget > spend.MAX_ORPHANING_PER_DAY + 1
