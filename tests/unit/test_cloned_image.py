@@ -82,3 +82,38 @@ def test_a_garbled_record_is_ignored_and_the_pair_kept(device, cloud):
     run(device, cloud)
     assert cloud.registers() == [] and len(cloud.published()) == 1
     assert not any(p.name.startswith("foreign-") for p in device.cert_dir.iterdir())
+
+
+def test_a_second_pair_set_aside_for_the_same_serial_replaces_nothing(device, cloud):
+    first = cloned(device, cloud)
+    run(device, cloud)  # CAM-42's pair set aside, CAM-99 provisioned
+    # The card is flashed again from a CAM-42 image: another pair for the same serial.
+    for name, data in first.items():
+        (device.cert_dir / name).write_bytes(data)
+    (device.cert_dir / "installed-for.json").write_text(json.dumps(
+        {"serialId": "CAM-42", "thingName": "thing-CAM-42", "certificateId": "b" * 64}))
+    run(device, cloud)
+    assert {name: (device.cert_dir / "foreign-CAM-42" / name).read_bytes()
+            for name in PAIR} == first
+    assert {name: (device.cert_dir / "foreign-CAM-42-2" / name).read_bytes()
+            for name in PAIR} == first
+    assert device.device["PROVISION_STATUS"] == "True"
+
+
+@pytest.mark.parametrize("planted", ["symlink", "file"])
+def test_a_symlink_or_file_planted_as_the_set_aside_folder_is_never_followed_or_fatal(
+        device, cloud, tmp_path, planted):
+    cloned(device, cloud)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o777)
+    target = device.cert_dir / "foreign-CAM-42"
+    if planted == "symlink":
+        target.symlink_to(elsewhere)
+    else:
+        target.write_text("in the way")
+    run(device, cloud)
+    assert list(elsewhere.iterdir()) == []
+    aside = device.cert_dir / "foreign-CAM-42-2"
+    assert stat.S_IMODE(aside.lstat().st_mode) == 0o700
+    assert (aside / "private.pem.key").exists()
+    assert device.device["PROVISION_STATUS"] == "True"
