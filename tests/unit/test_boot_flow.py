@@ -321,8 +321,8 @@ def test_a_suback_that_never_comes_is_bounded(device, cloud, clock):
     started = clock.monotonic()
     with pytest.raises(errors.TransientError, match="no SUBACK"):
         run(device, cloud, seconds=120, step=20, clock=clock)
-    assert clock.waits and max(clock.waits) <= 20
-    assert clock.monotonic() - started <= 120
+    assert clock.waits and max(clock.waits) <= 20 + 1e-9  # end - now, in floating point
+    assert clock.monotonic() - started <= 120 + 1e-9
 
 
 def test_a_puback_that_never_comes_is_bounded(device, cloud, clock):
@@ -330,8 +330,8 @@ def test_a_puback_that_never_comes_is_bounded(device, cloud, clock):
     started = clock.monotonic()
     with pytest.raises(errors.TransientError, match="no PUBACK"):
         run(device, cloud, seconds=120, step=20, clock=clock)
-    assert clock.waits and max(clock.waits) <= 20
-    assert clock.monotonic() - started <= 120
+    assert clock.waits and max(clock.waits) <= 20 + 1e-9  # end - now, in floating point
+    assert clock.monotonic() - started <= 120 + 1e-9
 
 
 def test_transient_failures_stop_at_the_run_deadline(device, cloud, clock):
@@ -342,7 +342,7 @@ def test_transient_failures_stop_at_the_run_deadline(device, cloud, clock):
 
     with pytest.raises(errors.TransientError, match="time limit"):
         boot.boot(device.config_path, deadline, build=cloud)
-    assert clock.sleeps and clock.monotonic() - started <= 30.0
+    assert clock.sleeps and clock.monotonic() - started <= 30.0 + 1e-9
     assert_no_credentials(device)
 
 
