@@ -185,10 +185,7 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
         client = claim_client_id(config.serial_id)
         log.info("connecting to %s:%s with the claim certificate as %s",
                  config.host, config.port, client)
-        link = mqtt.connect(mqtt.Endpoint(config.host, config.port, config.root_ca),
-                            settings.claim_cert, settings.claim_key, client,
-                            deadline.step("connect with the claim certificate"), build,
-                            proxy=config.proxy, clock=deadline.clock)
+        link = fleet.connect_with_claim(config, settings, client, deadline, build)
         try:
             service = fleet.FleetProvisioning(link, settings.template_name, settings.csr_mode,
                                               deadline, serial=config.serial_id)

@@ -213,10 +213,7 @@ def check_tls(config: configuration.Config, deadline: Deadline,
 def check_claim_mqtt(config: configuration.Config, settings: configuration.ProvisioningSettings,
                      deadline: Deadline, build: mqtt.Builder | None):
     client = claim_client_id(config.serial_id)
-    link = mqtt.connect(mqtt.Endpoint(config.host, config.port, config.root_ca),
-                        settings.claim_cert, settings.claim_key, client,
-                        deadline.step("connect with the claim certificate"), build,
-                        proxy=config.proxy, clock=deadline.clock)
+    link = fleet.connect_with_claim(config, settings, client, deadline, build)
     try:
         service = fleet.FleetProvisioning(link, settings.template_name, settings.csr_mode,
                                           deadline)

@@ -17,7 +17,7 @@ import queue
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import logs
+from . import logs, mqtt
 from .config import CERTIFICATE_ID_RE, MAX_OWNERSHIP_TOKEN_CHARS, THING_NAME_RE
 from .errors import (EntoError, InventoryRefused, Rejected, ServiceBusy, ServiceError,
                      TransientError)
@@ -93,6 +93,16 @@ def inventory_hint(serial: str) -> str:
             f"serial is unknown, revoked, already provisioned (then `allow-reprovision "
             f"{serial}`) or over its daily registrations, or whether PROVISIONING_SECRET_FILE "
             f"holds another camera's secret")
+
+
+def connect_with_claim(config, settings, client_id: str, deadline: Deadline,
+                       build: mqtt.Builder | None = None) -> Link:
+    """The claim certificate's connection to the endpoint, as ``client_id``, for one
+    attempt (``config``: a Config; ``settings``: its ProvisioningSettings)."""
+    return mqtt.connect(mqtt.Endpoint(config.host, config.port, config.root_ca),
+                        settings.claim_cert, settings.claim_key, client_id,
+                        deadline.step("connect with the claim certificate"), build,
+                        proxy=config.proxy, clock=deadline.clock)
 
 
 class FleetProvisioning:

@@ -24,6 +24,20 @@ def standin(tmp_path):
 
 
 @pytest.fixture
+def guarded(tmp_path):
+    """The stand-in with the stack's pre-provisioning hook on, as deployed."""
+    with StandIn(tmp_path, hook=True) as s:
+        yield s
+
+
+@pytest.fixture
+def after_window(tmp_path):
+    """The hook as it answers once a camera's re-registration window has passed."""
+    with StandIn(tmp_path, hook=True, parameters={"ReregistrationWindowHours": "0"}) as s:
+        yield s
+
+
+@pytest.fixture
 def device_files(tmp_path):
     """A simulated device's files and nothing listening: for runs that must fail
     before they connect (a connection attempt would end in 75, not 78)."""

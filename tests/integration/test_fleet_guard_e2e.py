@@ -8,7 +8,6 @@ registration is driven the same way with its secret, as boot.py sends it.
 import io
 import threading
 
-import pytest
 
 import iot_standin
 from e2e import run_script
@@ -17,17 +16,6 @@ from iot_standin import StandIn
 THING = "ento-CAM-0001"
 
 
-@pytest.fixture
-def guarded(tmp_path):
-    with StandIn(tmp_path, hook=True) as s:
-        yield s
-
-
-@pytest.fixture
-def after_window(tmp_path):
-    """The hook as it answers once a camera's re-registration window has passed."""
-    with StandIn(tmp_path, hook=True, parameters={"ReregistrationWindowHours": "0"}) as s:
-        yield s
 
 
 def refused_by_the_hook(outcome, standin, reason):

@@ -224,14 +224,13 @@ def test_the_budget_counts_today_only(fleet):
     assert allowed and line["registrationsToday"] == 1
 
 
-def test_of_two_concurrent_registrations_of_one_serial_exactly_one_passes(fleet):
-    secret = fleet.add("CAM-0001")
-    # Both calls read the item before either writes: each waits at its UpdateItem
-    # (botocore's own event) until the other has got there too.
+def two_registrations_at_once(fleet, secret) -> list[bool]:
+    """Two registrations of CAM-0001 that both read the item before either writes:
+    each waits at its UpdateItem (botocore's own event) until the other has got
+    there too.  DynamoDB applies each conditional write atomically; moto's server
+    checks the condition and writes without a lock, so the writes go one at a time."""
     client = hook.inventory_client(fleet.environ)
     both_read = threading.Barrier(2, timeout=5)
-    # DynamoDB applies each conditional write atomically; moto's server checks the
-    # condition and writes without a lock, so the two writes go one at a time here.
     one_write = threading.Lock()
 
     def wait_for_the_other(**kwargs):
@@ -258,6 +257,12 @@ def test_of_two_concurrent_registrations_of_one_serial_exactly_one_passes(fleet)
     finally:
         client.meta.events.unregister("before-call.dynamodb.UpdateItem", wait_for_the_other)
         client.meta.events.unregister("after-call.dynamodb.UpdateItem", written)
+    return answers
+
+
+def test_of_two_concurrent_registrations_of_one_serial_exactly_one_passes(fleet):
+    secret = fleet.add("CAM-0001")
+    answers = two_registrations_at_once(fleet, secret)
     assert sorted(answers) == [False, True]
     assert sorted(line["reason"] for line in fleet.lines) == ["concurrent-registration",
                                                               "registrable"]
@@ -267,27 +272,7 @@ def test_of_two_concurrent_registrations_of_one_serial_exactly_one_passes(fleet)
 def test_of_two_concurrent_reregistrations_within_the_window_exactly_one_passes(fleet):
     secret = fleet.add("CAM-0001")
     assert fleet.register("CAM-0001", secret, certificate_id="1" * 64)[0]
-    client = hook.inventory_client(fleet.environ)
-    both_read = threading.Barrier(2, timeout=5)
-
-    def wait_for_the_other(**kwargs):
-        both_read.wait()
-
-    client.meta.events.register("before-call.dynamodb.UpdateItem", wait_for_the_other)
-    answers = []
-
-    def register(certificate_id):
-        answers.append(hook.handler(fleet.event("CAM-0001", secret, certificate_id), None,
-                                    environ=fleet.environ)["allowProvisioning"])
-
-    try:
-        threads = [threading.Thread(target=register, args=(c * 64,)) for c in "de"]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(10)
-    finally:
-        client.meta.events.unregister("before-call.dynamodb.UpdateItem", wait_for_the_other)
+    answers = two_registrations_at_once(fleet, secret)
     assert sorted(answers) == [False, True]
     assert sorted(line["reason"] for line in fleet.lines[1:]) == [
         "concurrent-registration", "reregistration-within-window"]

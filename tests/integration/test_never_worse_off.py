@@ -12,6 +12,7 @@ import pytest
 
 from e2e import ROOT, DeviceState, device_doc, privilege_drop, run_script
 from iot_standin import StandIn
+from disk import fill
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="other owners, modes that bind root, and mounts need root")
@@ -38,18 +39,6 @@ def tmpfs(path: Path, size: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def fill(folder: Path) -> None:
-    """Take every free block of the file system under ``folder``."""
-    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------- no registration wasted

@@ -8,10 +8,8 @@ import re
 import secrets
 import stat
 
-import pytest
 
 from e2e import DeviceState, run_script
-from iot_standin import StandIn
 
 RUNS = 10
 # Long enough for a claim connection and both requests; the spend bound does not
@@ -25,18 +23,6 @@ def claim_connections(standin) -> int:
     return len(seen.findall((standin.dir / "mosquitto.log").read_text()))
 
 
-@pytest.fixture
-def guarded(tmp_path):
-    """The stand-in with the stack's pre-provisioning hook on, as deployed."""
-    with StandIn(tmp_path, hook=True) as s:
-        yield s
-
-
-@pytest.fixture
-def after_window(tmp_path):
-    """The hook as it answers once the camera's re-registration window has passed."""
-    with StandIn(tmp_path, hook=True, parameters={"ReregistrationWindowHours": "0"}) as s:
-        yield s
 
 
 def secret_nowhere(standin, secret, outputs):
@@ -159,17 +145,23 @@ def test_a_hook_refusal_is_65_at_once_with_one_line_naming_the_fleet_inventory(
     assert not (standin.workdir / "cert" / "certificate.pem.crt").exists()
 
 
+def after_a_lost_answer(standin):
+    """A run whose RegisterThing answer is lost (75), then, once its wait has passed,
+    the next run with answers coming again: that run's result."""
+    from e2e import let_the_spend_wait_pass
+    standin.faults.drop_register_answers = True
+    first = run_script("boot.py", standin.config_path, "--timeout", TIMEOUT)
+    assert first.code == 75, first.stderr
+    assert let_the_spend_wait_pass(standin.workdir / "cert")
+    standin.faults.drop_register_answers = False
+    return run_script("boot.py", standin.config_path, "--timeout", TIMEOUT)
+
+
 def test_a_lost_registerthing_answer_then_the_next_run_provisions_within_the_window(guarded):
     """The hook recorded the registration whose answer was lost as this camera's; the
     camera's next attempt, with its own secret, is a re-registration within the
     window: it provisions, and the lost one's certificate is named for the operator."""
-    from e2e import let_the_spend_wait_pass
-    guarded.faults.drop_register_answers = True
-    first = run_script("boot.py", guarded.config_path, "--timeout", TIMEOUT)
-    assert first.code == 75, first.stderr
-    assert let_the_spend_wait_pass(guarded.workdir / "cert")
-    guarded.faults.drop_register_answers = False
-    second = run_script("boot.py", guarded.config_path, "--timeout", TIMEOUT)
+    second = after_a_lost_answer(guarded)
     assert second.code == 0, second.stderr
     assert len(guarded.events("register-request")) == 2
     assert [h["allowProvisioning"] for h in guarded.events("hook")] == [True, True]
@@ -187,14 +179,8 @@ def test_after_the_window_a_lost_answer_then_the_inventory_refusing_says_why(aft
     """Once the window has passed, the next registration is refused as already
     provisioned, and the line says the lost one may have been it (the operator's
     allow-reprovision is the way)."""
-    from e2e import let_the_spend_wait_pass
     guarded = after_window
-    guarded.faults.drop_register_answers = True
-    first = run_script("boot.py", guarded.config_path, "--timeout", TIMEOUT)
-    assert first.code == 75, first.stderr
-    assert let_the_spend_wait_pass(guarded.workdir / "cert")
-    guarded.faults.drop_register_answers = False
-    second = run_script("boot.py", guarded.config_path, "--timeout", TIMEOUT)
+    second = after_a_lost_answer(guarded)
     assert second.code == 65, second.stderr
     assert "got no answer and may have been that registration" in second.errors[0]
     assert f"allow-reprovision {guarded.serial}" in second.errors[0]

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from e2e import ROOT
+from systemd_units import exposure
 
 UNIT = ROOT / "systemd" / "entomologist-provision.service"
 DROP_INS = {"softhsm": ROOT / "systemd" / "pkcs11-softhsm.conf",
@@ -47,14 +48,6 @@ def test_unit_with_the_drop_in_verifies_without_a_word(tmp_path, name):
     proc = subprocess.run(["systemd-analyze", "verify", str(unit)],
                           capture_output=True, text=True)
     assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
-
-
-def exposure(args):
-    proc = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=25",
-                           "--no-pager", *args], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout, float(re.search(r"Overall exposure level for \S+: (\d+\.\d)",
-                                        proc.stdout).group(1))
 
 
 @pytest.mark.parametrize("name", sorted(DROP_INS))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from entomologist import bugs
+from disk import fill
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "entomologist-provision.service"
 
@@ -32,17 +33,6 @@ def tiny_run(tmp_path):
                    check=True)
     yield run
     subprocess.run(["umount", str(run)], check=True)
-
-
-def fill(folder: Path) -> None:
-    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize("content", ["", "\n", "garbage\n", "-1\n", "2x\n", " \n",
