@@ -645,6 +645,18 @@ def read_only_config(cam: Camera) -> str:
         cam.sh("umount", CONF_DIR, check=False)
 
 
+def move_config_to(cam: Camera, data: str) -> None:
+    """The README's read-only-root layout: the config and the files it names in
+    ``data``, a fresh CERT_DIR there, and a symlink to the config in /etc."""
+    cam.sh("install", "-d", "-m", "0700", data, f"{data}/claim", f"{data}/standin")
+    for rel in ("claim/claim.pem.crt", "claim/claim.private.pem.key", "standin/ca.pem",
+                "provisioning-secret"):
+        cam.sh("cp", "-p", f"{CONF_DIR}/{rel}", f"{data}/{rel}")
+    cam.fresh_device("cert-data")
+    cam.sh("mv", f"{CONF_DIR}/ento.conf", f"{data}/ento.conf")
+    cam.sh("ln", "-s", f"{data}/ento.conf", f"{CONF_DIR}/ento.conf")
+
+
 def data_layout(cam: Camera) -> str:
     """README, read-only root: the config and credentials on /data, a symlink in /etc."""
     shipped = data_dropins(cam.root / "usr/src/entomologist/systemd")
@@ -653,13 +665,7 @@ def data_layout(cam: Camera) -> str:
     cam.sh("mkdir", "-p", "/data")
     cam.sh("mount", "-t", "tmpfs", "-o", "mode=0755,size=16m", "tmpfs", "/data")
     try:
-        cam.sh("install", "-d", "-m", "0700", data, f"{data}/claim", f"{data}/standin")
-        for rel in ("claim/claim.pem.crt", "claim/claim.private.pem.key", "standin/ca.pem",
-                    "provisioning-secret"):
-            cam.sh("cp", "-p", f"{CONF_DIR}/{rel}", f"{data}/{rel}")
-        cam.fresh_device("cert-data")
-        cam.sh("mv", f"{CONF_DIR}/ento.conf", f"{data}/ento.conf")
-        cam.sh("ln", "-s", f"{data}/ento.conf", f"{CONF_DIR}/ento.conf")
+        move_config_to(cam, data)
         for p in shipped:
             cam.write_dropin(f"70-{p.stem}", p.read_text())
         cam.sh("mount", "--bind", CONF_DIR, CONF_DIR)
@@ -702,13 +708,7 @@ def check_sees_the_sandbox(cam: Camera) -> str:
     cam.sh("mkdir", "-p", "/data")
     cam.sh("mount", "-t", "tmpfs", "-o", "mode=0755,size=16m", "tmpfs", "/data")
     try:
-        cam.sh("install", "-d", "-m", "0700", data, f"{data}/claim", f"{data}/standin")
-        for rel in ("claim/claim.pem.crt", "claim/claim.private.pem.key", "standin/ca.pem",
-                    "provisioning-secret"):
-            cam.sh("cp", "-p", f"{CONF_DIR}/{rel}", f"{data}/{rel}")
-        cam.fresh_device("cert-data")
-        cam.sh("mv", f"{CONF_DIR}/ento.conf", f"{data}/ento.conf")
-        cam.sh("ln", "-s", f"{data}/ento.conf", f"{CONF_DIR}/ento.conf")
+        move_config_to(cam, data)
         listing = cam.sh("ls", "-laR", "--full-time", data).stdout
         without = cam.sh(*check, check=False)
         storage = [line for line in without.stdout.splitlines() if line.startswith("FAIL storage")]
