@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from entomologist import certs, check, clock, fleet, keys, logs, mqtt, secret, spend
+from entomologist import certs, clock, fleet, keys, logs, mqtt, secret, spend
 from entomologist.bugs import note_outcome
 from entomologist.client_id import claim_client_id
 from entomologist.config import (DEFAULT_CONFIG, Config, ProvisioningSettings,
@@ -37,7 +37,7 @@ from entomologist.errors import (ConfigError, EntoError, InventoryRefused, Rejec
                                  ServiceBusy, ServiceError, SubscriptionRefused, TransientError,
                                  run_main)
 from entomologist.run import locked_run
-from entomologist.retries import RUN_TIMEOUT, Deadline, positive_seconds, with_retries
+from entomologist.retries import CHECK_TIMEOUT, RUN_TIMEOUT, Deadline, positive_seconds, with_retries
 from entomologist.spend import SpendRecord
 from entomologist.stop import Stop
 from update_boot_status import update_boot_status
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                              "stay until the new ones are registered")
     parser.add_argument("--timeout", type=positive_seconds, default=None,
                         help=f"limit for the whole run, in seconds (default {RUN_TIMEOUT:.0f}; "
-                             f"{check.CHECK_TIMEOUT:.0f} with --check)")
+                             f"{CHECK_TIMEOUT:.0f} with --check)")
     parser.add_argument("-v", "--verbose", action="store_true")
     checking = parser.add_argument_group(
         "checking", "--check runs every check a boot makes before it spends anything, one "
@@ -66,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
                           help="check whether the next boot would succeed, without doing it")
     checking.add_argument("--json", action="store_true",
                           help="with --check: one JSON object per line and check")
-    checking.add_argument(check.CONNECT_FLAG, action="store_true",
+    checking.add_argument("--connect-as-thing", action="store_true",
                           help="with --check on a provisioned camera: also open an MQTT "
                                "connection as THING_NAME.  Off by default: AWS IoT keeps one "
                                "connection per client ID, so this drops the camera "
                                "application's own connection if it uses that client ID")
     args = parser.parse_args(argv)
     if (args.json or args.connect_as_thing) and not args.check:
-        parser.error(f"--json and {check.CONNECT_FLAG} go with --check")
+        parser.error("--json and --connect-as-thing go with --check")
     if args.check and args.force:
         parser.error("--check and --force exclude each other")
     logs.setup_logging(args.verbose)
@@ -81,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.verbose:
             # The check's own lines are the report; the log keeps warnings.
             logging.getLogger().setLevel(logging.WARNING)
-        # No note_outcome: a check writes nothing, not even the bug count.
-        return check.run(args.config, args.timeout or check.CHECK_TIMEOUT, args.json,
+        # No note_outcome: a check writes nothing, not even the bug count.  Imported
+        # here: a boot loads none of the checks (ssl, subprocess, the probes).
+        from entomologist import check
+        return check.run(args.config, args.timeout or CHECK_TIMEOUT, args.json,
                          args.connect_as_thing, sys.stdout)
     args.timeout = args.timeout or RUN_TIMEOUT
     runtime_dir = os.environ.get("RUNTIME_DIRECTORY")

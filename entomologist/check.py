@@ -33,9 +33,6 @@ from .retries import Deadline
 
 log = logging.getLogger("entomologist.check")
 
-CHECK_TIMEOUT = 30.0
-CONNECT_FLAG = "--connect-as-thing"
-
 
 @dataclass
 class Result:
@@ -234,7 +231,7 @@ def run_checks(config_path: Path, deadline: Deadline, emit: Callable[[Result], N
     elif plan.action == "report":
         checks.skip("mqtt", f"no MQTT CONNECT as {config.thing_name or config.serial_id}: it "
                             f"would drop the camera application's own connection "
-                            f"({CONNECT_FLAG} does it)")
+                            "(--connect-as-thing does it)")
     else:
         checks.skip("mqtt", "the next boot installs a registered pair before it connects")
     return checks.exit_code(last_checked(plan))

@@ -14,6 +14,8 @@ log = logging.getLogger("entomologist")
 
 STEP_TIMEOUT = 20.0
 RUN_TIMEOUT = 120.0
+# boot.py --check: long enough for one connection's worth of waits, short for a technician.
+CHECK_TIMEOUT = 30.0
 
 
 def positive_seconds(text: str) -> float:

@@ -109,8 +109,9 @@ NO_VALUE = _NoValue()
 
 # ------------------------------------------------------------------ YAML
 
-class CloudFormationLoader(yaml.SafeLoader):
-    """YAML with CloudFormation's short tags, read as their long forms."""
+class CloudFormationLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """YAML with CloudFormation's short tags, read as their long forms (with libyaml
+    where PyYAML has it: a tenth of the pure-Python loader's time, at every stand-in start)."""
 
 
 def _construct(loader: CloudFormationLoader, tag_suffix: str, node: yaml.Node):
