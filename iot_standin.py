@@ -78,7 +78,8 @@ from standin.responder import (BOOT_PREFIX, CREATE, CREATE_CSR, MALFORMED_CREATE
                                MALFORMED_REGISTER, REGISTER_PREFIX, REGISTER_SUFFIX, Answer,
                                Drop, Faults, Rejection, Responder)
 
-__all__ = ["StandIn", "Faults", "Rejection", "find_mosquitto", "stack_with", "main"]
+__all__ = ["StandIn", "Faults", "Rejection", "find_mosquitto", "stack_with", "faults_from",
+           "parser", "main"]
 
 log = logging.getLogger("iot_standin")
 
@@ -643,12 +644,17 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def _serve(args) -> int:
-    faults = Faults(
+def faults_from(args: argparse.Namespace) -> Faults:
+    """The faults ``run``'s options ask for."""
+    return Faults(
         reject_create=args.reject_create, reject_register=args.reject_register,
         reject_times=args.reject_times, no_answer=args.no_answer, delay=args.delay,
         malformed_create=args.malformed_create, malformed_register=args.malformed_register,
         drop_after=args.drop_after, drop_register_answers=args.drop_register_answers)
+
+
+def _serve(args) -> int:
+    faults = faults_from(args)
     try:
         standin = StandIn(Path(args.dir), serial=args.serial, template=args.template,
                           faults=faults, overwrite=args.overwrite, stack=args.stack,
@@ -786,7 +792,7 @@ def _demo(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve until interrupted")
@@ -822,7 +828,11 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="provision a simulated device and show the result")
     demo.add_argument("--no-hook", action="store_true",
                       help="the stack's PreProvisioningHook Disabled: shows what is lost")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.command == "run":
         return _serve(args)
