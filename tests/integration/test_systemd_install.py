@@ -294,3 +294,58 @@ def test_the_unit_retries_storage_failures_and_keeps_its_count_across_restarts_o
     assert d["RestartPreventExitStatus"][0].split() == ["78", "65"]
     assert d["RuntimeDirectory"] == ["entomologist"]
     assert d["RuntimeDirectoryPreserve"] == ["yes"]
+
+
+def _reinstall_over(staged, tmp_path, spoil):
+    """A copy of the staged tree, its venv spoiled by ``spoil(venv)``, installed again."""
+    copy = tmp_path / "rootfs"
+    shutil.copytree(staged, copy, symlinks=True)
+    venv = copy / "opt" / "entomologist" / "venv"
+    spoil(venv)
+    proc = make("install", f"DESTDIR={copy}")
+    return proc, venv
+
+
+def _runs_the_product(venv):
+    return subprocess.run([str(venv / "bin" / "python"), "-c",
+                           "import sys, awsiot, awscrt; print(sys.version)"],
+                          capture_output=True, text=True)
+
+
+def test_install_again_rebuilds_a_venv_an_interrupted_install_left_without_pip(staged, tmp_path):
+    # `python -m venv` makes bin/python before ensurepip runs: a power cut or a
+    # Ctrl-C in between leaves an interpreter of the right version and no pip.
+    def interrupted(venv):
+        shutil.rmtree(venv)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    proc, venv = _reinstall_over(staged, tmp_path, interrupted)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "keeping" not in proc.stdout
+    assert _runs_the_product(venv).returncode == 0
+
+
+def test_install_again_rebuilds_a_venv_whose_pyvenv_cfg_is_gone(staged, tmp_path):
+    # Without pyvenv.cfg its python is the base interpreter itself: pip would
+    # install into the system's Python, and the unit would run without the venv.
+    proc, venv = _reinstall_over(staged, tmp_path, lambda venv: (venv / "pyvenv.cfg").unlink())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "keeping" not in proc.stdout
+    assert (venv / "pyvenv.cfg").is_file()
+    assert _runs_the_product(venv).returncode == 0
+
+
+def test_install_again_rebuilds_a_venv_of_another_python_whole(staged, tmp_path):
+    other = shutil.which("python3", path="/usr/bin")
+    mine = subprocess.run([sys.executable, "-c", "import sys; print(sys.version)"],
+                          capture_output=True, text=True).stdout
+    if not other or subprocess.run([other, "-c", "import sys; print(sys.version)"],
+                                   capture_output=True, text=True).stdout == mine:
+        pytest.skip("needs a /usr/bin/python3 other than this interpreter")
+
+    def of_another_python(venv):
+        shutil.rmtree(venv)
+        subprocess.run([other, "-m", "venv", str(venv)], check=True)
+    proc, venv = _reinstall_over(staged, tmp_path, of_another_python)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    product = _runs_the_product(venv)
+    assert (product.returncode, product.stdout) == (0, mine), product.stderr
