@@ -113,12 +113,17 @@ install:
 	install -m 0644 $(PACKAGE_FILES) $(DESTDIR)$(PREFIX)/entomologist/
 	@# Installing again (an upgrade) keeps a venv of the same Python: rebuilding it is
 	@# most of the time such an install takes.
+	@# Kept only if it is a venv (its pyvenv.cfg read: else its python is the base
+	@# interpreter, and pip would install into the system) with pip (a first install
+	@# cut short between bin/python and ensurepip has none). Otherwise made anew with
+	@# --clear: venv over an old venv keeps its bin/python links to the old Python.
 	@v=$(DESTDIR)$(PREFIX)/venv/bin/python; version='import sys; print(sys.version)'; \
-	if [ -x "$$v" ] && [ "$$("$$v" -c "$$version" 2>/dev/null)" = "$$($(INSTALL_PYTHON) -c "$$version")" ]; then \
+	venv='import sys, pip; assert sys.prefix != sys.base_prefix; print(sys.version)'; \
+	if [ -x "$$v" ] && [ "$$("$$v" -c "$$venv" 2>/dev/null)" = "$$($(INSTALL_PYTHON) -c "$$version")" ]; then \
 		echo "keeping $(DESTDIR)$(PREFIX)/venv (Python $$("$$v" -c 'import platform; print(platform.python_version())'))"; \
 	else \
-		echo "$(INSTALL_PYTHON) -m venv $(DESTDIR)$(PREFIX)/venv"; \
-		$(INSTALL_PYTHON) -m venv $(DESTDIR)$(PREFIX)/venv; \
+		echo "$(INSTALL_PYTHON) -m venv --clear $(DESTDIR)$(PREFIX)/venv"; \
+		$(INSTALL_PYTHON) -m venv --clear $(DESTDIR)$(PREFIX)/venv; \
 	fi
 	@out=$$($(DESTDIR)$(PREFIX)/venv/bin/python -m pip install -q --disable-pip-version-check \
 		--dry-run --only-binary=:all: --no-deps -r requirements.txt 2>&1); \
