@@ -1,0 +1,24 @@
+"""What a failing card, a hostile service or a hostile local user does to a camera,
+as processes against the stand-in: each case a way the field breaks a promise."""
+import pytest
+
+from e2e import run_script
+
+
+@pytest.mark.parametrize("garbled", [b"", b"\0" * 558, b"\x8b\x1f garbage \xff" * 40],
+                         ids=["empty", "nuls", "garbage"])
+def test_a_garbled_ca_copy_in_cert_dir_is_one_warning_and_the_boot_is_still_reported(
+        standin, garbled):
+    # The copy is the product's own file; a failing card, not the site's
+    # configuration, garbles it: ROOT_CA is intact, and the camera must not stop
+    # (78, never retried) or retry for ever (75, "check the network link").
+    assert run_script("boot.py", standin.config_path).code == 0
+    ca_copy = standin.workdir / "cert" / "AmazonRootCA1.pem"
+    ca_copy.write_bytes(garbled)
+    check = run_script("boot.py", standin.config_path, "--check", "--timeout", "20")
+    result = run_script("boot.py", standin.config_path, "--timeout", "20")
+    assert result.code == 0, result.stderr
+    warnings = [line for line in result.lines if line.startswith("WARNING")]
+    assert len(warnings) == 1 and str(ca_copy) in warnings[0], result.stderr
+    assert check.code == result.code, check.stderr
+    assert len(standin.wait_for("boot")) == 2
