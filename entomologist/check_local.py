@@ -126,7 +126,7 @@ def check_spend(plan: Plan, timer: clock.Clock):
 
 
 def device_ca(config: configuration.Config, plan: Plan) -> Path:
-    return plan.cert_dir.ca_for_connection(config.root_ca)
+    return plan.cert_dir.ca_for_connection(config.root_ca, warn=False)
 
 
 def check_device_credentials(config: configuration.Config, plan: Plan):
@@ -137,7 +137,9 @@ def check_device_credentials(config: configuration.Config, plan: Plan):
     if problem:
         raise ConfigError(f"CA file {ca}: {problem}", hint=hint)
     key = f"token {config.token.token_label!r}" if config.token else str(plan.cert_dir.key)
-    return f"certificate {plan.cert_dir.cert} and its key in {key} match; CA {ca} parses"
+    garbled = plan.cert_dir.ca_problem()
+    instead = f" (the copy {plan.cert_dir.ca} cannot be used: {garbled})" if garbled else ""
+    return f"certificate {plan.cert_dir.cert} and its key in {key} match; CA {ca} parses{instead}"
 
 
 def check_clock(certificate_files: list[Path], now: Callable[[], float]):

@@ -268,8 +268,29 @@ class CertDir:
                                  f"{self.path} already: nowhere to set this pair aside",
                                  hint=f"what is in {self.path}")
 
-    def ca_for_connection(self, fallback: Path) -> Path:
-        return self.ca if self.ca.is_file() else fallback
+    def ca_problem(self) -> str | None:
+        """Why the CA copy installed with the pair cannot be used (a failing card
+        garbled it), or None; a missing copy is no problem: ROOT_CA stands in."""
+        if not self.ca.is_file():
+            return None
+        try:
+            return certs.certificate_problem(files.read_bounded(self.ca, "CA copy"))
+        except files.FileProblem as exc:
+            return str(exc)
+
+    def ca_for_connection(self, fallback: Path, warn: bool = True) -> Path:
+        """The CA copy beside the pair; ROOT_CA when it is missing or garbled, which is
+        the product's own file gone bad, not the site's configuration: the boot is
+        reported from ROOT_CA, with a warning, rather than stopped until someone comes."""
+        if not self.ca.is_file():
+            return fallback
+        problem = self.ca_problem()
+        if problem is None:
+            return self.ca
+        if warn:
+            log.warning("the CA copy %s cannot be used (%s): verifying the endpoint with "
+                        "ROOT_CA %s instead", self.ca, problem, fallback)
+        return fallback
 
     # -- what is staged
 
