@@ -1,8 +1,12 @@
 """What a failing card, a hostile service or a hostile local user does to a camera,
 as processes against the stand-in: each case a way the field breaks a promise."""
+import re
+import time
+
 import pytest
 
 from e2e import run_script
+from standin import claimpair
 
 
 @pytest.mark.parametrize("garbled", [b"", b"\0" * 558, b"\x8b\x1f garbage \xff" * 40],
@@ -22,3 +26,22 @@ def test_a_garbled_ca_copy_in_cert_dir_is_one_warning_and_the_boot_is_still_repo
     assert len(warnings) == 1 and str(ca_copy) in warnings[0], result.stderr
     assert check.code == result.code, check.stderr
     assert len(standin.wait_for("boot")) == 2
+
+
+def test_the_standin_answers_again_after_the_broker_dropped_its_own_connections(standin):
+    # A broker stalled past the keep-alive (a loaded host, a stopped process), or a
+    # second connection under the responder's client ID, drops the stand-in's own
+    # connections; awscrt reconnects them with a clean session, which holds no
+    # subscription: the stand-in must subscribe again, not go silent for good.
+    log = standin.dir / "mosquitto.log"
+    responder = re.search(r" as (standin-responder-[0-9a-f]+) ", log.read_text()).group(1)
+    assert claimpair.connects("127.0.0.1", standin._broker.port, standin.ca_path,
+                              standin.dir / "responder.pem.crt",
+                              standin.dir / "responder.private.pem.key", responder)
+    deadline = time.monotonic() + 20
+    while log.read_text().count(f" as {responder} ") < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)  # its own first connection, the intruder's, its reconnection
+    time.sleep(0.5)
+    result = run_script("boot.py", standin.config_path, "--timeout", "15")
+    assert result.code == 0, result.stderr
+    assert len(standin.events("register-accepted")) == 1
