@@ -120,6 +120,14 @@ def stack_with(edit: Callable[[dict], None], mode: str | None = None,
     return stack
 
 
+def _subscribe_again(connection, return_code, session_present, **_) -> None:
+    """awscrt reconnects a connection the broker dropped (a broker stalled past the
+    keep-alive, a second client under its ID) with a clean session, which holds no
+    subscription: without this the stand-in would serve on and never answer again."""
+    if not session_present:
+        connection.resubscribe_existing_topics()
+
+
 class StandIn:
     """mosquitto plus the fleet provisioning responder, in ``workdir``.
 
@@ -460,6 +468,7 @@ class StandIn:
             endpoint=host, port=self._broker.port, cert_filepath=str(cert),
             pri_key_filepath=str(key), ca_filepath=str(self.ca_path), client_id=client_id,
             clean_session=True, keep_alive_secs=30, enable_metrics_collection=False,
+            on_connection_resumed=_subscribe_again,
             **({"client_bootstrap": bootstrap} if bootstrap is not None else {}))
 
     def _connect_responder(self) -> None:
