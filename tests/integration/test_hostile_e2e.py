@@ -45,3 +45,49 @@ def test_the_standin_answers_again_after_the_broker_dropped_its_own_connections(
     result = run_script("boot.py", standin.config_path, "--timeout", "15")
     assert result.code == 0, result.stderr
     assert len(standin.events("register-accepted")) == 1
+
+
+
+# A stand-in for a slow camera: argparse (boot.py's first import) that takes its time.
+SLOW_ARGPARSE = """
+import os, sys, sysconfig, time
+open(os.environ["ENTO_TEST_LOADING"], "w").close()
+time.sleep(3)
+_path = os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py")
+exec(compile(open(_path).read(), _path, "exec"), globals())
+"""
+
+
+def _signal_while_loading(standin, tmp_path, signo):
+    """boot.py signalled while Python still loads the product: on a camera's slow
+    CPU and card the imports take a second or more, a window that systemctl stop,
+    a shutdown or Ctrl-C can hit.  Here its first import is made slow."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from e2e import ROOT
+    slow = tmp_path / "slow-imports"
+    slow.mkdir()
+    (slow / "argparse.py").write_text(SLOW_ARGPARSE)
+    mark = tmp_path / "loading"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "boot.py"), "--config",
+                             str(standin.config_path), "--timeout", "20"],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(slow),
+                                 "ENTO_TEST_LOADING": str(mark)})
+    deadline = time.monotonic() + 20
+    while not mark.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signo)
+    _, err = proc.communicate(timeout=30)
+    return proc.returncode, err, signal.Signals(signo).name
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_product_loads_is_one_line_and_exit_75(standin, tmp_path, signame):
+    import signal
+    code, err, name = _signal_while_loading(standin, tmp_path, getattr(signal, signame))
+    assert code == 75, err
+    assert err.splitlines() == [f"ERROR {name}: stopping now; the next run takes over from here"]
+    assert standin.events("create-request") == []
