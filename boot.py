@@ -21,7 +21,14 @@ traceback).
 """
 from __future__ import annotations
 
-import argparse
+# First: a signal while the rest loads ends the run with one line and 75 (as a
+# script only: a test that imports this module keeps its own handlers).
+from entomologist.stop import stop_while_starting
+
+if __name__ == "__main__":
+    stop_while_starting()
+
+import argparse  # noqa: E402
 import logging
 import os
 import sys
@@ -78,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--check and --force exclude each other")
     logs.setup_logging(args.verbose)
     if args.check:
+        from entomologist import stop as stopping
+        stopping.started()
         if not args.verbose:
             # The check's own lines are the report; the log keeps warnings.
             logging.getLogger().setLevel(logging.WARNING)

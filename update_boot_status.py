@@ -19,7 +19,14 @@ system is read-only); 70 a bug.
 """
 from __future__ import annotations
 
-import argparse
+# First: a signal while the rest loads ends the run with one line and 75 (as a
+# script only: a test that imports this module keeps its own handlers).
+from entomologist.stop import stop_while_starting
+
+if __name__ == "__main__":
+    stop_while_starting()
+
+import argparse  # noqa: E402
 import hashlib
 import json
 import logging

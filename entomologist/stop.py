@@ -26,6 +26,7 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from . import logs
 from .errors import STOPPED
 
 log = logging.getLogger("entomologist")
@@ -33,6 +34,7 @@ log = logging.getLogger("entomologist")
 GRACE_S = 5.0
 EXIT_CODE = STOPPED
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_BEFORE_START: dict = {}
 
 
 class Stop:
@@ -104,3 +106,28 @@ class Stop:
                     pass
             os._exit(EXIT_CODE)
 
+
+
+def stop_while_starting() -> None:
+    """Until a script's Stop is installed: a signal while Python loads the product
+    (on a camera's slow CPU and card, a second or more) ends the run as Stop would,
+    with one line and 75, not with a KeyboardInterrupt traceback or a death by
+    SIGTERM.  Nothing has been done yet, so there is nothing to wait for."""
+    for signo in SIGNALS:
+        _BEFORE_START.setdefault(signo, signal.signal(signo, _stopped_while_starting))
+
+
+def started() -> None:
+    """The handlers from before ``stop_while_starting``, for a command that handles
+    signals its own way (``--check``: Ctrl-C prints "interrupted")."""
+    for signo, handler in _BEFORE_START.items():
+        signal.signal(signo, handler)
+
+
+def _stopped_while_starting(signo: int, frame) -> None:
+    prefix = "<3>" if logs.stderr_is_journal() else "ERROR "
+    message = f"{signal.Signals(signo).name}: stopping now; the next run takes over from here"
+    try:
+        os.write(2, f"{prefix}{message}\n".encode())
+    finally:
+        os._exit(EXIT_CODE)
