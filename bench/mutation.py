@@ -373,8 +373,6 @@ def sources_hash(root: Path, modules: list[str]) -> str:
 
 def measure_coverage(root: Path, python: str, jobs: int, pytest_args: list[str]) -> dict:
     """Run the suite once under coverage: {module: {line: [test ids]}} and each test's time."""
-    from coverage import CoverageData  # only the coverage pass needs coverage.py
-
     work = Path(tempfile.mkdtemp(prefix="mutation-cov-"))
     os.chmod(work, 0o755)
     hook = work / "hook"
@@ -399,19 +397,41 @@ def measure_coverage(root: Path, python: str, jobs: int, pytest_args: list[str])
     tail = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
     print(f"coverage pass: {seconds:.0f} s, pytest exit {proc.returncode}: {' '.join(tail)}")
 
+    mapping = read_coverage(data, root)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"seconds": seconds, "exit": proc.returncode, **mapping}
+
+
+def read_coverage(data: Path, root: Path) -> dict:
+    """The pass's data files -> each test's time and outcome, and {module: {line: tests}}."""
+    from coverage import CoverageData
+    from coverage.exceptions import DataError
+
     tests: dict[str, dict] = {}
     for path in data.glob("tests.*.json"):
-        tests.update(json.loads(path.read_text()))
+        for test, record in json.loads(path.read_text()).items():
+            merged = tests.setdefault(test, {"outcome": "passed"})
+            merged.update({k: v for k, v in record.items() if k != "outcome"})
+            if record.get("outcome") == "failed":
+                merged["outcome"] = "failed"
     lines: dict[str, dict[int, set[str]]] = {}
     import_lines: dict[str, set[int]] = {}
-    for path in data.iterdir():
+    unreadable = 0
+    for path in sorted(data.iterdir()):
         if not (path.name.startswith("inproc.") or path.name.startswith("child.")):
             continue
         cov_data = CoverageData(basename=str(path))
-        cov_data.read()
-        for measured in cov_data.measured_files():
+        try:
+            cov_data.read()
+            measured_files = cov_data.measured_files()
+            by_file = {f: cov_data.contexts_by_lineno(f) or {} for f in measured_files}
+        except DataError:
+            # A script the test killed (SIGKILL, a power cut) while it saved its data.
+            unreadable += 1
+            continue
+        for measured, by_line in by_file.items():
             module = os.path.relpath(measured, root)
-            for lineno, contexts in (cov_data.contexts_by_lineno(measured) or {}).items():
+            for lineno, contexts in by_line.items():
                 ids = {c for c in contexts if c}
                 lines.setdefault(module, {}).setdefault(lineno, set()).update(ids)
                 if "" in contexts:
@@ -424,9 +444,8 @@ def measure_coverage(root: Path, python: str, jobs: int, pytest_args: list[str])
             if not lines[module][lineno]:
                 lines[module][lineno] = set(users)
     failed = {t for t, r in tests.items() if r.get("outcome") != "passed"}
-    shutil.rmtree(work, ignore_errors=True)
-    return {"seconds": seconds, "exit": proc.returncode, "failed": sorted(failed),
-            "tests": {t: round(r.get("seconds", 0.0), 3) for t, r in tests.items()},
+    return {"failed": sorted(failed), "unreadable_data_files": unreadable,
+            "tests": {t: round(r.get("seconds", 0.0), 3) for t, r in tests.items() if "seconds" in r},
             "lines": {m: {str(n): sorted(ids - failed) for n, ids in sorted(by_line.items())}
                       for m, by_line in sorted(lines.items())}}
 
@@ -492,7 +511,7 @@ def copy_tree(root: Path, dest: Path) -> None:
         shutil.copy2(src, target)
 
 
-FAILED_RE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+FAILED_RE = re.compile(r"^(?:FAILED|ERROR) (tests/\S+)", re.M)
 
 
 def run_tests(copy: Path, python: str, tests: list[str], timeout: float) -> tuple[str, str | None, str]:
@@ -619,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.module}:{m.line} {m.operator}: {m.original!r} -> {m.mutated!r}")
         return 0
 
+    # A SIGTERM still removes the private copies (the finally below).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     cpu_before = os.times()
     mapping = load_map(ROOT, args.python, args.jobs, args.out.parent, args.rebuild_map, [])
     if args.map_only:
