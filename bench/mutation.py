@@ -60,6 +60,9 @@ class Mutant:
     original: str
     mutated: str
     stmt_line: int  # the first line of the statement that holds the node
+    # For a statement that runs only on import (a module constant, a default value, a
+    # class field): the lines that use what it defines, whose tests are the ones to run.
+    uses: tuple[int, ...] = ()
 
     @property
     def key(self) -> str:
@@ -133,6 +136,14 @@ class _Generator:
         self.lines = source.splitlines(keepends=True)
         self.starts = _offsets(source)
         self.out: list[Mutant] = []
+        self.func_depth = 0
+        self.classes: list[str] = []
+        self.name_lines: dict[str, set[int]] = {}
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                self.name_lines.setdefault(node.id, set()).add(node.lineno)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+                self.name_lines.setdefault(node.attr, set()).add(node.lineno)
 
     def text(self, node) -> str:
         start, end = span(self.source, node, self.lines, self.starts)
@@ -143,7 +154,21 @@ class _Generator:
         if mutated == original:
             return
         self.out.append(Mutant(self.module, node.lineno, node.col_offset, node.end_lineno,
-                               node.end_col_offset, operator, original, mutated, stmt.lineno))
+                               node.end_col_offset, operator, original, mutated, stmt.lineno,
+                               self.uses(stmt)))
+
+    def uses(self, stmt) -> tuple[int, ...]:
+        if self.func_depth:
+            return ()
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return tuple(range(stmt.body[0].lineno, stmt.end_lineno + 1))
+        names: set[str] = set(self.classes[-1:])
+        for target in (stmt.targets if isinstance(stmt, ast.Assign)
+                       else [stmt.target] if isinstance(stmt, (ast.AnnAssign, ast.AugAssign))
+                       else []):
+            names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+        lines = set().union(*(self.name_lines.get(n, set()) for n in names)) - {stmt.lineno}
+        return tuple(sorted(lines))
 
     # Fields that hold type annotations: never mutated.
     ANNOTATION_FIELDS = {"annotation", "returns", "type_comment"}
@@ -177,6 +202,16 @@ class _Generator:
                 continue
             if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and name == "args":
                 self.visit_arguments(value, stmt)
+                continue
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and name == "body":
+                self.func_depth += 1
+                self.visit_body(value, stmt)
+                self.func_depth -= 1
+                continue
+            if isinstance(stmt, ast.ClassDef) and name == "body":
+                self.classes.append(stmt.name)
+                self.visit_body(value, stmt)
+                self.classes.pop()
                 continue
             items = value if isinstance(value, list) else [value]
             if items and all(isinstance(i, ast.stmt) for i in items):
@@ -473,8 +508,11 @@ def covering_tests(mapping: dict, mutant: Mutant) -> list[str]:
     """The tests that run the mutant's lines, unit tests first, then the fastest first."""
     by_line = mapping["lines"].get(mutant.module, {})
     ids: set[str] = set()
-    for lineno in {mutant.stmt_line, *range(mutant.line, mutant.end_line + 1)}:
+    for lineno in mutant.uses:
         ids.update(by_line.get(str(lineno), ()))
+    if not ids:
+        for lineno in {mutant.stmt_line, *range(mutant.line, mutant.end_line + 1)}:
+            ids.update(by_line.get(str(lineno), ()))
     times = mapping["tests"]
     return sorted(ids, key=lambda t: (not is_unit(t), times.get(t, 60.0), t))
 
@@ -591,6 +629,13 @@ def table(outcomes: list[Outcome], modules: list[str]) -> str:
                                for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
 
 
+def ratio(outcomes: list[Outcome]) -> float | None:
+    """(killed + timeout) / compiled mutants."""
+    compiled = [o for o in outcomes if o.outcome != "not-compiling"]
+    killed = sum(o.outcome in ("killed", "timeout") for o in compiled)
+    return round(killed / len(compiled), 4) if compiled else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=20)
@@ -603,6 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests", action="append", default=[],
                         help="run these test ids (repeatable) instead of the covering tests: "
                              "to show that a new test kills a mutant before the map is measured again")
+    parser.add_argument("--update", action="store_true",
+                        help="with --only: put the new outcomes of these mutants into --out "
+                             "(the full run's file), keeping their first outcome beside them")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--first", type=int, default=4,
                         help="run the N cheapest covering tests first, the rest only if it survives")
@@ -616,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--map-only", action="store_true", help="measure the map and stop")
     parser.add_argument("--list", action="store_true", help="print the sample and stop")
     args = parser.parse_args(argv)
-    if args.only and args.out == DEFAULT_OUT:
+    if args.only and args.out == DEFAULT_OUT and not args.update:
         args.out = DEFAULT_OUT.with_name("mutation-rerun.json")  # the full run's result stays
 
     modules = args.module or product_modules()
@@ -676,21 +724,39 @@ def main(argv: list[str] | None = None) -> int:
     cpu_after = os.times()
     cpu = (cpu_after.children_user + cpu_after.children_system
            - cpu_before.children_user - cpu_before.children_system)
-    report = table(outcomes, modules)
-    print(report)
-    compiled = [o for o in outcomes if o.outcome != "not-compiling"]
-    killed = sum(o.outcome in ("killed", "timeout") for o in compiled)
-    result = {
-        "seed": args.seed, "per_lines": args.per_lines, "first": args.first,
-        "max_tests": args.max_tests, "map_key": mapping.get("key"),
-        "generated": generated, "sampled": len(chosen),
-        "not_compiling": len(outcomes) - len(compiled),
-        "kill_ratio": round(killed / len(compiled), 4) if compiled else None,
-        "wall_seconds": round(time.monotonic() - started, 1), "cpu_seconds_children": round(cpu, 1),
-        "coverage_pass_seconds": round(mapping.get("seconds", 0.0), 1),
-        "table": report,
-        "mutants": [asdict(o) for o in outcomes],
-    }
+    if args.update:
+        result = json.loads(args.out.read_text())
+        fresh = {(o.module, o.line, o.col, o.operator, o.mutated): o for o in outcomes}
+        for index, entry in enumerate(result["mutants"]):
+            key = (entry["module"], entry["line"], entry["col"], entry["operator"], entry["mutated"])
+            if key in fresh:
+                again = asdict(fresh[key])
+                again["first_outcome"] = entry.get("first_outcome", entry["outcome"])
+                again["rerun_tests"] = args.tests or None
+                result["mutants"][index] = again
+        everything = [Outcome(**{k: v for k, v in e.items() if k in Outcome.__dataclass_fields__})
+                      for e in result["mutants"]]
+        all_modules = list(dict.fromkeys(e.module for e in everything))
+        result.setdefault("kill_ratio_first_run", result["kill_ratio"])
+        result["kill_ratio"] = ratio(everything)
+        result["table"] = table(everything, all_modules)
+        print(result["table"])
+    else:
+        report = table(outcomes, modules)
+        print(report)
+        compiled = [o for o in outcomes if o.outcome != "not-compiling"]
+        result = {
+            "seed": args.seed, "per_lines": args.per_lines, "first": args.first,
+            "max_tests": args.max_tests, "map_key": mapping.get("key"),
+            "generated": generated, "sampled": len(chosen),
+            "not_compiling": len(outcomes) - len(compiled),
+            "kill_ratio": ratio(outcomes),
+            "wall_seconds": round(time.monotonic() - started, 1),
+            "cpu_seconds_children": round(cpu, 1),
+            "coverage_pass_seconds": round(mapping.get("seconds", 0.0), 1),
+            "table": report,
+            "mutants": [asdict(o) for o in outcomes],
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
