@@ -41,6 +41,7 @@ def certificate(not_before: dt.datetime, version=x509.Version.v3):
 
 
 @pytest.mark.parametrize("when", [
+    dt.datetime(1950, 1, 1, 0, 0, 0, tzinfo=dt.timezone.utc),        # first UTCTime year ("50")
     dt.datetime(1999, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc),
     dt.datetime(2026, 11, 27, 8, 0, 0, tzinfo=dt.timezone.utc),
     dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc),   # last UTCTime year
