@@ -549,7 +549,7 @@ def copy_tree(root: Path, dest: Path) -> None:
         shutil.copy2(src, target)
 
 
-FAILED_RE = re.compile(r"^(?:FAILED|ERROR) (tests/\S+)", re.M)
+FAILED_RE = re.compile(r"^(?:FAILED|ERROR) (tests/.+?)(?: - .*)?$", re.M)
 
 
 def run_tests(copy: Path, python: str, tests: list[str], timeout: float) -> tuple[str, str | None, str]:
@@ -570,6 +570,10 @@ def run_tests(copy: Path, python: str, tests: list[str], timeout: float) -> tupl
     if proc.returncode in (1, 2):  # a test failed, or the mutant broke collection (an import)
         failed = FAILED_RE.search(out)
         return "killed", failed.group(1) if failed else "collection", tail
+    if proc.returncode in (3, 4) and "Traceback" in out:
+        # The mutant broke a module a conftest imports: pytest cannot even start. These
+        # tests pass without it (the coverage pass), so this is a kill.
+        return "killed", f"pytest exit {proc.returncode} (conftest import)", tail
     return "error", None, tail
 
 
