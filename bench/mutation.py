@@ -63,6 +63,7 @@ class Mutant:
     # For a statement that runs only on import (a module constant, a default value, a
     # class field): the lines that use what it defines, whose tests are the ones to run.
     uses: tuple[int, ...] = ()
+    func_level: bool = True  # inside a function body (not run on import)
 
     @property
     def key(self) -> str:
@@ -137,6 +138,7 @@ class _Generator:
         self.starts = _offsets(source)
         self.out: list[Mutant] = []
         self.func_depth = 0
+        self.functions: list[ast.AST] = []
         self.classes: list[str] = []
         self.name_lines: dict[str, set[int]] = {}
         for node in ast.walk(ast.parse(source)):
@@ -144,6 +146,8 @@ class _Generator:
                 self.name_lines.setdefault(node.id, set()).add(node.lineno)
             elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
                 self.name_lines.setdefault(node.attr, set()).add(node.lineno)
+            elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+                self.name_lines.setdefault(node.target.id, set()).add(node.lineno)  # reads it too
 
     def text(self, node) -> str:
         start, end = span(self.source, node, self.lines, self.starts)
@@ -155,20 +159,32 @@ class _Generator:
             return
         self.out.append(Mutant(self.module, node.lineno, node.col_offset, node.end_lineno,
                                node.end_col_offset, operator, original, mutated, stmt.lineno,
-                               self.uses(stmt)))
+                               self.uses(stmt), self.func_depth > 0))
 
     def uses(self, stmt) -> tuple[int, ...]:
-        if self.func_depth:
-            return ()
+        """The lines that read what ``stmt`` defines: a function's body for its
+        defaults, a class's users for its fields, the readers of an assigned name
+        (in its function for a local) or attribute."""
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
             return tuple(range(stmt.body[0].lineno, stmt.end_lineno + 1))
-        names: set[str] = set(self.classes[-1:])
-        for target in (stmt.targets if isinstance(stmt, ast.Assign)
-                       else [stmt.target] if isinstance(stmt, (ast.AnnAssign, ast.AugAssign))
-                       else []):
-            names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
-        lines = set().union(*(self.name_lines.get(n, set()) for n in names)) - {stmt.lineno}
-        return tuple(sorted(lines))
+        targets = (stmt.targets if isinstance(stmt, ast.Assign)
+                   else [stmt.target] if isinstance(stmt, (ast.AnnAssign, ast.AugAssign))
+                   else [])
+        names: set[str] = set() if self.func_depth else set(self.classes[-1:])
+        attributes: set[str] = set()
+        for target in targets:
+            for node in ast.walk(target):
+                if isinstance(node, ast.Attribute):
+                    attributes.add(node.attr)
+                elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                    names.add(node.id)
+        lines = set().union(*(self.name_lines.get(n, set()) for n in names | attributes))
+        if self.func_depth:
+            scope = self.functions[-1]
+            local = {l for l in set().union(*(self.name_lines.get(n, set()) for n in names))
+                     if scope.lineno <= l <= scope.end_lineno}
+            lines = local | set().union(*(self.name_lines.get(a, set()) for a in attributes))
+        return tuple(sorted(lines - {stmt.lineno}))
 
     # Fields that hold type annotations: never mutated.
     ANNOTATION_FIELDS = {"annotation", "returns", "type_comment"}
@@ -205,7 +221,9 @@ class _Generator:
                 continue
             if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and name == "body":
                 self.func_depth += 1
+                self.functions.append(stmt)
                 self.visit_body(value, stmt)
+                self.functions.pop()
                 self.func_depth -= 1
                 continue
             if isinstance(stmt, ast.ClassDef) and name == "body":
@@ -508,13 +526,21 @@ def covering_tests(mapping: dict, mutant: Mutant) -> list[str]:
     """The tests that run the mutant's lines, unit tests first, then the fastest first."""
     by_line = mapping["lines"].get(mutant.module, {})
     ids: set[str] = set()
-    for lineno in mutant.uses:
+    for lineno in {mutant.stmt_line, *range(mutant.line, mutant.end_line + 1)}:
         ids.update(by_line.get(str(lineno), ()))
-    if not ids:
-        for lineno in {mutant.stmt_line, *range(mutant.line, mutant.end_line + 1)}:
-            ids.update(by_line.get(str(lineno), ()))
+    # The tests that also read what the mutated statement defines come first.
+    readers: set[str] = set()
+    for lineno in mutant.uses:
+        readers.update(by_line.get(str(lineno), ()))
+    if mutant.func_level:
+        readers &= ids
     times = mapping["tests"]
-    return sorted(ids, key=lambda t: (not is_unit(t), times.get(t, 60.0), t))
+
+    def cheapest(tests):
+        return sorted(tests, key=lambda t: (not is_unit(t), times.get(t, 60.0), t))
+    if not mutant.func_level and readers:
+        return cheapest(readers)  # import-time code: every importer "covers" it
+    return cheapest(readers) + cheapest(ids - readers)
 
 
 # ---------------------------------------------------------------- running

@@ -119,3 +119,22 @@ def test_tests_covering_a_line_run_unit_tests_first_then_the_fastest():
     assert mutation.covering_tests(mapping, negated) == [
         "tests/unit/test_b.py::slow", "tests/integration/test_a.py::t"]
     assert ast.parse(mutation.apply(SOURCE, negated))
+
+
+def test_a_deleted_assignment_runs_first_the_tests_that_read_what_it_assigned():
+    (total,) = [m for m in mutants_of() if m.line == 14 and m.operator == "delete-statement"]
+    assert total.func_level and set(total.uses) == {15, 19}
+    mapping = {"tests": {"tests/unit/t.py::reads": 5.0, "tests/unit/t.py::not_reading": 0.1},
+               "lines": {"m.py": {"14": ["tests/unit/t.py::reads", "tests/unit/t.py::not_reading"],
+                                  "19": ["tests/unit/t.py::reads"]}}}
+    assert mutation.covering_tests(mapping, total) == ["tests/unit/t.py::reads",
+                                                       "tests/unit/t.py::not_reading"]
+
+
+def test_a_module_constant_runs_the_tests_of_its_readers_not_every_importer():
+    source = "LIMIT = 3\n\n\ndef f(x):\n    return x > LIMIT\n"
+    (deleted,) = [m for m in mutants_of(source) if m.operator == "delete-statement"]
+    assert not deleted.func_level and deleted.uses == (5,)
+    mapping = {"tests": {}, "lines": {"m.py": {"1": ["tests/unit/t.py::a", "tests/unit/t.py::b"],
+                                               "5": ["tests/unit/t.py::b"]}}}
+    assert mutation.covering_tests(mapping, deleted) == ["tests/unit/t.py::b"]
