@@ -621,7 +621,13 @@ def run_mutant(mutant: Mutant, copy: Path, python: str, mapping: dict, first: in
     started = time.monotonic()
     try:
         path.write_text(mutated)
-        for batch in (tests[:first], tests[first:max_tests]):
+        # The second batch keeps room for processes (integration tests): a line every
+        # unit test runs may be one only a real connection tells apart.
+        rest = tests[first:]
+        room = max_tests - first
+        integration = [t for t in rest if not is_unit(t)][:max(room // 3, 1)]
+        units = [t for t in rest if is_unit(t)][:room - len(integration)]
+        for batch in (tests[:first], [t for t in rest if t in set(units + integration)]):
             if not batch:
                 continue
             normal = sum(mapping["tests"].get(t, 10.0) for t in batch)

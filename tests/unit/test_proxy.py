@@ -167,6 +167,17 @@ def test_the_https_proxy_variable_is_noted_once_and_its_value_never_shown(caplog
     assert proxy.note_environment({}) is None
 
 
+def test_a_boot_without_http_proxy_says_the_environments_https_proxy_is_not_used(
+        device, cloud, caplog, monkeypatch):
+    monkeypatch.setattr(proxy, "_noted", [])
+    monkeypatch.setenv("HTTPS_PROXY", f"http://camera:{SECRET}@proxy.example.com:3128")
+    boot.boot(device.config_path, Deadline(60, clock=FakeClock(), step_limit=0.2), build=cloud)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == ["HTTPS_PROXY is set in the environment but not used: the connection goes "
+                    "direct; set HTTP_PROXY in the config to use a proxy"]
+    assert [c.endpoint.proxy for c in cloud.connections] == [None, None]
+
+
 @pytest.mark.parametrize("mode", [0o644, 0o604, 0o444])
 def test_a_config_holding_the_proxy_password_that_others_can_read_is_78_with_the_fix(
         tmp_path, mode):
