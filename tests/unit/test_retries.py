@@ -57,6 +57,15 @@ def test_a_step_is_the_step_limit_or_what_is_left():
         deadline.step("x")
 
 
+def test_no_step_is_given_at_the_very_end_of_the_run_not_even_one_of_no_time():
+    fake = FakeClock()
+    deadline = retries.Deadline(30, clock=fake, step_limit=20)
+    fake.advance(30)
+    assert deadline.remaining() == 0
+    with pytest.raises(errors.TransientError, match="x: the run's time limit was reached"):
+        deadline.step("x")
+
+
 @pytest.mark.parametrize("script", ["boot.py", "update_boot_status.py"])
 def test_the_scripts_refuse_an_unbounded_timeout_at_once(script, capsys):
     import importlib
