@@ -410,3 +410,19 @@ def test_check_leaves_an_unpromoted_token_key_as_it_is(device, ca, token):
     _, plan = check.check_cert_dir(device.config())
     assert plan.action == "report"
     assert labels(token) == [settings.staging_label]
+
+
+def test_the_boot_report_alone_promotes_a_token_key_left_under_the_staging_label(
+        device, ca, token, cloud):
+    import update_boot_status as ubs
+    from entomologist.retries import Deadline
+    settings = token.settings()
+    device.update(KEY_STORAGE="pkcs11", PROVISIONING_API="CreateCertificateFromCsr",
+                  PKCS11_LIBRARY=str(settings.library), PROVISION_STATUS="False",
+                  PKCS11_TOKEN_LABEL=settings.token_label, PKCS11_PIN_FILE=str(settings.pin_file))
+    cert_dir = CertDir.open(device.cert_dir, create=True, token=device.config().token)
+    write(cert_dir.cert, token_cert(ca, settings, settings.staging_label), 0o644)
+    ubs.update_boot_status(device.config(), Deadline(5), build=cloud)
+    assert labels(token) == [settings.key_label]
+    assert cloud.published()[0][0] == "cameraDevice/CAM-42/booted"
+    assert device.device["PROVISION_STATUS"] == "True"

@@ -159,7 +159,8 @@ def test_reconcile_finds_nothing_when_no_key_matches_the_certificate(token):
     assert len(token.objects()) == 4
 
 
-def test_half_pairs_under_our_labels_are_removed_and_other_labels_left_alone(token):
+def test_half_pairs_under_our_labels_are_removed_with_a_warning_and_other_labels_left_alone(
+        token, caplog):
     with open_token(token.settings()) as t:
         lone_public = t.generate("EC-P256", label=FINAL)
         lone_public.private.destroy()           # a delete cut short
@@ -169,6 +170,8 @@ def test_half_pairs_under_our_labels_are_removed_and_other_labels_left_alone(tok
         foreign.public.destroy()
         t.remove_orphans()
     assert labels(token.objects()) == [("PRIVATE_KEY", "another-app")]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "removing 2 key object(s) without their other half from the token"]
 
 
 def another_apps_pair(t, label, key_id):
