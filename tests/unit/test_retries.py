@@ -99,6 +99,22 @@ def test_a_hold_longer_than_the_backoff_is_slept_and_one_past_the_deadline_ends_
     assert fake.sleeps == [30.0] and err.value.hint == "the claim policy"
 
 
+def test_each_retry_is_announced_with_the_number_of_the_attempt_to_come(caplog):
+    fake = FakeClock()
+    outcomes = iter([errors.TransientError("no answer"), errors.TransientError("no answer")])
+
+    def flaky():
+        failure = next(outcomes, None)
+        if failure:
+            raise failure
+    holds = iter([(5.0, ""), (5.0, "")])
+    retries.with_retries(flaky, retries.Deadline(100.0, clock=fake), "provisioning",
+                         hold=lambda: next(holds))
+    assert [m for m in caplog.messages if "retrying" in m] == [
+        "provisioning: no answer; retrying in 5.0 s (attempt 2)",
+        "provisioning: no answer; retrying in 5.0 s (attempt 3)"]
+
+
 def test_the_real_clock_bounds_a_wait_on_a_future_or_a_queue_that_never_answers():
     real = clock.Clock()
     with pytest.raises(FutureTimeout):
