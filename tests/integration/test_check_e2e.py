@@ -382,6 +382,18 @@ def test_through_a_proxy_that_allows_the_port_the_tls_check_runs_in_its_tunnel(s
     assert proxy.connects(standin.port, 2) == 2
 
 
+def test_a_check_logs_only_warnings_unless_verbose_the_tunnels_info_line_shows_with_v(
+        standin, tinyproxy):
+    proxy = tinyproxy([standin.port])
+    standin.write_device_config(HTTP_PROXY=proxy.url())
+    quiet = check(standin)
+    assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+    assert quiet.stderr == ""
+    verbose = check(standin, "-v")
+    assert verbose.returncode == 0, verbose.stdout + verbose.stderr
+    assert f"INFO tunnelling through the HTTP proxy 127.0.0.1:{proxy.port}" in verbose.stderr
+
+
 def test_the_units_count_of_bugs_in_a_row_is_left_as_it_is(device_files, tmp_path):
     runtime = tmp_path / "run-entomologist"
     runtime.mkdir(mode=0o700)
