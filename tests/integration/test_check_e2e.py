@@ -394,6 +394,12 @@ def test_a_check_logs_only_warnings_unless_verbose_the_tunnels_info_line_shows_w
     assert f"INFO tunnelling through the HTTP proxy 127.0.0.1:{proxy.port}" in verbose.stderr
 
 
+def test_a_check_on_port_443_offers_the_aws_iot_alpn_as_the_boot_does(standin, alpn_listener):
+    standin.write_device_config(PORT=443)
+    proc = check(standin, "--timeout", "5")
+    assert alpn_listener == ["x-amzn-mqtt-ca"], proc.stdout + proc.stderr
+
+
 def test_the_units_count_of_bugs_in_a_row_is_left_as_it_is(device_files, tmp_path):
     runtime = tmp_path / "run-entomologist"
     runtime.mkdir(mode=0o700)
