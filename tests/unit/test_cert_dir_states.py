@@ -1,6 +1,7 @@
 """CERT_DIR's states, each built in tmp_path (or a SoftHSM2 token), read by the pure
 state() and moved on by recover(); install()'s steps in their order."""
 import json
+import logging
 import os
 
 import pytest
@@ -327,7 +328,8 @@ def test_a_token_key_left_under_the_staging_label_is_unpromoted_until_recover(
     assert cert_dir.state("CAM-42").state is State.SOUND
 
 
-def test_a_stale_staged_token_key_beside_the_installed_one_goes_in_recover(device, ca, token):
+def test_a_stale_staged_token_key_beside_the_installed_one_goes_in_recover_and_is_said(
+        device, ca, token, caplog):
     settings = token.settings()
     cert_dir = CertDir.open(device.cert_dir, create=True, token=settings)
     write(cert_dir.cert, token_cert(ca, settings, settings.key_label), 0o644)
@@ -335,8 +337,10 @@ def test_a_stale_staged_token_key_beside_the_installed_one_goes_in_recover(devic
     look = cert_dir.state("CAM-42")
     assert look.state is State.KEY_UNPROMOTED
     assert labels(token) == sorted([settings.key_label, settings.staging_label])
-    cert_dir.recover(look, device.config())
+    with caplog.at_level(logging.INFO):
+        cert_dir.recover(look, device.config())
     assert labels(token) == [settings.key_label]
+    assert "removed a key a run killed before registering left in the token" in caplog.messages
 
 
 def test_a_certificate_whose_key_is_not_in_the_token_is_broken(device, ca, token):
@@ -346,6 +350,17 @@ def test_a_certificate_whose_key_is_not_in_the_token_is_broken(device, ca, token
     look = cert_dir.state("CAM-42")
     assert look.state is State.BROKEN and "no key in token" in look.problem
     assert token.objects() == []
+
+
+def test_a_garbled_certificate_in_token_mode_is_broken_and_names_the_certificate(
+        device, token):
+    settings = token.settings()
+    cert_dir = CertDir.open(device.cert_dir, create=True, token=settings)
+    write(cert_dir.cert, "-----BEGIN CERTIFICATE-----\ngarbled\n-----END CERTIFICATE-----\n",
+          0o644)
+    look = cert_dir.state("CAM-42")
+    assert look.state is State.BROKEN and not look.installed
+    assert "certificate" in look.problem
 
 
 def test_a_token_install_promotes_the_new_key_after_the_certificate_and_drops_the_old(
