@@ -400,6 +400,16 @@ def test_a_check_on_port_443_offers_the_aws_iot_alpn_as_the_boot_does(standin, a
     assert alpn_listener == ["x-amzn-mqtt-ca"], proc.stdout + proc.stderr
 
 
+def test_an_endpoint_no_resolver_knows_fails_the_dns_line_with_75_and_names_it(device_files):
+    # .invalid never resolves (RFC 6761): the resolver answers at once that it does not exist.
+    device_files.write_device_config(ENDPOINT_URL="camera-endpoint.invalid")
+    proc = check(device_files, "--timeout", "5")
+    assert proc.returncode == 75, proc.stdout
+    assert lines(proc)["dns"].startswith(
+        "FAIL dns         cannot resolve ENDPOINT_URL camera-endpoint.invalid: "), proc.stdout
+    assert "check DNS, ENDPOINT_URL (" in lines(proc)["dns"], proc.stdout
+
+
 def test_the_units_count_of_bugs_in_a_row_is_left_as_it_is(device_files, tmp_path):
     runtime = tmp_path / "run-entomologist"
     runtime.mkdir(mode=0o700)
