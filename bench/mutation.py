@@ -356,6 +356,15 @@ SITECUSTOMIZE = textwrap.dedent('''\
                 _cov.stop()
                 _cov.save()
             _atexit.register(_save)
+            # A process that ends with os._exit (a second signal) skips atexit.
+            _real_exit = _os._exit
+
+            def _exit(code):
+                try:
+                    _save()
+                finally:
+                    _real_exit(code)
+            _os._exit = _exit
             # A SIGTERM ends the process without atexit: save first, then die as before.
             import signal as _signal
             if _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:
