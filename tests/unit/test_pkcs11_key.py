@@ -337,6 +337,14 @@ def test_the_spy_counts_every_login_of_a_right_pin(token, tmp_path):
     assert spy_run(token, tmp_path, USER_PIN, attempts=2) == (2, ["ok", "ok"])
 
 
+def test_each_opening_of_the_token_closes_its_session_before_it_finalizes(token, tmp_path):
+    assert spy_run(token, tmp_path, USER_PIN, attempts=2)[1] == ["ok", "ok"]
+    calls = [line.split()[-1] for line in (tmp_path / "spy.log").read_text().splitlines()
+             if line.split() and line.split()[-1] in ("C_OpenSession", "C_CloseSession",
+                                                      "C_Finalize")]
+    assert calls == ["C_OpenSession", "C_CloseSession", "C_Finalize"] * 2
+
+
 def test_the_pin_stays_out_of_the_token_key_repr(token):
     key = token_key(token.settings(key_label=FINAL))
     assert USER_PIN not in repr(key) and key.pin == USER_PIN
