@@ -337,6 +337,13 @@ def test_the_spy_counts_every_login_of_a_right_pin(token, tmp_path):
     assert spy_run(token, tmp_path, USER_PIN, attempts=2) == (2, ["ok", "ok"])
 
 
+def test_a_generated_key_pair_is_said_with_its_algorithm_token_and_label(token, caplog):
+    with caplog.at_level(logging.INFO), open_token(token.settings()) as t:
+        t.generate("EC-P256", label=FINAL)
+    assert (f"generated an EC-P256 key pair in token {token.label!r} under label {FINAL!r}"
+            in caplog.messages)
+
+
 def test_each_opening_of_the_token_closes_its_session_before_it_finalizes(token, tmp_path):
     assert spy_run(token, tmp_path, USER_PIN, attempts=2)[1] == ["ok", "ok"]
     calls = [line.split()[-1] for line in (tmp_path / "spy.log").read_text().splitlines()
