@@ -605,7 +605,7 @@ def run_tests(copy: Path, python: str, tests: list[str], timeout: float) -> tupl
     if proc.returncode in (1, 2):  # a test failed, or the mutant broke collection (an import)
         failed = FAILED_RE.search(out)
         return "killed", failed.group(1) if failed else "collection", tail
-    if proc.returncode in (3, 4) and "Traceback" in out:
+    if proc.returncode in (3, 4) and "ERROR: not found" not in out:
         # The mutant broke a module a conftest imports: pytest cannot even start. These
         # tests pass without it (the coverage pass), so this is a kill.
         return "killed", f"pytest exit {proc.returncode} (conftest import)", tail
