@@ -609,6 +609,10 @@ def run_tests(copy: Path, python: str, tests: list[str], timeout: float) -> tupl
         # The mutant broke a module a conftest imports: pytest cannot even start. These
         # tests pass without it (the coverage pass), so this is a kill.
         return "killed", f"pytest exit {proc.returncode} (conftest import)", tail
+    if proc.returncode < 0:
+        # pytest itself died of a signal (a crash in a C library the mutant fed): the
+        # tests pass without the mutant, so this is a kill too.
+        return "killed", f"pytest killed by signal {-proc.returncode}", tail
     return "error", None, tail
 
 
