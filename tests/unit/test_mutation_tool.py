@@ -37,6 +37,10 @@ if __name__ == "__main__":
 '''
 
 
+def EVERY(test):
+    return True  # the made-up test ids of these maps "exist"
+
+
 def mutants_of(source=SOURCE):
     return mutation.generate("m.py", source)
 
@@ -114,9 +118,9 @@ def test_tests_covering_a_line_run_unit_tests_first_then_the_fastest():
                                          "tests/unit/test_b.py::slow"],
                                   "17": ["tests/unit/test_b.py::fast"]}}}
     (raise_,) = [m for m in mutants_of() if m.line == 17 and m.operator == "delete-statement"]
-    assert mutation.covering_tests(mapping, raise_) == ["tests/unit/test_b.py::fast"]
+    assert mutation.covering_tests(mapping, raise_, EVERY) == ["tests/unit/test_b.py::fast"]
     (negated,) = [m for m in mutants_of() if m.operator == "negate-if"]
-    assert mutation.covering_tests(mapping, negated) == [
+    assert mutation.covering_tests(mapping, negated, EVERY) == [
         "tests/unit/test_b.py::slow", "tests/integration/test_a.py::t"]
     assert ast.parse(mutation.apply(SOURCE, negated))
 
@@ -127,7 +131,7 @@ def test_a_deleted_assignment_runs_first_the_tests_that_read_what_it_assigned():
     mapping = {"tests": {"tests/unit/t.py::reads": 5.0, "tests/unit/t.py::not_reading": 0.1},
                "lines": {"m.py": {"14": ["tests/unit/t.py::reads", "tests/unit/t.py::not_reading"],
                                   "19": ["tests/unit/t.py::reads"]}}}
-    assert mutation.covering_tests(mapping, total) == ["tests/unit/t.py::reads",
+    assert mutation.covering_tests(mapping, total, EVERY) == ["tests/unit/t.py::reads",
                                                        "tests/unit/t.py::not_reading"]
 
 
@@ -137,4 +141,13 @@ def test_a_module_constant_runs_the_tests_of_its_readers_not_every_importer():
     assert not deleted.func_level and deleted.uses == (5,)
     mapping = {"tests": {}, "lines": {"m.py": {"1": ["tests/unit/t.py::a", "tests/unit/t.py::b"],
                                                "5": ["tests/unit/t.py::b"]}}}
-    assert mutation.covering_tests(mapping, deleted) == ["tests/unit/t.py::b"]
+    assert mutation.covering_tests(mapping, deleted, EVERY) == ["tests/unit/t.py::b"]
+
+
+def test_a_test_renamed_since_the_map_was_measured_is_left_out(tmp_path):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_a.py").write_text("def test_new_name():\n    pass\n")
+    assert mutation.still_exists("tests/test_a.py::test_new_name", tmp_path)
+    assert mutation.still_exists("tests/test_a.py::test_new_name[param-1]", tmp_path)
+    assert not mutation.still_exists("tests/test_a.py::test_old_name", tmp_path)
+    assert not mutation.still_exists("tests/test_gone.py::test_new_name", tmp_path)
