@@ -531,18 +531,19 @@ def is_unit(test: str) -> bool:
     return test.startswith("tests/unit/")
 
 
-_TEST_SOURCES: dict[str, str] = {}
+_TEST_SOURCES: dict[str, str] = {}  # a cache: one run reads a test file once
 
 
 def still_exists(test: str, root: Path = ROOT) -> bool:
     """A test renamed or removed since the map was measured is left out."""
     path, _, name = test.partition("::")
-    if path not in _TEST_SOURCES:
+    key = str(root / path)
+    if key not in _TEST_SOURCES:
         try:
-            _TEST_SOURCES[path] = (root / path).read_text()
+            _TEST_SOURCES[key] = (root / path).read_text()
         except OSError:
-            _TEST_SOURCES[path] = ""
-    return f"def {name.split('[')[0].split('::')[-1]}(" in _TEST_SOURCES[path]
+            _TEST_SOURCES[key] = ""
+    return f"def {name.split('[')[0].split('::')[-1]}(" in _TEST_SOURCES[key]
 
 
 def covering_tests(mapping: dict, mutant: Mutant, exists=still_exists) -> list[str]:
