@@ -657,6 +657,8 @@ def run_mutant(mutant: Mutant, copy: Path, python: str, mapping: dict, first: in
         room = max_tests - first
         integration = [t for t in rest if not is_unit(t)][:max(room // 3, 1)]
         units = [t for t in rest if is_unit(t)][:room - len(integration)]
+        # Room the unit tests leave goes to more integration tests.
+        integration = [t for t in rest if not is_unit(t)][:room - len(units)]
         for batch in (tests[:first], [t for t in rest if t in set(units + integration)]):
             if not batch:
                 continue
