@@ -232,6 +232,24 @@ def test_a_lock_file_others_could_open_is_refused(tmp_path):
         lock.RunLock(tmp_path).acquire(retries.Deadline(1))
 
 
+def test_a_lock_file_refused_inside_the_run_is_one_config_error_and_closes_its_descriptor(
+        tmp_path):
+    (tmp_path / "run.lock").touch()
+    os.chmod(tmp_path / "run.lock", 0o644)
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(errors.ConfigError, match="not a 0600 file"):
+        with lock.RunLock(tmp_path) as held:  # as locked_run holds it
+            held.acquire(retries.Deadline(1))
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_lock_that_cannot_be_opened_is_a_storage_error_inside_the_run(tmp_path):
+    (tmp_path / "run.lock").mkdir()  # a folder where the lock file belongs
+    with pytest.raises(errors.StorageError, match="cannot open the lock"):
+        with lock.RunLock(tmp_path) as held:
+            held.acquire(retries.Deadline(1))
+
+
 def test_the_lock_holder_is_found_without_creating_or_taking_the_lock(tmp_path):
     assert lock.holder(tmp_path) is None
     assert os.listdir(tmp_path) == []  # no lock file: nothing runs, and none is made
