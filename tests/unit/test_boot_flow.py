@@ -612,3 +612,12 @@ def test_a_claim_client_id_of_a_128_character_serial_keeps_its_random_part():
     cid = claim_client_id(serial)
     assert len(cid) == 128
     assert cid == ClaimClientId("S" * 111)
+
+
+def test_the_created_answer_never_shows_its_private_key_or_token_in_its_repr():
+    from entomologist.fleet import Created
+    created = Created("ab" * 32, b"-----BEGIN CERTIFICATE-----", b"private-key-bytes",
+                      "ownership-token-text")
+    assert "private-key-bytes" not in repr(created)
+    assert "ownership-token-text" not in repr(created)
+    assert "ab" * 32 in repr(created)

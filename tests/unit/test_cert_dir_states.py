@@ -441,3 +441,18 @@ def test_the_boot_report_alone_promotes_a_token_key_left_under_the_staging_label
     assert labels(token) == [settings.key_label]
     assert cloud.published()[0][0] == "cameraDevice/CAM-42/booted"
     assert device.device["PROVISION_STATUS"] == "True"
+
+
+def test_a_registration_record_is_read_up_to_256_kib_and_a_larger_one_is_ignored(device,
+                                                                                  cloud, caplog):
+    import boot
+    from entomologist.retries import Deadline
+    from fakes import FakeClock
+    boot.boot(device.config_path, Deadline(30, clock=FakeClock()), build=cloud)
+    cert_dir = CertDir.existing(device.cert_dir)  # the pair installed, the record left over
+    record = json.dumps({"thingName": "thing-CAM-42", "certificateId": "a" * 64}).encode()
+    cert_dir.registration_marker.write_bytes(record.ljust(256 * 1024))  # JSON allows the blanks
+    assert cert_dir.registration() == Registration("thing-CAM-42", "a" * 64, {})
+    cert_dir.registration_marker.write_bytes(record.ljust(256 * 1024 + 1))
+    assert cert_dir.registration() is None
+    assert any("too large" in m for m in caplog.messages)
