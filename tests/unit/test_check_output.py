@@ -67,6 +67,14 @@ def test_json_output_is_one_object_per_line_ending_with_the_result(tmp_path):
     assert objects[1]["exit_code"] == 78
 
 
+def test_the_summary_gives_the_checks_time_in_milliseconds(tmp_path, monkeypatch):
+    times = iter([100.0])  # when the check started; every later reading is 2.5 s on
+    monkeypatch.setattr(check.time, "monotonic", lambda: next(times, 102.5))
+    out = io.StringIO()
+    check.run(tmp_path / "missing.conf", 5, True, False, out)
+    assert json.loads(out.getvalue().splitlines()[-1])["milliseconds"] == 2500
+
+
 @pytest.mark.parametrize("argv", [["--json"], ["--connect-as-thing"], ["--check", "--force"]])
 def test_check_options_are_refused_where_they_mean_nothing(argv, capsys):
     with pytest.raises(SystemExit) as exc:
