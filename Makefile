@@ -117,7 +117,15 @@ install:
 	install -m 0644 $(APP_FILES) $(DESTDIR)$(PREFIX)/
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/entomologist
 	install -m 0644 $(PACKAGE_FILES) $(DESTDIR)$(PREFIX)/entomologist/
-	$(INSTALL_PYTHON) -m venv $(DESTDIR)$(PREFIX)/venv
+	@# Installing again (an upgrade) keeps a venv of the same Python: rebuilding it is
+	@# most of the time such an install takes.
+	@v=$(DESTDIR)$(PREFIX)/venv/bin/python; version='import sys; print(sys.version)'; \
+	if [ -x "$$v" ] && [ "$$("$$v" -c "$$version" 2>/dev/null)" = "$$($(INSTALL_PYTHON) -c "$$version")" ]; then \
+		echo "keeping $(DESTDIR)$(PREFIX)/venv (Python $$("$$v" -c 'import platform; print(platform.python_version())'))"; \
+	else \
+		echo "$(INSTALL_PYTHON) -m venv $(DESTDIR)$(PREFIX)/venv"; \
+		$(INSTALL_PYTHON) -m venv $(DESTDIR)$(PREFIX)/venv; \
+	fi
 	@out=$$($(DESTDIR)$(PREFIX)/venv/bin/python -m pip install -q --disable-pip-version-check \
 		--dry-run --only-binary=:all: --no-deps -r requirements.txt 2>&1); \
 	missing=$$(printf '%s\n' "$$out" | sed -n 's/.*satisfies the requirement \([^ ]*\).*/\1/p'); \

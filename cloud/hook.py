@@ -86,7 +86,7 @@ def _client(region: str | None, endpoint: str | None, key: str | None, secret: s
     import boto3
     from botocore.config import Config
     config = Config(connect_timeout=0.5, read_timeout=1.0,
-                    retries={"max_attempts": 1, "mode": "standard"})
+                    retries={"total_max_attempts": 1, "mode": "standard"})
     with _MAKING_CLIENT:
         return boto3.client("dynamodb", region_name=region, endpoint_url=endpoint or None,
                             aws_access_key_id=key, aws_secret_access_key=secret,

@@ -317,6 +317,67 @@ def test_an_unreachable_table_denies_well_within_aws_5_s(fleet):
     assert elapsed < 3.5
 
 
+class SlowWrites:
+    """An HTTP relay in front of the table that carries out every request and holds
+    back the answer to each UpdateItem past the hook's read time-out: a write that
+    lands while its answer is lost, as on a slow day of DynamoDB."""
+
+    def __init__(self, endpoint: str, hold: float):
+        import http.client
+        import http.server
+        import urllib.parse
+        target = urllib.parse.urlsplit(endpoint)
+        self.updates = 0
+        relay = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=10)
+                upstream.request("POST", self.path, body, dict(self.headers))
+                answer = upstream.getresponse()
+                data = answer.read()
+                if self.headers.get("X-Amz-Target", "").endswith(".UpdateItem"):
+                    relay.updates += 1
+                    time.sleep(hold)
+                try:
+                    self.send_response(answer.status)
+                    for name, value in answer.getheaders():
+                        if name.lower() not in ("transfer-encoding", "connection"):
+                            self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client gave up waiting
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_write_whose_answer_is_late_is_sent_once_and_the_cameras_next_attempt_passes(fleet):
+    # Sent again, a write that landed fails its own condition: the hook would
+    # deny as a concurrent registration, and a camera told "refused" stops.
+    secret = fleet.add("CAM-0001")
+    relay = SlowWrites(fleet.environ["AWS_ENDPOINT_URL"], hold=1.5)
+    try:
+        allowed, line = fleet.register("CAM-0001", secret, AWS_ENDPOINT_URL=relay.endpoint)
+    finally:
+        relay.close()
+    assert relay.updates == 1
+    assert not allowed and line["reason"] == "error" and line["error"] == "ReadTimeoutError"
+    # The write landed: within the window, the camera's next attempt registers.
+    allowed, line = fleet.register("CAM-0001", secret, certificate_id="d" * 64)
+    assert allowed and line["reason"] == "reregistration-within-window"
+
+
 def test_as_a_lambda_it_prints_one_json_line_per_decision_and_never_the_secret(server, tmp_path):
     """The way Lambda runs it: a process of its own, its environment in os.environ,
     the decision on stdout (one CloudWatch event, read by the metric filter)."""

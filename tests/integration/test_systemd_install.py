@@ -182,6 +182,10 @@ def test_install_never_loosens_an_existing_config_folder(staged, tmp_path):
     proc = make("install", f"DESTDIR={copy}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert oct(config_dir.stat().st_mode & 0o7777) == oct(0o700)
+    # Installing again with the same Python keeps its venv, which still runs.
+    assert f"keeping {copy}/opt/entomologist/venv (Python " in proc.stdout
+    venv_python = copy / "opt" / "entomologist" / "venv" / "bin" / "python"
+    assert subprocess.run([str(venv_python), "-c", "import awsiot, awscrt"]).returncode == 0
 
 
 def test_install_in_a_chroot_without_a_running_systemd_enables_the_unit_by_its_symlink(

@@ -244,3 +244,13 @@ def test_a_hook_that_allows_lets_the_template_register(events, faults):
                                  SerialNumber="CAM-1", ProvisioningSecret="s3cret")
     assert outcome == "accepted" and accepted["thingName"] == "ento-CAM-1"
     assert "s3cret" not in json.dumps(events) + json.dumps(accepted)
+
+
+def test_a_stand_in_never_hands_out_one_rsa_key_twice_and_later_stand_ins_reuse_the_made_ones():
+    from standin.responder import RsaKeys
+    first, second = RsaKeys(), RsaKeys()
+    keys = [first.next() for _ in range(3)]
+    numbers = [k.private_numbers().p for k in keys]
+    assert len(set(numbers)) == 3
+    assert all(k.key_size == 2048 for k in keys)
+    assert [second.next().private_numbers().p for _ in range(3)] == numbers
