@@ -410,6 +410,31 @@ def test_an_endpoint_no_resolver_knows_fails_the_dns_line_with_75_and_names_it(d
     assert "check DNS, ENDPOINT_URL (" in lines(proc)["dns"], proc.stdout
 
 
+def test_a_check_run_by_another_user_names_the_folder_it_cannot_write():
+    if os.geteuid() != 0:
+        pytest.skip("changing to another user needs root")
+    import tempfile
+    from pathlib import Path
+    # Not under pytest's tmp_path: its folders are root's alone (0700).
+    folder = Path(tempfile.mkdtemp(prefix="entomologist-other-user-"))
+    try:
+        os.chmod(folder, 0o755)
+        config = folder / "ento.conf"
+        config.write_text(json.dumps({"device": {
+            "SERIAL_ID": "CAM-1", "ENDPOINT_URL": "localhost", "PORT": 1,
+            "PROVISION_STATUS": "False", "TEMPLATE_NAME": "Fleet",
+            "CLAIM_CERT": str(folder / "claim.pem"), "CLAIM_KEY": str(folder / "claim.key"),
+            "ROOT_CA": str(folder / "ca.pem"), "CERT_DIR": str(folder / "cert")}}))
+        os.chmod(config, 0o644)
+        proc = check(config, "--timeout", "3",
+                     prefix=["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+    finally:
+        shutil.rmtree(folder)
+    assert lines(proc)["storage"].startswith(
+        f"FAIL storage     the folder of CERT_DIR {folder} is not writable by this user; the "
+        "next boot must write there"), proc.stdout + proc.stderr
+
+
 def test_the_units_count_of_bugs_in_a_row_is_left_as_it_is(device_files, tmp_path):
     runtime = tmp_path / "run-entomologist"
     runtime.mkdir(mode=0o700)
