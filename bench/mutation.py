@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -768,7 +769,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            import threading
             lock = threading.Lock()
 
             def one(mutant: Mutant) -> Outcome:
