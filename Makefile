@@ -32,7 +32,7 @@ PACKAGE_FILES := $(wildcard entomologist/*.py)
 # then compiles them, which needs these (see README, "32-bit boards").
 BUILD_DEPS := build-essential cmake python3-dev libffi-dev
 
-.PHONY: setup mosquitto tinyproxy faketime softhsm2 systemd-analyze demo test test-slow bench clean install uninstall image-tools image-test system-tools system-test
+.PHONY: setup mosquitto tinyproxy faketime softhsm2 systemd-analyze demo test test-slow bench mutation clean install uninstall image-tools image-test system-tools system-test
 
 setup: $(VENV)/.installed mosquitto tinyproxy faketime softhsm2 systemd-analyze
 
@@ -40,8 +40,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) python3-venv; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --no-compile -r requirements.txt -r requirements-dev.txt
-	@# pip compiles one file at a time; on every core this takes half as long.
-	$(PY) -m compileall -q -j0 $(VENV)/lib
+	@# pip compiles one file at a time; on every core this takes half as long.  The
+	@# packages' own test suites (a sixth of their code) are never imported here.
+	$(PY) -m compileall -q -j0 -x '/tests?/' $(VENV)/lib
 	touch $@
 
 mosquitto:
@@ -98,6 +99,12 @@ bench: setup
 	$(PY) bench/fleet.py
 	$(PY) bench/pkcs11_cost.py
 	$(PY) bench/check_time.py
+
+# A sampled mutation run over boot.py, update_boot_status.py and entomologist/ (bench/MUTATION.md):
+# one coverage pass of the suite maps lines to tests (cached), then each mutant runs the tests of its line.
+MUTATION_ARGS ?=
+mutation: setup
+	nice -n 19 $(PY) bench/mutation.py --python $(PY) $(MUTATION_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -382,6 +382,91 @@ def test_through_a_proxy_that_allows_the_port_the_tls_check_runs_in_its_tunnel(s
     assert proxy.connects(standin.port, 2) == 2
 
 
+def test_a_check_logs_only_warnings_unless_verbose_the_tunnels_info_line_shows_with_v(
+        standin, tinyproxy):
+    proxy = tinyproxy([standin.port])
+    standin.write_device_config(HTTP_PROXY=proxy.url())
+    quiet = check(standin)
+    assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+    assert quiet.stderr == ""
+    verbose = check(standin, "-v")
+    assert verbose.returncode == 0, verbose.stdout + verbose.stderr
+    assert f"INFO tunnelling through the HTTP proxy 127.0.0.1:{proxy.port}" in verbose.stderr
+
+
+def test_a_check_on_port_443_offers_the_aws_iot_alpn_as_the_boot_does(standin, alpn_listener):
+    standin.write_device_config(PORT=443)
+    proc = check(standin, "--timeout", "5")
+    assert alpn_listener == ["x-amzn-mqtt-ca"], proc.stdout + proc.stderr
+
+
+def test_an_endpoint_no_resolver_knows_fails_the_dns_line_with_75_and_names_it(device_files):
+    # .invalid never resolves (RFC 6761): the resolver answers at once that it does not exist.
+    device_files.write_device_config(ENDPOINT_URL="camera-endpoint.invalid")
+    proc = check(device_files, "--timeout", "5")
+    assert proc.returncode == 75, proc.stdout
+    assert lines(proc)["dns"].startswith(
+        "FAIL dns         cannot resolve ENDPOINT_URL camera-endpoint.invalid: "), proc.stdout
+    assert "check DNS, ENDPOINT_URL (" in lines(proc)["dns"], proc.stdout
+
+
+def test_a_check_run_by_another_user_names_the_folder_it_cannot_write():
+    if os.geteuid() != 0:
+        pytest.skip("changing to another user needs root")
+    import tempfile
+    from pathlib import Path
+    # Not under pytest's tmp_path: its folders are root's alone (0700).
+    folder = Path(tempfile.mkdtemp(prefix="entomologist-other-user-"))
+    try:
+        os.chmod(folder, 0o755)
+        config = folder / "ento.conf"
+        config.write_text(json.dumps({"device": {
+            "SERIAL_ID": "CAM-1", "ENDPOINT_URL": "localhost", "PORT": 1,
+            "PROVISION_STATUS": "False", "TEMPLATE_NAME": "Fleet",
+            "CLAIM_CERT": str(folder / "claim.pem"), "CLAIM_KEY": str(folder / "claim.key"),
+            "ROOT_CA": str(folder / "ca.pem"), "CERT_DIR": str(folder / "cert")}}))
+        os.chmod(config, 0o644)
+        proc = check_as_nobody(config, "--timeout", "3")
+    finally:
+        shutil.rmtree(folder)
+    assert lines(proc)["storage"].startswith(
+        f"FAIL storage     the folder of CERT_DIR {folder} is not writable by this user; the "
+        "next boot must write there"), proc.stdout
+
+
+def check_as_nobody(config, *args):
+    """boot.py --check in a child of this process that became user 65534: nothing
+    is executed from the checkout, which that user may not be able to read (a
+    clone in a 0700 folder)."""
+    import encodings.idna  # noqa: F401 (the child cannot read the stdlib under /root)
+    import types
+
+    import boot
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            os.close(read)
+            os.dup2(write, 1)
+            os.dup2(write, 2)
+            sys.stdout = open(1, "w", closefd=False)
+            sys.stderr = open(2, "w", closefd=False)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            code = boot.main(["--config", str(config), "--check", *args])
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, errors="replace") as out:
+        output = out.read()
+    _, status = os.waitpid(pid, 0)
+    return types.SimpleNamespace(returncode=os.waitstatus_to_exitcode(status), stdout=output)
+
+
 def test_the_units_count_of_bugs_in_a_row_is_left_as_it_is(device_files, tmp_path):
     runtime = tmp_path / "run-entomologist"
     runtime.mkdir(mode=0o700)
@@ -507,9 +592,10 @@ def test_a_captive_portal_proxy_fails_the_proxy_line_with_75_as_the_boot(device_
     assert "with something other than a tunnel (HTTP 302)" in lines(proc)["proxy"]
 
 
-def test_a_proxy_whose_200_is_followed_by_bytes_is_no_tunnel(device_files, scripted_proxy):
+@pytest.mark.parametrize("after", [b"not TLS", b"\x16"], ids=["text", "one byte"])
+def test_a_proxy_whose_200_is_followed_by_bytes_is_no_tunnel(device_files, scripted_proxy, after):
     def chatty(conn, n, stopping):
-        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\nnot TLS")
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n" + after)
     proxy = scripted_proxy(chatty)
     device_files.write_device_config(HTTP_PROXY=proxy.url())
     proc = check(device_files, "--timeout", "4")
@@ -517,6 +603,20 @@ def test_a_proxy_whose_200_is_followed_by_bytes_is_no_tunnel(device_files, scrip
     assert lines(proc)["proxy"].startswith(
         f"FAIL proxy       the HTTP proxy 127.0.0.1:{proxy.port} did not answer CONNECT as an "
         "HTTP proxy (bytes after the answer, before the tunnel was used)"), proc.stdout
+
+
+def test_a_proxy_answering_100_continue_without_end_is_read_no_further_than_16_kib(
+        device_files, scripted_proxy):
+    def continues(conn, n, stopping):
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n" * 1000)  # 26 000 bytes at once
+        stopping.wait(5)
+    proxy = scripted_proxy(continues)
+    device_files.write_device_config(HTTP_PROXY=proxy.url())
+    proc = check(device_files, "--timeout", "4")
+    assert proc.returncode == 75, proc.stdout
+    assert lines(proc)["proxy"].startswith(
+        f"FAIL proxy       the HTTP proxy 127.0.0.1:{proxy.port} did not answer CONNECT as an "
+        "HTTP proxy (no final status in 16384 bytes)"), proc.stdout
 
 
 def test_a_camera_held_back_by_its_spend_record_checks_75_naming_when_and_writes_nothing(

@@ -75,6 +75,28 @@ def test_sigterm_waits_for_registerthing_no_longer_than_its_grace(standin):
     assert 4.5 < seconds < 8, err
 
 
+def test_a_second_sigterm_during_the_wait_for_registerthing_stops_at_once(standin):
+    delay_register_answer(standin, 10.0)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "boot.py"), "--config",
+                             str(standin.config_path)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        standin.wait_for("register-request")
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # now waiting, up to its 5 s grace, for the answer
+        proc.send_signal(signal.SIGTERM)
+        again = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        seconds = time.monotonic() - again
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err
+    assert "SIGTERM: RegisterThing is on its way" in err
+    assert errors(err) == ["ERROR SIGTERM again: stopping now; the next run takes over from here"]
+    assert seconds < 2, err
+
+
 def test_sigterm_at_another_moment_stops_at_once_and_the_next_run_completes(standin):
     state = DeviceState(standin)
     standin.faults.delay = 1.0

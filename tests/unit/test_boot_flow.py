@@ -281,9 +281,21 @@ def test_a_rejection_with_odd_field_types_is_still_one_clean_error(device, cloud
     assert "\n" not in str(err.value) and len(str(err.value)) < 600
 
 
+def test_a_rejections_fields_are_shown_cut_the_status_at_8_characters_the_code_at_64(
+        device, cloud):
+    cloud.create_answers.append(("rejected", {"statusCode": "4" * 20, "errorCode": "E" * 100,
+                                              "errorMessage": "no"}))
+    with pytest.raises(errors.ServiceError) as err:
+        run(device, cloud)
+    assert str(err.value) == (
+        "CreateKeysAndCertificate rejected: statusCode=44444444...[12 more characters] "
+        f"errorCode={'E' * 64}...[36 more characters] errorMessage='no'")
+
+
 @pytest.mark.parametrize("status,code", [(429, "Throttling"), (500, "InternalError"),
                                          (503, "ServiceUnavailable"), (400, "Throttling"),
-                                         (429, "AnErrorCodeNotKnownToday")])
+                                         (429, "AnErrorCodeNotKnownToday"),
+                                         (500, "AnErrorCodeNotKnownToday")])
 def test_a_busy_service_is_asked_again_on_the_same_connection(device, cloud, status, code):
     rejected = ("rejected", {"statusCode": status, "errorCode": code, "errorMessage": "busy"})
     cloud.register_answers.extend([rejected, rejected])
@@ -543,7 +555,8 @@ def test_a_long_token_echoed_by_the_service_never_reaches_the_error_even_in_part
 
 
 @pytest.mark.parametrize("outcome", ["accepted", "rejected"])
-def test_an_answer_that_came_before_its_request_is_ignored(device, cloud, outcome):
+def test_an_answer_that_came_before_its_request_is_ignored_with_a_warning(device, cloud, outcome,
+                                                                         caplog):
     # A misbehaving broker answers RegisterThing before the device asked.
     original = cloud.respond
     early = {"accepted": {"thingName": "someone-else"},
@@ -557,6 +570,20 @@ def test_an_answer_that_came_before_its_request_is_ignored(device, cloud, outcom
     cloud.respond = respond
     run(device, cloud)
     assert device.device["THING_NAME"] == "thing-CAM-42"
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "ignoring a RegisterThing answer that came before the request"]
+
+
+def test_a_forced_provisioning_the_service_refuses_keeps_the_status_true_and_the_pair(
+        device, cloud):
+    run(device, cloud)
+    installed = (device.cert_dir / CERT).read_bytes()
+    cloud.create_answers.append(("rejected", {"statusCode": 403, "errorCode": "Forbidden",
+                                              "errorMessage": "no"}))
+    with pytest.raises(errors.ServiceError):
+        run(device, cloud, force=True)
+    assert device.device["PROVISION_STATUS"] == "True"
+    assert (device.cert_dir / CERT).read_bytes() == installed
 
 
 def test_a_lost_pair_makes_the_status_false_before_provisioning_again(device, cloud):
@@ -585,3 +612,12 @@ def test_a_claim_client_id_of_a_128_character_serial_keeps_its_random_part():
     cid = claim_client_id(serial)
     assert len(cid) == 128
     assert cid == ClaimClientId("S" * 111)
+
+
+def test_the_created_answer_never_shows_its_private_key_or_token_in_its_repr():
+    from entomologist.fleet import Created
+    created = Created("ab" * 32, b"-----BEGIN CERTIFICATE-----", b"private-key-bytes",
+                      "ownership-token-text")
+    assert "private-key-bytes" not in repr(created)
+    assert "ownership-token-text" not in repr(created)
+    assert "ab" * 32 in repr(created)

@@ -1,6 +1,7 @@
 """The count of runs in a row that ended in a bug, and the unit's ExecCondition that
 reads it: a full /run, an empty or garbled count never skips the unit."""
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -42,6 +43,11 @@ def test_an_empty_or_garbled_count_lets_the_unit_run_and_counts_as_zero(tmp_path
     assert exec_condition(tmp_path) == 0
     bugs.note_outcome(os.EX_SOFTWARE, str(tmp_path))
     assert (tmp_path / bugs.BUG_COUNT_FILE).read_text() == "1\n"
+
+
+def test_the_count_is_born_readable_and_writable_by_root_only(tmp_path):
+    bugs.note_outcome(os.EX_SOFTWARE, str(tmp_path))
+    assert stat.S_IMODE((tmp_path / bugs.BUG_COUNT_FILE).stat().st_mode) == 0o600
 
 
 def test_the_unit_runs_without_a_count_and_stops_at_three(tmp_path):

@@ -1,6 +1,7 @@
 """CERT_DIR's states, each built in tmp_path (or a SoftHSM2 token), read by the pure
 state() and moved on by recover(); install()'s steps in their order."""
 import json
+import logging
 import os
 
 import pytest
@@ -327,7 +328,8 @@ def test_a_token_key_left_under_the_staging_label_is_unpromoted_until_recover(
     assert cert_dir.state("CAM-42").state is State.SOUND
 
 
-def test_a_stale_staged_token_key_beside_the_installed_one_goes_in_recover(device, ca, token):
+def test_a_stale_staged_token_key_beside_the_installed_one_goes_in_recover_and_is_said(
+        device, ca, token, caplog):
     settings = token.settings()
     cert_dir = CertDir.open(device.cert_dir, create=True, token=settings)
     write(cert_dir.cert, token_cert(ca, settings, settings.key_label), 0o644)
@@ -335,8 +337,10 @@ def test_a_stale_staged_token_key_beside_the_installed_one_goes_in_recover(devic
     look = cert_dir.state("CAM-42")
     assert look.state is State.KEY_UNPROMOTED
     assert labels(token) == sorted([settings.key_label, settings.staging_label])
-    cert_dir.recover(look, device.config())
+    with caplog.at_level(logging.INFO):
+        cert_dir.recover(look, device.config())
     assert labels(token) == [settings.key_label]
+    assert "removed a key a run killed before registering left in the token" in caplog.messages
 
 
 def test_a_certificate_whose_key_is_not_in_the_token_is_broken(device, ca, token):
@@ -346,6 +350,17 @@ def test_a_certificate_whose_key_is_not_in_the_token_is_broken(device, ca, token
     look = cert_dir.state("CAM-42")
     assert look.state is State.BROKEN and "no key in token" in look.problem
     assert token.objects() == []
+
+
+def test_a_garbled_certificate_in_token_mode_is_broken_and_names_the_certificate(
+        device, token):
+    settings = token.settings()
+    cert_dir = CertDir.open(device.cert_dir, create=True, token=settings)
+    write(cert_dir.cert, "-----BEGIN CERTIFICATE-----\ngarbled\n-----END CERTIFICATE-----\n",
+          0o644)
+    look = cert_dir.state("CAM-42")
+    assert look.state is State.BROKEN and not look.installed
+    assert "certificate" in look.problem
 
 
 def test_a_token_install_promotes_the_new_key_after_the_certificate_and_drops_the_old(
@@ -410,3 +425,34 @@ def test_check_leaves_an_unpromoted_token_key_as_it_is(device, ca, token):
     _, plan = check.check_cert_dir(device.config())
     assert plan.action == "report"
     assert labels(token) == [settings.staging_label]
+
+
+def test_the_boot_report_alone_promotes_a_token_key_left_under_the_staging_label(
+        device, ca, token, cloud):
+    import update_boot_status as ubs
+    from entomologist.retries import Deadline
+    settings = token.settings()
+    device.update(KEY_STORAGE="pkcs11", PROVISIONING_API="CreateCertificateFromCsr",
+                  PKCS11_LIBRARY=str(settings.library), PROVISION_STATUS="False",
+                  PKCS11_TOKEN_LABEL=settings.token_label, PKCS11_PIN_FILE=str(settings.pin_file))
+    cert_dir = CertDir.open(device.cert_dir, create=True, token=device.config().token)
+    write(cert_dir.cert, token_cert(ca, settings, settings.staging_label), 0o644)
+    ubs.update_boot_status(device.config(), Deadline(5), build=cloud)
+    assert labels(token) == [settings.key_label]
+    assert cloud.published()[0][0] == "cameraDevice/CAM-42/booted"
+    assert device.device["PROVISION_STATUS"] == "True"
+
+
+def test_a_registration_record_is_read_up_to_256_kib_and_a_larger_one_is_ignored(device,
+                                                                                  cloud, caplog):
+    import boot
+    from entomologist.retries import Deadline
+    from fakes import FakeClock
+    boot.boot(device.config_path, Deadline(30, clock=FakeClock()), build=cloud)
+    cert_dir = CertDir.existing(device.cert_dir)  # the pair installed, the record left over
+    record = json.dumps({"thingName": "thing-CAM-42", "certificateId": "a" * 64}).encode()
+    cert_dir.registration_marker.write_bytes(record.ljust(256 * 1024))  # JSON allows the blanks
+    assert cert_dir.registration() == Registration("thing-CAM-42", "a" * 64, {})
+    cert_dir.registration_marker.write_bytes(record.ljust(256 * 1024 + 1))
+    assert cert_dir.registration() is None
+    assert any("too large" in m for m in caplog.messages)

@@ -7,7 +7,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from entomologist import certs, clock, config as configuration
+from entomologist import certs, clock, config as configuration, errors
 from fakes import MiniCA
 
 
@@ -41,6 +41,7 @@ def certificate(not_before: dt.datetime, version=x509.Version.v3):
 
 
 @pytest.mark.parametrize("when", [
+    dt.datetime(1950, 1, 1, 0, 0, 0, tzinfo=dt.timezone.utc),        # first UTCTime year ("50")
     dt.datetime(1999, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc),
     dt.datetime(2026, 11, 27, 8, 0, 0, tzinfo=dt.timezone.utc),
     dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc),   # last UTCTime year
@@ -75,3 +76,14 @@ def test_a_file_whose_certificate_cannot_be_read_does_not_block_the_clock_check(
     bad = tmp_path / "bad.pem"
     bad.write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     clock.check_clock([bad, tmp_path / "absent.pem", tmp_path], now=lambda: 1.0)
+
+
+def test_a_clock_before_two_certificates_of_the_same_start_names_the_first_file(tmp_path):
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    pem = certificate(when).public_bytes(serialization.Encoding.PEM)
+    first, second = tmp_path / "claim.pem.crt", tmp_path / "ca.pem"
+    first.write_bytes(pem)
+    second.write_bytes(pem)
+    with pytest.raises(errors.TransientError) as err:
+        clock.check_clock([first, second], now=lambda: when.timestamp() - 60)
+    assert f"before the start of validity of {first} (2026-01-01" in str(err.value)

@@ -1,12 +1,15 @@
 """boot.py --check's output: one line per check, secrets redacted, JSON lines, its options."""
 import io
 import json
+import os
+import subprocess
 
 import pytest
 
 import boot
 from entomologist import check, check_local, check_network, logs
 from entomologist.errors import ConfigError, StorageError, TransientError
+from disk import fill
 from fakes import CAM42_CLAIM
 
 
@@ -62,6 +65,14 @@ def test_json_output_is_one_object_per_line_ending_with_the_result(tmp_path):
     assert objects[0]["status"] == "fail" and objects[0]["exit_code"] == 78
     assert objects[0]["detail"] == f"config file {tmp_path / 'missing.conf'} does not exist"
     assert objects[1]["exit_code"] == 78
+
+
+def test_the_summary_gives_the_checks_time_in_milliseconds(tmp_path, monkeypatch):
+    times = iter([100.0])  # when the check started; every later reading is 2.5 s on
+    monkeypatch.setattr(check.time, "monotonic", lambda: next(times, 102.5))
+    out = io.StringIO()
+    check.run(tmp_path / "missing.conf", 5, True, False, out)
+    assert json.loads(out.getvalue().splitlines()[-1])["milliseconds"] == 2500
 
 
 @pytest.mark.parametrize("argv", [["--json"], ["--connect-as-thing"], ["--check", "--force"]])
@@ -124,3 +135,59 @@ def test_a_subscription_aws_refuses_is_named_with_the_claim_policy_hint(device, 
            "$aws/certificates/create/* and $aws/provisioning-templates/Fleet/provision/*" \
            in refused.value.hint
     assert cloud.calls[-1] == ("close",)
+
+
+# ------------------------------------------------ a CERT_DIR or a folder the boot cannot use
+
+def check_lines(device) -> tuple[int, dict]:
+    out = io.StringIO()
+    code = check.run(device.config_path, 5, True, False, out)
+    return code, {o["name"]: o for o in map(json.loads, out.getvalue().splitlines())}
+
+
+def test_a_cert_dir_the_boot_would_refuse_fails_its_line_and_the_checks_after_it_say_why_not(
+        device):
+    device.cert_dir.mkdir(mode=0o700)
+    os.chmod(device.cert_dir, 0o777)
+    code, lines = check_lines(device)
+    assert code == 78
+    assert lines["cert-dir"]["status"] == "fail"
+    assert "can be written by group or others" in lines["cert-dir"]["detail"]
+    for name in ("lock", "credentials", "storage"):
+        assert (lines[name]["status"], lines[name]["detail"]) == ("skip", "needs CERT_DIR")
+    assert lines["result"]["exit_code"] == 78
+
+
+def test_a_folder_root_owns_without_its_write_bit_fails_the_storage_line_with_73(device):
+    if os.geteuid() != 0:
+        pytest.skip("the unit's case: root without capabilities")
+    folder = device.config_path.parent
+    os.chmod(folder, 0o555)
+    try:
+        code, lines = check_lines(device)
+    finally:
+        os.chmod(folder, 0o755)
+    assert lines["storage"]["status"] == "fail" and lines["storage"]["exit_code"] == 73
+    assert lines["storage"]["detail"] == (
+        f"the folder of CERT_DIR {folder} is not writable by root without privileges (the "
+        f"unit's case); the next boot must write there")
+    assert code == 73
+
+
+def test_a_full_disk_under_cert_dir_fails_the_storage_line_with_73(device, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(data)],
+                   check=True)
+    try:
+        fill(data)
+        device.update(CERT_DIR=str(data / "cert"))
+        code, lines = check_lines(device)
+    finally:
+        subprocess.run(["umount", str(data)], check=True)
+    assert lines["storage"]["status"] == "fail" and lines["storage"]["exit_code"] == 73
+    assert lines["storage"]["detail"] == (f"the folder of CERT_DIR {data} has less than 128 KiB "
+                                          f"free; the next boot must write there")
+    assert code == 73

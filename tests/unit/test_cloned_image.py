@@ -72,7 +72,9 @@ def test_a_pair_installed_before_the_record_existed_is_kept_and_recorded(device,
     run(device, cloud)
     assert (device.cert_dir / "certificate.pem.crt").read_bytes() == first
     assert cloud.registers() == [] and len(cloud.published()) == 1
-    assert json.loads((device.cert_dir / "installed-for.json").read_text())["serialId"] == "CAM-42"
+    assert json.loads((device.cert_dir / "installed-for.json").read_text()) == {
+        "serialId": "CAM-42", "thingName": device.device["THING_NAME"],
+        "certificateId": device.device["CERTIFICATE_ID"]}
 
 
 def test_a_garbled_record_is_ignored_and_the_pair_kept(device, cloud):
@@ -117,3 +119,18 @@ def test_a_symlink_or_file_planted_as_the_set_aside_folder_is_never_followed_or_
     assert stat.S_IMODE(aside.lstat().st_mode) == 0o700
     assert (aside / "private.pem.key").exists()
     assert device.device["PROVISION_STATUS"] == "True"
+
+
+def test_twenty_names_are_tried_for_the_set_aside_folder_then_it_is_a_storage_error(
+        device, cloud):
+    cloned(device, cloud)
+    for n in range(1, 20):  # foreign-CAM-42, -2 ... -19 taken by files in the way
+        (device.cert_dir / ("foreign-CAM-42" + (f"-{n}" if n > 1 else ""))).write_text("x")
+    run(device, cloud)
+    assert (device.cert_dir / "foreign-CAM-42-20" / "private.pem.key").exists()
+    assert device.device["PROVISION_STATUS"] == "True"
+    cloned(device, cloud, serial="CAM-7")  # now CAM-99's pair, and no twenty-first name
+    for n in range(1, 21):
+        (device.cert_dir / ("foreign-CAM-99" + (f"-{n}" if n > 1 else ""))).write_text("x")
+    with pytest.raises(errors.StorageError, match="20 folders foreign-CAM-99"):
+        run(device, cloud)

@@ -100,6 +100,29 @@ def test_invalid_values_are_config_errors_naming_the_key(tmp_path, device, key):
         load(tmp_path, device)
 
 
+TOKEN = {**GOOD, "KEY_STORAGE": "pkcs11", "PROVISIONING_API": "CreateCertificateFromCsr",
+         "PKCS11_LIBRARY": "/usr/lib/softhsm/libsofthsm2.so", "PKCS11_TOKEN_LABEL": "camera",
+         "PKCS11_PIN_FILE": "/etc/entomologist/pin"}
+
+
+@pytest.mark.parametrize("key,label", [("PKCS11_TOKEN_LABEL", "x" * 33),
+                                       ("PKCS11_KEY_LABEL", "é" * 17),  # 34 bytes
+                                       ("PKCS11_KEY_LABEL", "key\nlabel")])
+def test_a_token_or_key_label_longer_than_32_bytes_or_unprintable_is_refused(tmp_path, key,
+                                                                               label):
+    with pytest.raises(errors.ConfigError,
+                       match=f"{key}.*must be 1 to 32 bytes of printable text"):
+        load(tmp_path, {**TOKEN, key: label})
+
+
+@pytest.mark.parametrize("value,said", [(True, "a boolean"), (False, "a boolean"),
+                                        (12, "a number"), (1.5, "a number"),
+                                        ({"a": 1}, "an object"), ([1], "an array")])
+def test_a_value_of_the_wrong_json_type_is_named_by_its_type(tmp_path, value, said):
+    with pytest.raises(errors.ConfigError, match=f"KEY_STORAGE.*must be a string, not {said}$"):
+        load(tmp_path, {**GOOD, "KEY_STORAGE": value})
+
+
 @pytest.mark.parametrize("raw,why", [
     (b"", "not valid JSON"),
     (b"{", "not valid JSON"),

@@ -124,6 +124,17 @@ def test_a_certificate_without_our_public_key_is_refused(csr_device, cloud):
     assert not (csr_device.cert_dir / CERT).exists()
 
 
+def test_a_certificate_that_does_not_parse_is_refused_as_not_carrying_our_key(csr_device,
+                                                                             cloud):
+    garbled = "-----BEGIN CERTIFICATE-----\nTm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
+    cloud.create_answers.append(("accepted", {"certificateId": "ab" * 32,
+                                              "certificatePem": garbled,
+                                              "certificateOwnershipToken": "t" * 8}))
+    with pytest.raises(errors.ServiceError, match="does not carry this device's key"):
+        run(csr_device, cloud)
+    assert not (csr_device.cert_dir / CERT).exists()
+
+
 def test_a_rejected_csr_is_final_and_points_at_the_claim_policy_for_csr_mode(csr_device, cloud):
     cloud.create_answers.append(("rejected", {"statusCode": 403, "errorCode": "Forbidden",
                                               "errorMessage": "bad"}))

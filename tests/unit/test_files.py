@@ -56,6 +56,48 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
     assert os.listdir(tmp_path) == ["file"]
 
 
+def test_a_failed_replace_keeps_the_old_entry_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "cert"
+    target.mkdir()
+    (target / "inside").write_bytes(b"x")  # a folder where the file belongs: rename fails
+    with pytest.raises(errors.StorageError, match="cannot write"):
+        files.write_file_atomic(target, b"new", 0o644)
+    assert sorted(os.listdir(tmp_path)) == ["cert"]
+    assert os.listdir(target) == ["inside"]
+
+
+def test_syncing_a_folder_leaves_no_descriptor_open(tmp_path):
+    before = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        files.fsync_dir(tmp_path)
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_file_of_exactly_the_limit_is_read_whole_and_one_byte_more_is_refused(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"a" * 100)
+    assert files.read_bounded(path, "file", 100) == b"a" * 100
+    path.write_bytes(b"a" * 101)
+    with pytest.raises(errors.ConfigError, match="too large"):
+        files.read_bounded(path, "file", 100)
+
+
+def test_a_chain_of_40_symlinks_is_followed_and_a_41st_is_a_loop_as_for_the_kernel(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    previous = target
+    for n in range(41):
+        link = tmp_path / f"link{n}"
+        link.symlink_to(previous)
+        previous = link
+    assert files.trusted_path(tmp_path / "link39", "file") == target
+    assert (tmp_path / "link39").read_text() == "x"  # the kernel follows 40 too
+    with pytest.raises(errors.ConfigError, match="a symlink loop"):
+        files.trusted_path(tmp_path / "link40", "file")
+    with pytest.raises(OSError):
+        (tmp_path / "link40").read_text()
+
+
 def test_write_fsyncs_the_file_and_its_folder(tmp_path, monkeypatch):
     synced = []
     real_fsync = os.fsync
@@ -188,6 +230,24 @@ def test_a_lock_file_others_could_open_is_refused(tmp_path):
     os.chmod(tmp_path / "run.lock", 0o644)
     with pytest.raises(errors.ConfigError, match="not a 0600 file"):
         lock.RunLock(tmp_path).acquire(retries.Deadline(1))
+
+
+def test_a_lock_file_refused_inside_the_run_is_one_config_error_and_closes_its_descriptor(
+        tmp_path):
+    (tmp_path / "run.lock").touch()
+    os.chmod(tmp_path / "run.lock", 0o644)
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(errors.ConfigError, match="not a 0600 file"):
+        with lock.RunLock(tmp_path) as held:  # as locked_run holds it
+            held.acquire(retries.Deadline(1))
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_lock_that_cannot_be_opened_is_a_storage_error_inside_the_run(tmp_path):
+    (tmp_path / "run.lock").mkdir()  # a folder where the lock file belongs
+    with pytest.raises(errors.StorageError, match="cannot open the lock"):
+        with lock.RunLock(tmp_path) as held:
+            held.acquire(retries.Deadline(1))
 
 
 def test_the_lock_holder_is_found_without_creating_or_taking_the_lock(tmp_path):

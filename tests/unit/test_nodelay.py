@@ -146,6 +146,16 @@ def test_a_descriptor_reused_for_another_socket_is_not_touched(listener):
         assert nodelay_on(client)
 
 
+def test_a_descriptor_reused_for_a_file_of_the_same_inode_number_is_left_and_not_leaked(
+        tmp_path):
+    # Inode numbers are per file system: a file may carry the socket's number.
+    with open(tmp_path / "file", "wb") as reused:
+        inode = os.fstat(reused.fileno()).st_ino
+        before = sorted(os.listdir("/proc/self/fd"))
+        assert nodelay.set_on(reused.fileno(), inode) is None
+        assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 def test_the_kernel_table_shows_the_connection_with_both_ends(listener):
     client, peer = open_connection(listener)
     with client, peer:

@@ -159,7 +159,8 @@ def test_reconcile_finds_nothing_when_no_key_matches_the_certificate(token):
     assert len(token.objects()) == 4
 
 
-def test_half_pairs_under_our_labels_are_removed_and_other_labels_left_alone(token):
+def test_half_pairs_under_our_labels_are_removed_with_a_warning_and_other_labels_left_alone(
+        token, caplog):
     with open_token(token.settings()) as t:
         lone_public = t.generate("EC-P256", label=FINAL)
         lone_public.private.destroy()           # a delete cut short
@@ -169,6 +170,8 @@ def test_half_pairs_under_our_labels_are_removed_and_other_labels_left_alone(tok
         foreign.public.destroy()
         t.remove_orphans()
     assert labels(token.objects()) == [("PRIVATE_KEY", "another-app")]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "removing 2 key object(s) without their other half from the token"]
 
 
 def another_apps_pair(t, label, key_id):
@@ -332,6 +335,21 @@ def test_a_wrong_pin_reaches_the_token_once_however_often_the_run_asks(token, tm
 
 def test_the_spy_counts_every_login_of_a_right_pin(token, tmp_path):
     assert spy_run(token, tmp_path, USER_PIN, attempts=2) == (2, ["ok", "ok"])
+
+
+def test_a_generated_key_pair_is_said_with_its_algorithm_token_and_label(token, caplog):
+    with caplog.at_level(logging.INFO), open_token(token.settings()) as t:
+        t.generate("EC-P256", label=FINAL)
+    assert (f"generated an EC-P256 key pair in token {token.label!r} under label {FINAL!r}"
+            in caplog.messages)
+
+
+def test_each_opening_of_the_token_closes_its_session_before_it_finalizes(token, tmp_path):
+    assert spy_run(token, tmp_path, USER_PIN, attempts=2)[1] == ["ok", "ok"]
+    calls = [line.split()[-1] for line in (tmp_path / "spy.log").read_text().splitlines()
+             if line.split() and line.split()[-1] in ("C_OpenSession", "C_CloseSession",
+                                                      "C_Finalize")]
+    assert calls == ["C_OpenSession", "C_CloseSession", "C_Finalize"] * 2
 
 
 def test_the_pin_stays_out_of_the_token_key_repr(token):

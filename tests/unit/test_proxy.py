@@ -16,6 +16,8 @@ import update_boot_status
 
 GOOD = {"SERIAL_ID": "CAM-1", "ENDPOINT_URL": "abc123-ats.iot.eu-west-1.amazonaws.com"}
 SECRET = "s3cr3t-Pa55"
+# A DNS name is at most 253 characters (labels of at most 63).
+LONGEST_HOST = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
 
 
 def load(tmp_path, value):
@@ -35,6 +37,7 @@ def load(tmp_path, value):
     # ':', '@' and '%' travel percent-encoded in a URL's credentials.
     ("http://cam%40site:p%3Aw%40rd%25@10.0.0.1:80", "10.0.0.1", 80, "cam@site", "p:w@rd%"),
     ("http://proxy-1.example.com:3128", "proxy-1.example.com", 3128, None, None),
+    (f"http://{LONGEST_HOST}:3128", LONGEST_HOST, 3128, None, None),
 ])
 def test_a_good_http_proxy_is_parsed_into_host_port_and_credentials(
         tmp_path, value, host, port, user, password):
@@ -76,6 +79,7 @@ def test_no_http_proxy_or_an_empty_one_means_a_direct_connection(tmp_path, value
     (f"http://cam%00era:{SECRET}@proxy.example.com:3128", "control"),
     (f"http://camera:{SECRET}%0A@proxy.example.com:3128", "control"),
     ("http://camera:@proxy.example.com:3128", "empty password"),
+    (f"http://{LONGEST_HOST}a:3128", "host"),
 ])
 def test_a_bad_http_proxy_is_a_config_error_naming_the_key_never_the_password(
         tmp_path, value, problem):
@@ -165,6 +169,17 @@ def test_the_https_proxy_variable_is_noted_once_and_its_value_never_shown(caplog
     assert len(caplog.records) == 1 and SECRET not in caplog.text
     assert "https_proxy is set in the environment but not used" in caplog.text
     assert proxy.note_environment({}) is None
+
+
+def test_a_boot_without_http_proxy_says_the_environments_https_proxy_is_not_used(
+        device, cloud, caplog, monkeypatch):
+    monkeypatch.setattr(proxy, "_noted", [])
+    monkeypatch.setenv("HTTPS_PROXY", f"http://camera:{SECRET}@proxy.example.com:3128")
+    boot.boot(device.config_path, Deadline(60, clock=FakeClock(), step_limit=0.2), build=cloud)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == ["HTTPS_PROXY is set in the environment but not used: the connection goes "
+                    "direct; set HTTP_PROXY in the config to use a proxy"]
+    assert [c.endpoint.proxy for c in cloud.connections] == [None, None]
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o604, 0o444])

@@ -57,6 +57,15 @@ def test_a_step_is_the_step_limit_or_what_is_left():
         deadline.step("x")
 
 
+def test_no_step_is_given_at_the_very_end_of_the_run_not_even_one_of_no_time():
+    fake = FakeClock()
+    deadline = retries.Deadline(30, clock=fake, step_limit=20)
+    fake.advance(30)
+    assert deadline.remaining() == 0
+    with pytest.raises(errors.TransientError, match="x: the run's time limit was reached"):
+        deadline.step("x")
+
+
 @pytest.mark.parametrize("script", ["boot.py", "update_boot_status.py"])
 def test_the_scripts_refuse_an_unbounded_timeout_at_once(script, capsys):
     import importlib
@@ -88,6 +97,22 @@ def test_a_hold_longer_than_the_backoff_is_slept_and_one_past_the_deadline_ends_
         retries.with_retries(failing, retries.Deadline(100.0, clock=fake),
                              "provisioning", hold=lambda: next(holds))
     assert fake.sleeps == [30.0] and err.value.hint == "the claim policy"
+
+
+def test_each_retry_is_announced_with_the_number_of_the_attempt_to_come(caplog):
+    fake = FakeClock()
+    outcomes = iter([errors.TransientError("no answer"), errors.TransientError("no answer")])
+
+    def flaky():
+        failure = next(outcomes, None)
+        if failure:
+            raise failure
+    holds = iter([(5.0, ""), (5.0, "")])
+    retries.with_retries(flaky, retries.Deadline(100.0, clock=fake), "provisioning",
+                         hold=lambda: next(holds))
+    assert [m for m in caplog.messages if "retrying" in m] == [
+        "provisioning: no answer; retrying in 5.0 s (attempt 2)",
+        "provisioning: no answer; retrying in 5.0 s (attempt 3)"]
 
 
 def test_the_real_clock_bounds_a_wait_on_a_future_or_a_queue_that_never_answers():
