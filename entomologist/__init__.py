@@ -7,8 +7,8 @@ time; retries: the run's deadline and backoff; certs: certificates and key
 pairs; clock: a clock that is provably wrong; mqtt: one MQTT connection with
 bounded waits; fleet: fleet provisioning over AWS's IotIdentityClient; keys:
 a key made on the device and its CSR; credentials: CERT_DIR, staged and
-installed credentials; check: boot.py --check, the same checks without
-doing anything.
+installed credentials; aside: another camera's pair set aside; check:
+boot.py --check, the same checks without doing anything.
 
 Importing the package does nothing but define things; awscrt and
 cryptography are loaded only where they are used.

@@ -30,7 +30,7 @@ that state calls for; provisioning (the network) is boot.py's.
   REGISTERED      registration.json.staging parses, and its   install()            SOUND
                   certificate is staged with its key (or the
                   pair it names is already installed)
-  FOREIGN         installed-for.json names another SERIAL_ID  set_aside()          EMPTY/STAGED
+  FOREIGN         installed-for.json names another SERIAL_ID  aside.set_aside()    EMPTY/STAGED
   EMPTY           no certificate installed, nothing staged    nothing: provision   REGISTERED
   STAGED          no certificate installed; an unregistered   nothing: provision   REGISTERED
                   attempt's files (a device-made key is reused)
@@ -53,17 +53,15 @@ import enum
 import json
 import logging
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import certs, config as configuration, files, spend, token_pair
-from .errors import EntoError, StorageError
+from . import aside, certs, config as configuration, files, spend, token_pair
+from .errors import EntoError
 
 log = logging.getLogger("entomologist")
 
 RESERVE_BYTES = 64 * 1024
-MAX_ASIDE_FOLDERS = 20  # pairs of other cameras set aside for one serial
 CERT_DIR_HINT = "CERT_DIR in the config"
 
 
@@ -189,7 +187,7 @@ class CertDir:
         if look.state is State.REGISTERED:
             self.install(cfg, look.registration, cfg.root_ca)
         elif look.state is State.FOREIGN:
-            return self.set_aside(look.owner)
+            return aside.set_aside(self, look.owner)
         elif look.installed:
             if self.token is not None:
                 self.promote_token_key()
@@ -232,41 +230,6 @@ class CertDir:
         data = json.dumps({"serialId": serial_id, "thingName": reg.thing_name,
                            "certificateId": reg.certificate_id}).encode()
         files.write_file_atomic(self.installed_for_file, data, 0o644)
-
-    def set_aside(self, serial_id: str) -> Path:
-        """Move the pair installed for ``serial_id`` into a folder of its own,
-        foreign-<serial>/ (0700): the certificate first (without it nothing counts
-        as installed), the record last (while it is there, a killed run's next
-        run moves the rest)."""
-        moving = [path for path in (self.cert, self.key, self.ca, self.device_configuration,
-                                    self.installed_for_file) if os.path.lexists(path)]
-        folder = self._aside_folder(serial_id, [path.name for path in moving])
-        for path in moving:
-            files.rename_durably(path, folder / path.name)
-        return folder
-
-    def _aside_folder(self, serial_id: str, names: list[str]) -> Path:
-        """A folder that replaces nothing: a new one, or one a killed move began
-        (a real folder of ours that holds none of ``names``).  A second pair set
-        aside for the same serial, or a symlink or file planted under the name,
-        gets the next name instead."""
-        for n in range(1, MAX_ASIDE_FOLDERS + 1):
-            folder = self.path / (f"foreign-{serial_id}" + (f"-{n}" if n > 1 else ""))
-            try:
-                os.mkdir(folder, 0o700)
-                files.fsync_dir(self.path)
-                return folder
-            except FileExistsError:
-                st = os.lstat(folder)
-                if (stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
-                        and not any(os.path.lexists(folder / name) for name in names)):
-                    return folder
-            except OSError as exc:
-                raise files.write_failure(f"cannot create {folder}", folder, exc,
-                                          hint=f"that {self.path} is writable") from None
-        raise StorageError(f"{MAX_ASIDE_FOLDERS} folders foreign-{serial_id}* in "
-                                 f"{self.path} already: nowhere to set this pair aside",
-                                 hint=f"what is in {self.path}")
 
     def ca_problem(self) -> str | None:
         """Why the CA copy installed with the pair cannot be used (a failing card

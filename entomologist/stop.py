@@ -107,7 +107,6 @@ class Stop:
             os._exit(EXIT_CODE)
 
 
-
 def stop_while_starting() -> None:
     """Until a script's Stop is installed: a signal while Python loads the product
     (on a camera's slow CPU and card, a second or more) ends the run as Stop would,

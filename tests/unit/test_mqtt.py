@@ -1,5 +1,4 @@
 """entomologist.mqtt: the connection awscrt's builder makes (built, never connected here)."""
-from pathlib import Path
 
 from entomologist import mqtt
 from fakes import MiniCA
