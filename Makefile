@@ -118,20 +118,7 @@ install:
 	install -m 0644 $(APP_FILES) $(DESTDIR)$(PREFIX)/
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/entomologist
 	install -m 0644 $(PACKAGE_FILES) $(DESTDIR)$(PREFIX)/entomologist/
-	@# Installing again (an upgrade) keeps a venv of the same Python: rebuilding it is
-	@# most of the time such an install takes.
-	@# Kept only if it is a venv (its pyvenv.cfg read: else its python is the base
-	@# interpreter, and pip would install into the system) with pip (a first install
-	@# cut short between bin/python and ensurepip has none). Otherwise made anew with
-	@# --clear: venv over an old venv keeps its bin/python links to the old Python.
-	@v=$(DESTDIR)$(PREFIX)/venv/bin/python; version='import sys; print(sys.version)'; \
-	venv='import sys, pip; assert sys.prefix != sys.base_prefix; print(sys.version)'; \
-	if [ -x "$$v" ] && [ "$$("$$v" -c "$$venv" 2>/dev/null)" = "$$($(INSTALL_PYTHON) -c "$$version")" ]; then \
-		echo "keeping $(DESTDIR)$(PREFIX)/venv (Python $$("$$v" -c 'import platform; print(platform.python_version())'))"; \
-	else \
-		echo "$(INSTALL_PYTHON) -m venv --clear $(DESTDIR)$(PREFIX)/venv"; \
-		$(INSTALL_PYTHON) -m venv --clear $(DESTDIR)$(PREFIX)/venv; \
-	fi
+	@$(MAKE) --no-print-directory install-venv
 	@out=$$($(DESTDIR)$(PREFIX)/venv/bin/python -m pip install -q --disable-pip-version-check \
 		--dry-run --only-binary=:all: --no-deps -r requirements.txt 2>&1); \
 	missing=$$(printf '%s\n' "$$out" | sed -n 's/.*satisfies the requirement \([^ ]*\).*/\1/p'); \
@@ -168,6 +155,24 @@ endif
 		[ -n "$(DESTDIR)" ] || echo "systemd is not running (no $(SYSTEMD_RUNDIR)): enabling $(UNIT) by its symlink"; \
 		install -d -m 0755 $(DESTDIR)$(UNITDIR)/multi-user.target.wants && \
 		ln -sfn $(UNITDIR)/$(UNIT) $(DESTDIR)$(UNITDIR)/multi-user.target.wants/$(UNIT); \
+	fi
+
+# The venv of an installed tree, on its own so that its rules can be tested alone.
+install-venv:
+	@case "$(PREFIX)" in /?*) ;; *) echo "PREFIX must be an absolute path" >&2; exit 2;; esac
+	@# Installing again (an upgrade) keeps a venv of the same Python: rebuilding it is
+	@# most of the time such an install takes.
+	@# Kept only if it is a venv (its pyvenv.cfg read: else its python is the base
+	@# interpreter, and pip would install into the system) with pip (a first install
+	@# cut short between bin/python and ensurepip has none). Otherwise made anew with
+	@# --clear: venv over an old venv keeps its bin/python links to the old Python.
+	@v=$(DESTDIR)$(PREFIX)/venv/bin/python; version='import sys; print(sys.version)'; \
+	venv='import sys, pip; assert sys.prefix != sys.base_prefix; print(sys.version)'; \
+	if [ -x "$$v" ] && [ "$$("$$v" -c "$$venv" 2>/dev/null)" = "$$($(INSTALL_PYTHON) -c "$$version")" ]; then \
+		echo "keeping $(DESTDIR)$(PREFIX)/venv (Python $$("$$v" -c 'import platform; print(platform.python_version())'))"; \
+	else \
+		echo "$(INSTALL_PYTHON) -m venv --clear $(DESTDIR)$(PREFIX)/venv"; \
+		$(INSTALL_PYTHON) -m venv --clear $(DESTDIR)$(PREFIX)/venv; \
 	fi
 
 # As an image builder would: make install inside an emulated Debian arm64 root,
