@@ -117,9 +117,18 @@ def test_run_applies_the_mode_and_the_stack_given(tmp_path):
     ["--reject-create", "nonsense"], ["--reject-register", "200:OK"], ["--delay", "nan"],
     ["--delay", "-1"], ["--reject-times", "-2"], ["--malformed-create", "other"],
 ])
-def test_a_malformed_fault_option_is_a_usage_error_not_a_traceback(tmp_path, options):
+def test_a_malformed_fault_option_is_a_usage_error_not_a_traceback(tmp_path, options, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        standin_cli.main(["run", "--dir", str(tmp_path), *options])
+    assert stopped.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_usage_error_ends_the_process_with_2_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "iot_standin.py"), "run", "--dir",
-                           str(tmp_path), *options], capture_output=True, text=True, timeout=30)
+                           str(tmp_path), "--delay", "nan"], capture_output=True, text=True,
+                          timeout=30)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "usage:" in proc.stderr
     assert list(tmp_path.iterdir()) == []
