@@ -188,6 +188,7 @@ class StandIn:
         self._admin_answers: dict[str, dict] = {}
         self._admin_answered = threading.Condition()
         self._connection = None
+        self._tls = None
         self.responder: Responder | None = None
         self._lock = threading.Lock()
         # A stand-in started again in the same folder goes on from its record.
@@ -460,16 +461,22 @@ class StandIn:
                                   self.claim_key, client_id, timeout)
 
     def _client(self, client_id: str, bootstrap=None):
-        from awsiot import mqtt_connection_builder
-        cert, key = self._responder_files
+        from awscrt import io, mqtt
+        if self._tls is None:
+            # One TLS context for the stand-in's own connections (the same pair):
+            # making one is most of a stand-in's start-up CPU.
+            cert, key = self._responder_files
+            options = io.TlsContextOptions.create_client_with_mtls_from_path(str(cert),
+                                                                             str(key))
+            options.override_default_trust_store_from_path(None, str(self.ca_path))
+            self._tls = io.ClientTlsContext(options)
+        client = mqtt.Client(bootstrap or io.ClientBootstrap.get_or_create_static_default(),
+                             self._tls)
         # Straight to mosquitto: the stand-in's own connections pass no policy.
-        host = "127.0.0.1" if self.policies else self.host
-        return mqtt_connection_builder.mtls_from_path(
-            endpoint=host, port=self._broker.port, cert_filepath=str(cert),
-            pri_key_filepath=str(key), ca_filepath=str(self.ca_path), client_id=client_id,
-            clean_session=True, keep_alive_secs=30, enable_metrics_collection=False,
-            on_connection_resumed=_subscribe_again,
-            **({"client_bootstrap": bootstrap} if bootstrap is not None else {}))
+        return mqtt.Connection(client=client, client_id=client_id,
+                               host_name="127.0.0.1" if self.policies else self.host,
+                               port=self._broker.port, clean_session=True,
+                               keep_alive_secs=30, on_connection_resumed=_subscribe_again)
 
     def _connect_responder(self) -> None:
         from awscrt import mqtt
