@@ -69,7 +69,7 @@ from cryptography import x509
 from cloud.hook import secret_hash
 from standin import claimpair, policy
 from standin import template as templates
-from standin.broker import Broker, find_mosquitto, free_port
+from standin.broker import Broker, find_mosquitto, reserved_port
 from cloud.inventory import new_secret
 from standin.ca import StandInCA, certificate_id, write_new
 from standin.enforce import Enforcer, Identity, Relay
@@ -189,6 +189,7 @@ class StandIn:
         self._admin_answered = threading.Condition()
         self._connection = None
         self._tls = None
+        self._port_socket = None
         self.responder: Responder | None = None
         self._lock = threading.Lock()
         # A stand-in started again in the same folder goes on from its record.
@@ -242,7 +243,8 @@ class StandIn:
             self._broker = Broker(self.dir, self.ca_path, *self._server_files,
                                   host="127.0.0.1", tcp_nodelay=self.tcp_nodelay,
                                   dynsec_file=self.dynsec_path)
-            self.port = free_port(self.host)
+            self._port_socket = reserved_port(self.host)
+            self.port = self._port_socket.getsockname()[1]
             self.enforcer = Enforcer(self._broker.log_path, self.record)
             self.enforcer.add(Identity(RESPONDER_CN, "service", acl=RESPONDER_ACL,
                                        dynsec=RESPONDER_DYNSEC))
@@ -387,9 +389,13 @@ class StandIn:
             self._broker.start()
             if self.policies:
                 self._relay = Relay(self.host, self.port, ("127.0.0.1", self._broker.port),
-                                    self.enforcer, self.tcp_nodelay)
+                                    self.enforcer, self.tcp_nodelay, bound=self._port_socket)
+                self._port_socket = None
                 self._relay.start()
                 self._connect_admin()
+            elif self._broker.port != self.port:  # its port was taken: the device follows
+                self.port = self._broker.port
+                self.write_device_config()
             self._connect_responder()
         except BaseException:
             self.stop()
@@ -490,6 +496,9 @@ class StandIn:
             future.result(10)
 
     def stop(self) -> None:
+        if self._port_socket is not None:
+            self._port_socket.close()
+            self._port_socket = None
         self.stop_broker()
         if self._inventory_thread is not None:
             self._inventory_thread.join(30)

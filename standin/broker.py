@@ -22,9 +22,21 @@ def find_dynsec_plugin() -> str | None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now: a process that binds it later may find it taken (an outgoing
+    connection's local port comes from the same range), so callers bind at once, or
+    use ``reserved_port``, or try another."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def reserved_port(host: str) -> socket.socket:
+    """A socket bound to a free port and kept: nothing else can take the port
+    before its listener needs it."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, 0))
+    return s
 
 
 class Broker:
@@ -68,26 +80,57 @@ class Broker:
         if os.geteuid() == 0:
             # mosquitto drops root for user "mosquitto", which cannot read 0600 keys.
             lines.append("user root")
-        self.conf.write_text("\n".join(lines) + "\n")
+        self._lines = lines
+        self._write_conf()
         self._process: subprocess.Popen | None = None
         self._log = None
 
-    def start(self, limit: float = 5.0) -> None:
+    def _write_conf(self) -> None:
+        self.conf.write_text("".join(
+            (f"listener {self.port} {self.host}" if line.startswith("listener ") else line)
+            + "\n" for line in self._lines))
+
+    def start(self, limit: float = 5.0, attempts: int = 3) -> None:
+        """Start mosquitto; on a port taken since it was chosen, again on another
+        (``port`` then changes)."""
+        for attempt in range(attempts):
+            logged = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                return self._start(limit)
+            except RuntimeError:
+                with open(self.log_path, "rb") as f:
+                    f.seek(logged)
+                    taken = b"Address already in use" in f.read()
+                if not taken or attempt == attempts - 1:
+                    raise
+                self.port = free_port(self.host)
+                self._write_conf()
+
+    def _start(self, limit: float) -> None:
         mosquitto = find_mosquitto()
         if not mosquitto:
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
-        self._log = open(self.log_path, "ab")
+        if self._log is None:
+            self._log = open(self.log_path, "ab")
+        logged = self.log_path.stat().st_size
         self._process = subprocess.Popen([mosquitto, "-c", str(self.conf)], stdout=self._log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         end = time.monotonic() + limit
         while time.monotonic() < end:
             if self._process.poll() is not None:
                 raise RuntimeError(f"mosquitto exited; see {self.log_path}")
+            # Its own word that its listener is open: a connection alone could reach
+            # whatever took the port first.
+            with open(self.log_path, "rb") as f:
+                f.seek(logged)
+                running = b" running" in f.read()
             try:
-                socket.create_connection((self.host, self.port), timeout=0.2).close()
-                return
+                if running:
+                    socket.create_connection((self.host, self.port), timeout=0.2).close()
+                    return
             except OSError:
-                time.sleep(0.02)
+                pass
+            time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"mosquitto did not listen on {self.port}")
 

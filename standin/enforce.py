@@ -252,8 +252,9 @@ class Relay:
     """Device connections to mosquitto, each held back until the log is decided."""
 
     def __init__(self, host: str, port: int, upstream: tuple[str, int], enforcer: Enforcer,
-                 tcp_nodelay: bool = True):
+                 tcp_nodelay: bool = True, bound: socket.socket | None = None):
         self.host, self.port, self.upstream = host, port, upstream
+        self._bound = bound  # the port's socket, bound when the port was chosen
         self.enforcer = enforcer
         self.tcp_nodelay = tcp_nodelay
         self._listener: socket.socket | None = None
@@ -263,9 +264,11 @@ class Relay:
         enforcer._close = self.close
 
     def start(self) -> None:
-        s = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((self.host, self.port))
+        s, self._bound = self._bound, None
+        if s is None:
+            s = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((self.host, self.port))
         s.listen(64)
         self._listener = s
         threading.Thread(target=self._accept, daemon=True, name="standin-relay").start()

@@ -254,3 +254,4 @@ def test_a_stand_in_never_hands_out_one_rsa_key_twice_and_later_stand_ins_reuse_
     assert len(set(numbers)) == 3
     assert all(k.key_size == 2048 for k in keys)
     assert [second.next().private_numbers().p for _ in range(3)] == numbers
+
