@@ -232,36 +232,32 @@ class _Generator:
                 self.visit_body(value, stmt)
                 self.classes.pop()
                 continue
-            items = value if isinstance(value, list) else [value]
-            if items and all(isinstance(i, ast.stmt) for i in items):
-                self.visit_body(items, stmt)
-                continue
-            for item in items:
-                if isinstance(item, ast.stmt):
-                    self.visit_stmt(item)
-                elif isinstance(item, ast.expr):
-                    self.visit_expr(item, stmt)
-                elif isinstance(item, ast.AST):  # handlers, withitems, match cases, keywords
-                    self.visit_other(item, stmt)
+            self.visit_field(value, stmt, stmt)
 
     def visit_arguments(self, args: ast.arguments, stmt) -> None:
         # Defaults are code; the annotations of the arguments are not.
         for default in [*args.defaults, *(d for d in args.kw_defaults if d is not None)]:
             self.visit_expr(default, stmt)
 
+    def visit_field(self, value, parent, stmt) -> None:
+        """One field of ``parent``: a body of statements, or the expressions and other
+        nodes (handlers, withitems, match cases, keywords) of ``stmt``."""
+        items = value if isinstance(value, list) else [value]
+        if items and all(isinstance(i, ast.stmt) for i in items):
+            self.visit_body(items, parent)
+            return
+        for item in items:
+            if isinstance(item, ast.stmt):
+                self.visit_stmt(item)
+            elif isinstance(item, ast.expr):
+                self.visit_expr(item, stmt)
+            elif isinstance(item, ast.AST):
+                self.visit_other(item, stmt)
+
     def visit_other(self, node, stmt) -> None:
         for name, value in ast.iter_fields(node):
-            if name in self.ANNOTATION_FIELDS:
-                continue
-            items = value if isinstance(value, list) else [value]
-            if items and all(isinstance(i, ast.stmt) for i in items):
-                self.visit_body(items, node)
-                continue
-            for item in items:
-                if isinstance(item, ast.expr):
-                    self.visit_expr(item, stmt)
-                elif isinstance(item, ast.AST):
-                    self.visit_other(item, stmt)
+            if name not in self.ANNOTATION_FIELDS:
+                self.visit_field(value, node, stmt)
 
     def visit_expr(self, node, stmt) -> None:
         if isinstance(node, ast.JoinedStr):

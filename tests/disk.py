@@ -1,5 +1,7 @@
 """Real file systems for the tests' failing-disk cases."""
 import os
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -13,3 +15,16 @@ def fill(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextmanager
+def tmpfs(path: Path, size: str, mode: int = 0o700):
+    """A real tmpfs of ``size`` on ``path`` (made if missing): a disk that fills up as
+    a card does.  Needs root."""
+    path.mkdir(mode=mode, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode:o}", "tmpfs",
+                    str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)

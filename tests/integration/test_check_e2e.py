@@ -592,17 +592,23 @@ def test_a_captive_portal_proxy_fails_the_proxy_line_with_75_as_the_boot(device_
     assert "with something other than a tunnel (HTTP 302)" in lines(proc)["proxy"]
 
 
-@pytest.mark.parametrize("after", [b"not TLS", b"\x16"], ids=["text", "one byte"])
-def test_a_proxy_whose_200_is_followed_by_bytes_is_no_tunnel(device_files, scripted_proxy, after):
-    def chatty(conn, n, stopping):
-        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n" + after)
-    proxy = scripted_proxy(chatty)
+def check_through(device_files, scripted_proxy, behaviour, why: str) -> None:
+    """--check through a proxy that behaves so: 75, its line naming ``why``."""
+    proxy = scripted_proxy(behaviour)
     device_files.write_device_config(HTTP_PROXY=proxy.url())
     proc = check(device_files, "--timeout", "4")
     assert proc.returncode == 75, proc.stdout
     assert lines(proc)["proxy"].startswith(
         f"FAIL proxy       the HTTP proxy 127.0.0.1:{proxy.port} did not answer CONNECT as an "
-        "HTTP proxy (bytes after the answer, before the tunnel was used)"), proc.stdout
+        f"HTTP proxy ({why})"), proc.stdout
+
+
+@pytest.mark.parametrize("after", [b"not TLS", b"\x16"], ids=["text", "one byte"])
+def test_a_proxy_whose_200_is_followed_by_bytes_is_no_tunnel(device_files, scripted_proxy, after):
+    def chatty(conn, n, stopping):
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n" + after)
+    check_through(device_files, scripted_proxy, chatty,
+                  "bytes after the answer, before the tunnel was used")
 
 
 def test_a_proxy_answering_100_continue_without_end_is_read_no_further_than_16_kib(
@@ -610,13 +616,7 @@ def test_a_proxy_answering_100_continue_without_end_is_read_no_further_than_16_k
     def continues(conn, n, stopping):
         conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n" * 1000)  # 26 000 bytes at once
         stopping.wait(5)
-    proxy = scripted_proxy(continues)
-    device_files.write_device_config(HTTP_PROXY=proxy.url())
-    proc = check(device_files, "--timeout", "4")
-    assert proc.returncode == 75, proc.stdout
-    assert lines(proc)["proxy"].startswith(
-        f"FAIL proxy       the HTTP proxy 127.0.0.1:{proxy.port} did not answer CONNECT as an "
-        "HTTP proxy (no final status in 16384 bytes)"), proc.stdout
+    check_through(device_files, scripted_proxy, continues, "no final status in 16384 bytes")
 
 
 def test_a_camera_held_back_by_its_spend_record_checks_75_naming_when_and_writes_nothing(

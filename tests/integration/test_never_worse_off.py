@@ -5,14 +5,13 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from e2e import ROOT, DeviceState, device_doc, privilege_drop, run_script
 from iot_standin import StandIn
-from disk import fill
+from disk import fill, tmpfs
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="other owners, modes that bind root, and mounts need root")
@@ -28,17 +27,6 @@ def run_as_service(standin, script="boot.py", *args):
 
 def registers(standin):
     return len(standin.events("register-request"))
-
-
-@contextmanager
-def tmpfs(path: Path, size: str):
-    path.mkdir(mode=0o700, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-                   check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 # ------------------------------------------------------- no registration wasted

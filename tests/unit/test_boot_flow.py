@@ -223,19 +223,23 @@ def test_force_provisions_again_and_replaces_the_credentials(device, cloud):
     assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, RECORD, KEY, LOCK]
 
 
-def test_force_keeps_the_old_credentials_when_registration_is_refused(device, cloud):
+@pytest.mark.parametrize("refused", ["create", "register"])
+def test_force_keeps_the_old_credentials_and_the_status_when_the_service_refuses(
+        device, cloud, refused):
     run(device, cloud)
     old_cert = (device.cert_dir / CERT).read_bytes()
-    cloud.register_answers.append(("rejected", {"statusCode": 400, "errorCode": "Nope",
-                                                "errorMessage": "no"}))
+    getattr(cloud, f"{refused}_answers").append(
+        ("rejected", {"statusCode": 400, "errorCode": "Nope", "errorMessage": "no"}))
     with pytest.raises(errors.ServiceError):
         run(device, cloud, force=True)
     assert (device.cert_dir / CERT).read_bytes() == old_cert
     assert CertDir.open(device.cert_dir).installed_problem() is None
     assert device.device["PROVISION_STATUS"] == "True"
-    # The refused certificate stays recorded until a pair is installed.
-    assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, RECORD, KEY, SPEND, LOCK]
-    assert mode(device.cert_dir / SPEND) == 0o600
+    if refused == "create":  # nothing was made, nothing is recorded
+        assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, RECORD, KEY, LOCK]
+    else:  # the refused certificate stays recorded until a pair is installed
+        assert sorted(os.listdir(device.cert_dir)) == [CA, CERT, RECORD, KEY, SPEND, LOCK]
+        assert mode(device.cert_dir / SPEND) == 0o600
 
 
 def test_a_staged_key_left_by_a_killed_force_run_is_cleaned_on_a_normal_boot(device, cloud):
@@ -572,18 +576,6 @@ def test_an_answer_that_came_before_its_request_is_ignored_with_a_warning(device
     assert device.device["THING_NAME"] == "thing-CAM-42"
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         "ignoring a RegisterThing answer that came before the request"]
-
-
-def test_a_forced_provisioning_the_service_refuses_keeps_the_status_true_and_the_pair(
-        device, cloud):
-    run(device, cloud)
-    installed = (device.cert_dir / CERT).read_bytes()
-    cloud.create_answers.append(("rejected", {"statusCode": 403, "errorCode": "Forbidden",
-                                              "errorMessage": "no"}))
-    with pytest.raises(errors.ServiceError):
-        run(device, cloud, force=True)
-    assert device.device["PROVISION_STATUS"] == "True"
-    assert (device.cert_dir / CERT).read_bytes() == installed
 
 
 def test_a_lost_pair_makes_the_status_false_before_provisioning_again(device, cloud):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from entomologist import bugs
-from disk import fill
+from disk import fill, tmpfs
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "entomologist-provision.service"
 
@@ -28,12 +28,8 @@ def exec_condition(runtime_dir: Path) -> int:
 def tiny_run(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
-    run = tmp_path / "run"
-    run.mkdir(mode=0o700)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(run)],
-                   check=True)
-    yield run
-    subprocess.run(["umount", str(run)], check=True)
+    with tmpfs(tmp_path / "run", "64k") as run:
+        yield run
 
 
 @pytest.mark.parametrize("content", ["", "\n", "garbage\n", "-1\n", "2x\n", " \n",

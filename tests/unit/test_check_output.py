@@ -2,14 +2,13 @@
 import io
 import json
 import os
-import subprocess
 
 import pytest
 
 import boot
 from entomologist import check, check_local, check_network, logs
 from entomologist.errors import ConfigError, StorageError, TransientError
-from disk import fill
+from disk import fill, tmpfs
 from fakes import CAM42_CLAIM
 
 
@@ -177,16 +176,10 @@ def test_a_folder_root_owns_without_its_write_bit_fails_the_storage_line_with_73
 def test_a_full_disk_under_cert_dir_fails_the_storage_line_with_73(device, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
-    data = tmp_path / "data"
-    data.mkdir(mode=0o755)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(data)],
-                   check=True)
-    try:
+    with tmpfs(tmp_path / "data", "256k", 0o755) as data:
         fill(data)
         device.update(CERT_DIR=str(data / "cert"))
         code, lines = check_lines(device)
-    finally:
-        subprocess.run(["umount", str(data)], check=True)
     assert lines["storage"]["status"] == "fail" and lines["storage"]["exit_code"] == 73
     assert lines["storage"]["detail"] == (f"the folder of CERT_DIR {data} has less than 128 KiB "
                                           f"free; the next boot must write there")
