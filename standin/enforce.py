@@ -189,14 +189,22 @@ class Enforcer:
         self._deny(port, identity, client_id, "iot:Publish",
                    identity.context.arn("topic", topic), reason)
 
+    def _subscribe_decision(self, client_id: str, topic_filter: str):
+        """(port, identity, the policies' decision) for a device's SUBSCRIBE; None for
+        the stand-in's own connections and unknown clients."""
+        port, identity = self._identity_of(client_id)
+        if port is None or identity is None or identity.kind == "service":
+            return None
+        return port, identity, policy.decide(identity.documents, "iot:Subscribe",
+                                             topic_filter, self._context(identity, client_id))
+
     def _subscribe_asked(self, client_id: str, topic_filter: str) -> None:
         """A SUBSCRIBE as it arrives: the dynamic-security plugin answers a denied
         one with SUBACK 0x80 and keeps the connection, as AWS does; recorded here."""
-        port, identity = self._identity_of(client_id)
-        if port is None or identity is None or identity.kind == "service":
+        found = self._subscribe_decision(client_id, topic_filter)
+        if found is None:
             return
-        decision = policy.decide(identity.documents, "iot:Subscribe", topic_filter,
-                                 self._context(identity, client_id))
+        _, identity, decision = found
         if not decision:
             self.record("denied", action="iot:Subscribe",
                         resource=identity.context.arn("topicfilter", topic_filter),
@@ -209,11 +217,10 @@ class Enforcer:
     def _subscribe(self, client_id: str, topic_filter: str) -> None:
         """A SUBSCRIBE mosquitto granted; one the policies deny closes the connection
         (the plugin's rules are exact or stricter, so this only guards them)."""
-        port, identity = self._identity_of(client_id)
-        if port is None or identity is None or identity.kind == "service":
+        found = self._subscribe_decision(client_id, topic_filter)
+        if found is None:
             return
-        decision = policy.decide(identity.documents, "iot:Subscribe", topic_filter,
-                                 self._context(identity, client_id))
+        port, identity, decision = found
         if not decision:
             self._deny(port, identity, client_id, "iot:Subscribe",
                        identity.context.arn("topicfilter", topic_filter),
