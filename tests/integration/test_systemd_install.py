@@ -362,3 +362,48 @@ def test_install_again_rebuilds_a_venv_of_another_python_whole(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     product = _a_sound_venv(venv)
     assert (product.returncode, product.stdout) == (0, mine), product.stderr
+
+
+def test_install_again_never_runs_a_venv_python_that_links_to_a_file_others_can_write(tmp_path):
+    # The keep-or-rebuild probe runs bin/python as root: a link to a writable file
+    # would run its writer's code now, and at every boot if the venv were kept.
+    marker = tmp_path / "ran"
+    planted = tmp_path / "planted-python"
+    planted.write_text(f"#!/bin/sh\ntouch {marker}\nexec {sys.executable} \"$@\"\n")
+    planted.chmod(0o777)
+
+    def linked_to_a_writable_file(venv):
+        _venv_with_pip(sys.executable, venv)
+        (venv / "bin" / "python").unlink()
+        (venv / "bin" / "python").symlink_to(planted)
+    proc, venv = _reinstall_over(tmp_path, linked_to_a_writable_file)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not marker.exists()
+    assert "keeping" not in proc.stdout
+    assert os.path.realpath(venv / "bin" / "python") == os.path.realpath(sys.executable)
+
+
+def test_install_refuses_a_venv_folder_that_is_a_symlink_and_empties_nothing(tmp_path):
+    # `venv --clear` through the link would empty the folder it points to.
+    elsewhere = tmp_path / "someone-elses"
+    elsewhere.mkdir()
+    (elsewhere / "theirs").write_text("kept")
+    proc, venv = _reinstall_over(tmp_path, lambda venv: (
+        venv.parent.mkdir(parents=True), venv.symlink_to(elsewhere)))
+    assert proc.returncode != 0
+    assert "is a symlink" in proc.stderr
+    assert (elsewhere / "theirs").read_text() == "kept"
+
+
+@pytest.mark.parametrize("target", ["install", "install-venv", "uninstall"])
+def test_a_prefix_with_a_blank_is_refused_before_anything_is_made_or_removed(tmp_path, target):
+    # Unquoted, "/data x" is two paths: `rm -rf /data x`, `venv --clear /data x/venv`.
+    root = tmp_path / "rootfs"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "precious").write_text("kept")
+    proc = make(target, f"DESTDIR={root}", "PREFIX=/data x", cwd_root=ROOT)
+    assert proc.returncode != 0
+    assert "must not contain blanks" in proc.stderr
+    assert (root / "data" / "precious").read_text() == "kept"
+    assert sorted(p.name for p in (root / "data").iterdir()) == ["precious"]
+    assert not (ROOT / "x").exists()
