@@ -113,8 +113,14 @@ clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
+# Unquoted in the recipes below: a blank in either would split one path in two
+# (`rm -rf /data x`, `venv --clear /data x/venv` empty /data and make ./x).
+SAFE_PATHS = case "$(DESTDIR)$(PREFIX)" in *" "*|*"	"*) \
+	echo "DESTDIR and PREFIX must not contain blanks" >&2; exit 2;; esac; \
+	case "$(PREFIX)" in /?*) ;; *) echo "PREFIX must be an absolute path" >&2; exit 2;; esac
+
 install:
-	@case "$(PREFIX)" in /?*) ;; *) echo "PREFIX must be an absolute path" >&2; exit 2;; esac
+	@$(SAFE_PATHS)
 	install -d -m 0755 $(DESTDIR)$(PREFIX)
 	@# An existing config folder keeps its owner and mode (0700 stays 0700).
 	[ -d $(DESTDIR)/etc/entomologist ] || install -d -m 0755 $(DESTDIR)/etc/entomologist
@@ -162,16 +168,22 @@ endif
 
 # The venv of an installed tree, on its own so that its rules can be tested alone.
 install-venv:
-	@case "$(PREFIX)" in /?*) ;; *) echo "PREFIX must be an absolute path" >&2; exit 2;; esac
+	@$(SAFE_PATHS)
 	@# Installing again (an upgrade) keeps a venv of the same Python: rebuilding it is
 	@# most of the time such an install takes.
 	@# Kept only if it is a venv (its pyvenv.cfg read: else its python is the base
 	@# interpreter, and pip would install into the system) with pip (a first install
 	@# cut short between bin/python and ensurepip has none). Otherwise made anew with
 	@# --clear: venv over an old venv keeps its bin/python links to the old Python.
+	@# Its bin/python is run (as root) only if it resolves to INSTALL_PYTHON's own
+	@# file: never a link to a file someone else could have written. A venv folder
+	@# that is a symlink is refused: --clear would empty the folder it points to.
+	@if [ -L $(DESTDIR)$(PREFIX)/venv ]; then \
+		echo "$(DESTDIR)$(PREFIX)/venv is a symlink: remove it, then install again" >&2; exit 1; fi
 	@v=$(DESTDIR)$(PREFIX)/venv/bin/python; version='import sys; print(sys.version)'; \
 	venv='import sys, pip; assert sys.prefix != sys.base_prefix; print(sys.version)'; \
-	if [ -x "$$v" ] && [ "$$("$$v" -c "$$venv" 2>/dev/null)" = "$$($(INSTALL_PYTHON) -c "$$version")" ]; then \
+	if [ -x "$$v" ] && [ "$$(readlink -f "$$v")" = "$$(readlink -f "$$(command -v $(INSTALL_PYTHON))")" ] && \
+		[ "$$("$$v" -c "$$venv" 2>/dev/null)" = "$$($(INSTALL_PYTHON) -c "$$version")" ]; then \
 		echo "keeping $(DESTDIR)$(PREFIX)/venv (Python $$("$$v" -c 'import platform; print(platform.python_version())'))"; \
 	else \
 		echo "$(INSTALL_PYTHON) -m venv --clear $(DESTDIR)$(PREFIX)/venv"; \
@@ -203,7 +215,7 @@ system-test: setup system-tools
 
 # Never touches /etc/entomologist: the config and the device's credentials stay.
 uninstall:
-	@case "$(PREFIX)" in /?*) ;; *) echo "PREFIX must be an absolute path" >&2; exit 2;; esac
+	@$(SAFE_PATHS)
 	@# Quiet when there is nothing left to remove: a second uninstall prints no error.
 	@if [ -z "$(DESTDIR)" ] && [ -d "$(SYSTEMD_RUNDIR)" ] && [ -e $(UNITDIR)/$(UNIT) ]; then \
 		systemctl disable $(UNIT) || true; fi
