@@ -407,3 +407,19 @@ def test_a_prefix_with_a_blank_is_refused_before_anything_is_made_or_removed(tmp
     assert (root / "data" / "precious").read_text() == "kept"
     assert sorted(p.name for p in (root / "data").iterdir()) == ["precious"]
     assert not (ROOT / "x").exists()
+
+
+def test_install_again_rebuilds_a_venv_whose_pip_was_cut_short_while_unpacking(tmp_path):
+    # ensurepip unpacks pip file by file: killed (or out of space) part way, pip's
+    # __init__ imports but pip cannot run, and a kept venv fails every install after.
+    def cut_short(venv):
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        site = next((venv / "lib").glob("python3*/site-packages"))
+        shutil.rmtree(site / "pip" / "_internal" / "operations")
+    proc, venv = _reinstall_over(tmp_path, cut_short)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "keeping" not in proc.stdout
+    assert _a_sound_venv(venv).returncode == 0
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--dry-run",
+                          "--no-index", "--no-deps", str(ROOT)], capture_output=True, text=True)
+    assert "No module named" not in pip.stderr, pip.stderr
