@@ -181,7 +181,9 @@ install-venv:
 	@if [ -L $(DESTDIR)$(PREFIX)/venv ]; then \
 		echo "$(DESTDIR)$(PREFIX)/venv is a symlink: remove it, then install again" >&2; exit 1; fi
 	@v=$(DESTDIR)$(PREFIX)/venv/bin/python; version='import sys; print(sys.version)'; \
-	venv='import sys, pip; assert sys.prefix != sys.base_prefix; print(sys.version)'; \
+	venv='import sys, importlib.metadata as m; assert sys.prefix != sys.base_prefix; \
+		files = m.distribution("pip").files; \
+		assert files and all(f.locate().exists() for f in files); print(sys.version)'; \
 	if [ -x "$$v" ] && [ "$$(readlink -f "$$v")" = "$$(readlink -f "$$(command -v $(INSTALL_PYTHON))")" ] && \
 		[ "$$("$$v" -c "$$venv" 2>/dev/null)" = "$$($(INSTALL_PYTHON) -c "$$version")" ]; then \
 		echo "keeping $(DESTDIR)$(PREFIX)/venv (Python $$("$$v" -c 'import platform; print(platform.python_version())'))"; \
