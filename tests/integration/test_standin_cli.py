@@ -199,3 +199,22 @@ def test_sigint_stops_the_stand_in_and_its_mosquitto_even_when_started_with_it_i
             proc.wait(10)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_a_stand_in_stopped_while_it_starts_never_reports_ready(tmp_path):
+    # A harness waits for "stand-in ready": a SIGTERM during the start must not be
+    # followed by that line (and a device then sent to a port nobody serves).
+    proc = subprocess.Popen([sys.executable, str(ROOT / "iot_standin.py"), "run", "--dir",
+                             str(tmp_path)], stdin=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 20
+    while not (tmp_path / "ento.conf").exists():  # written during the start, before ready
+        assert time.monotonic() < end and proc.poll() is None
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "stand-in ready" not in stderr
+    port = json.loads((tmp_path / "ento.conf").read_text())["device"]["PORT"]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
