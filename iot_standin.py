@@ -711,6 +711,11 @@ def _serve(args) -> int:
         standin.stop()
         log.error("%s", exc)
         return os.EX_UNAVAILABLE
+    if stop.is_set():
+        # Stopped while it started: no "ready" line for a harness to act on.
+        standin.stop()
+        log.info("stopped while starting: never ready")
+        return 0
     try:
         if args.refuse_connections:
             standin.stop_broker()
