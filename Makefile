@@ -41,11 +41,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) python3-venv; }
 	$(PYTHON) -m venv $(VENV)
 	@# uv fetches and installs the wheels in parallel: the venv is ready in half
-	@# the time pip takes. Compiled on every core; the packages' own test suites (a
-	@# sixth of their code) are never imported here.
+	@# the time pip takes.
 	$(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
 	$(PY) -m uv pip install -q --python $(PY) -r requirements.txt -r requirements-dev.txt
-	$(PY) -m compileall -q -j0 -x '/tests?/' $(VENV)/lib
 	touch $@
 
 mosquitto:
@@ -78,14 +76,11 @@ demo: setup
 # on the CPU, so two workers per core; TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) * 2 )))
 
-# Compiled once here, so that the hundreds of boot.py and stand-in processes the suite
-# starts do not each compile the project again (PYTHONDONTWRITEBYTECODE forbids them
-# to keep what they compile).
-SOURCES := boot.py update_boot_status.py iot_standin.py entomologist standin cloud tests bench image
-
+# The suite starts hundreds of boot.py and stand-in processes: each keeps what it
+# compiles, so that the next one does not compile the project and its libraries
+# again (a PYTHONDONTWRITEBYTECODE in the environment would forbid it).
 test: setup
-	$(PY) -m compileall -q -j0 $(SOURCES)
-	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist worksteal
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist worksteal
 
 # Cases that wait on a deliberate delay (a server certificate from an unknown CA
 # fails only after the TLS library's 10-30 s delay): kept out of `make test`.
