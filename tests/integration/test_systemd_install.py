@@ -409,11 +409,12 @@ def test_a_prefix_with_a_blank_is_refused_before_anything_is_made_or_removed(tmp
     assert not (ROOT / "x").exists()
 
 
-def test_install_again_rebuilds_a_venv_whose_pip_was_cut_short_while_unpacking(tmp_path):
+def test_install_again_rebuilds_a_venv_whose_pip_was_cut_short_while_unpacking(staged, tmp_path):
     # ensurepip unpacks pip file by file: killed (or out of space) part way, pip's
     # __init__ imports but pip cannot run, and a kept venv fails every install after.
     def cut_short(venv):
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        # The staged tree's venv is one `make install` keeps (same Python, whole pip).
+        shutil.copytree(staged / "opt" / "entomologist" / "venv", venv, symlinks=True)
         site = next((venv / "lib").glob("python3*/site-packages"))
         shutil.rmtree(site / "pip" / "_internal" / "operations")
     proc, venv = _reinstall_over(tmp_path, cut_short)
