@@ -39,10 +39,13 @@ setup: $(VENV)/.installed mosquitto tinyproxy faketime softhsm2 systemd-analyze
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) python3-venv; }
-	$(PYTHON) -m venv $(VENV)
 	@# uv fetches and installs the wheels in parallel: the venv is ready in half
-	@# the time pip takes.
-	$(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	@# the time pip takes. The machine's own pip (22.3 or later), where it has one,
+	@# puts uv into a venv made without pip: ensurepip alone takes longer than uv's
+	@# whole install. Otherwise the venv gets its pip from ensurepip.
+	$(PYTHON) -m venv --without-pip $(VENV)
+	$(PYTHON) -m pip --python $(PY) install -q --disable-pip-version-check uv==$(UV_VERSION) 2>/dev/null || \
+		{ $(PY) -m ensurepip --default-pip >/dev/null && $(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION); }
 	$(PY) -m uv pip install -q --python $(PY) -r requirements.txt -r requirements-dev.txt
 	touch $@
 
