@@ -1,5 +1,6 @@
 """bench/mutation.py: the mutants it makes from a source, and the sample it draws."""
 import ast
+import os
 import importlib.util
 import sys
 from pathlib import Path
@@ -151,3 +152,17 @@ def test_a_test_renamed_since_the_map_was_measured_is_left_out(tmp_path):
     assert mutation.still_exists("tests/test_a.py::test_new_name[param-1]", tmp_path)
     assert not mutation.still_exists("tests/test_a.py::test_old_name", tmp_path)
     assert not mutation.still_exists("tests/test_gone.py::test_new_name", tmp_path)
+
+
+def test_a_mutant_of_the_same_size_and_second_as_the_original_is_run_not_its_cached_bytecode(
+        tmp_path, monkeypatch):
+    # A .pyc is trusted on the source's size and mtime in whole seconds: `<` and `>`
+    # written within one second would be read back from the other's bytecode.
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    (tmp_path / "m.py").write_text("SMALLER = 1 < 2\n")
+    (tmp_path / "test_m.py").write_text("import m\n\ndef test_m():\n    assert m.SMALLER\n")
+    stamp = (tmp_path / "m.py").stat().st_mtime_ns
+    assert mutation.run_tests(tmp_path, sys.executable, ["test_m.py"], 60)[0] == "survived"
+    (tmp_path / "m.py").write_text("SMALLER = 1 > 2\n")
+    os.utime(tmp_path / "m.py", ns=(stamp, stamp))
+    assert mutation.run_tests(tmp_path, sys.executable, ["test_m.py"], 60)[0] == "killed"
