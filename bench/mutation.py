@@ -605,7 +605,10 @@ def run_tests(copy: Path, python: str, tests: list[str], timeout: float) -> tupl
     """('killed' | 'survived' | 'timeout' | 'error', the failing test, the output's tail)."""
     cmd = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
            "-p", "no:xdist", *tests]
-    proc = subprocess.Popen(cmd, cwd=copy, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    # No bytecode kept: a .pyc is trusted on its source's size and mtime in whole
+    # seconds, and a mutant often has both of the original's (`<` for `>`).
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.Popen(cmd, cwd=copy, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
