@@ -43,7 +43,15 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@# the time pip takes. The machine's own pip (22.3 or later), where it has one,
 	@# puts uv into a venv made without pip: ensurepip alone takes longer than uv's
 	@# whole install. Otherwise the venv gets its pip from ensurepip.
-	$(PYTHON) -m venv --without-pip $(VENV)
+	@# Made from empty whenever this rule has not finished it: a run cut short (Ctrl-C,
+	@# a full disk, a power cut) can leave a package half copied whose metadata says it
+	@# is installed, and neither pip nor uv would install it again. --clear empties the
+	@# folder, so only a venv (or an empty folder), never a link, is taken.
+	@if [ -L "$(VENV)" ] || { [ -e "$(VENV)" ] && [ ! -e "$(VENV)/pyvenv.cfg" ] && \
+		[ -n "$$(ls -A "$(VENV)" 2>&1)" ]; }; then \
+		echo "$(VENV) is not a venv this Makefile made (a link, or a folder without pyvenv.cfg):" \
+			"remove it or choose another VENV=" >&2; exit 2; fi
+	$(PYTHON) -m venv --clear --without-pip $(VENV)
 	$(PYTHON) -m pip --python $(PY) install -q --disable-pip-version-check uv==$(UV_VERSION) 2>/dev/null || \
 		{ $(PY) -m ensurepip --default-pip >/dev/null && $(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION); }
 	$(PY) -m uv pip install -q --python $(PY) -r requirements.txt -r requirements-dev.txt
