@@ -199,6 +199,20 @@ def test_a_clock_in_the_past_fails_the_clock_line_with_75_and_skips_the_handshak
     assert found["tls"].startswith("skip tls         needs the credentials and the clock")
 
 
+def test_a_clock_far_ahead_fails_the_tls_line_naming_the_clock_not_the_ca(standin):
+    if not shutil.which("faketime"):
+        pytest.fail("faketime is not installed: run `make test`, which installs it")
+    # A hostile or broken time server: every certificate looks expired, and the CA and
+    # the endpoint are as they should be.
+    proc = check(standin, prefix=("faketime", "-f", "@2090-01-01 00:00:00"),
+                 env={"DONT_FAKE_MONOTONIC": "1"})
+    assert proc.returncode == 75, proc.stdout + proc.stderr
+    found = lines(proc)
+    assert found["clock"].startswith("ok ")
+    assert "(certificate has expired)" in found["tls"], found["tls"]
+    assert "check the system clock (it reads 2090-01-01T00:00:0" in found["tls"], found["tls"]
+
+
 def test_a_claim_key_others_can_write_fails_the_claim_line_with_78(standin):
     os.chmod(standin.claim_key, 0o620)
     proc = check(standin)
