@@ -18,6 +18,7 @@ from typing import Callable
 from . import config as configuration, files, fleet, lookup, mqtt, proxy_probe
 from . import proxy as http_proxy
 from .check_local import Plan, device_ca
+from .clock import utc
 from .client_id import claim_client_id
 from .errors import ConfigError, TransientError
 from .retries import Deadline
@@ -154,6 +155,11 @@ def token_handshake(config: configuration.Config, deadline: Deadline, cert: Path
     connection.close()
 
 
+# Expired or not yet valid: what every certificate looks like to a clock set wrong (a
+# broken or hostile time server), while the CA and the endpoint are right.
+CLOCK_VERIFY_CODES = {9, 10}  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
+
+
 def check_tls(config: configuration.Config, deadline: Deadline,
               connect: Callable[[], socket.socket], sock: socket.socket, ca: Path,
               pair: tuple[Path, Path] | None, whose: str, token_cert: Path | None = None):
@@ -179,10 +185,12 @@ def check_tls(config: configuration.Config, deadline: Deadline,
                                  connect(), config.host, deadline.step("TLS handshake"),
                                  verdict_wait=min(VERDICT_WAIT, deadline.step("TLS")))
     except ssl.SSLCertVerificationError as exc:
+        about = f"{hint}, and that ENDPOINT_URL is this account's endpoint"
+        if exc.verify_code in CLOCK_VERIFY_CODES:
+            about = (f"the system clock (it reads {utc(deadline.clock.time())}) and time "
+                     f"synchronisation, then {about}")
         raise TransientError(f"{where}: the server's certificate does not verify against "
-                             f"{ca} ({exc.verify_message})",
-                             hint=f"{hint}, and that ENDPOINT_URL is this account's "
-                                  f"endpoint") from None
+                             f"{ca} ({exc.verify_message})", hint=about) from None
     except (ssl.SSLError, ClosedAfterHandshake) as exc:
         closed = isinstance(exc, ClosedAfterHandshake)
         reason = "it closed the connection" if closed else str(exc.reason or exc)

@@ -79,7 +79,7 @@ class Clock:
 REAL = Clock()
 
 
-def _utc(ts: float) -> str:
+def utc(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
@@ -98,6 +98,6 @@ def check_clock(certificate_files: Sequence[Path],
     current = now()
     if current < floor:
         raise TransientError(
-            f"the system clock is not set: it reads {_utc(current)}, before {source} "
-            f"({_utc(floor)}); the run will be retried",
+            f"the system clock is not set: it reads {utc(current)}, before {source} "
+            f"({utc(floor)}); the run will be retried",
             hint="time synchronisation (systemd-timesyncd, network time)")
