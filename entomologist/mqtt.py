@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 
 from . import proxy as http_proxy
 from . import proxy_probe
-from .clock import REAL, Clock
+from .clock import REAL, Clock, utc
 from .errors import ConfigError, SubscriptionRefused, TransientError
 from .files import read_bounded
 from .proxy import Proxy
@@ -237,5 +237,11 @@ def connect(endpoint: Endpoint, cert: Path, key, client_id: str, timeout: float,
         if endpoint.proxy is not None:
             raise proxy_probe.failure(endpoint.proxy, endpoint.host, endpoint.port, exc,
                                       timeout - (clock.monotonic() - started)) from None
-        raise crt_failure(f"connect to {endpoint.host}:{endpoint.port}", exc) from None
+        hint = NETWORK_HINT
+        if "TLS" in (getattr(exc, "name", None) or ""):
+            # awscrt names no cause: a clock far ahead (a broken or hostile time
+            # server) makes the broker's certificate look expired, and the clock
+            # check before the connect only catches one behind.
+            hint += f", and the system clock (it reads {utc(clock.time())})"
+        raise crt_failure(f"connect to {endpoint.host}:{endpoint.port}", exc, hint=hint) from None
     return link
