@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from disk import fill, tmpfs
 from e2e import ROOT, device_doc, run_script
 
 UNIT = ROOT / "systemd" / "entomologist-provision.service"
@@ -424,3 +425,36 @@ def test_install_again_rebuilds_a_venv_whose_pip_was_cut_short_while_unpacking(s
     pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--dry-run",
                           "--no-index", "--no-deps", str(ROOT)], capture_output=True, text=True)
     assert "No module named" not in pip.stderr, pip.stderr
+
+
+def test_install_again_on_a_disk_that_fills_leaves_every_installed_file_whole(staged, tmp_path):
+    # An upgrade that runs out of space part way (or is cut short) must leave each
+    # installed file as it was or as the new one, never cut: a cut module fails or
+    # silently skips every boot, and a cut unit file loses the unit.
+    if os.geteuid() != 0:
+        pytest.skip("a small tmpfs needs root")
+    project = tmp_path / "project"  # this tree, with a boot.py that grew
+    project.mkdir()
+    for name in ("Makefile", "requirements.txt", "AmazonRootCA1.pem", "README.md",
+                 "update_boot_status.py"):
+        shutil.copy(ROOT / name, project)
+    for folder in ("entomologist", "systemd"):
+        shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    grown = "".join(f"# line {i} of a longer header\n" for i in range(8000))
+    (project / "boot.py").write_text(grown + (ROOT / "boot.py").read_text())
+    with tmpfs(tmp_path / "rootfs", "4m", mode=0o755) as root:
+        # The installed tree (its venv aside: the upgrade fails before it).
+        shutil.copytree(staged, root, symlinks=True, dirs_exist_ok=True,
+                        ignore=lambda folder, names: ["venv"] if "venv" in names else [])
+        app = root / "opt" / "entomologist"
+        installed = [app / name for name in ("boot.py", "update_boot_status.py", "README.md")]
+        installed += sorted((app / "entomologist").glob("*.py"))
+        installed.append(root / "etc" / "systemd" / "system" / UNIT.name)
+        before = {path: path.read_bytes() for path in installed}
+        fill(app)
+        proc = make("install", f"DESTDIR={root}", cwd_root=project)
+        assert proc.returncode != 0, proc.stdout
+        for path, old in before.items():
+            assert path.read_bytes() == old, f"{path} changed by an install that failed"
+            assert oct(os.stat(path).st_mode & 0o777) == "0o644", path
+        assert not [p for p in app.rglob(".*.new")], "temporary files left behind"
