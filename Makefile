@@ -125,14 +125,36 @@ SAFE_PATHS = case "$(DESTDIR)$(PREFIX)" in *" "*|*"	"*) \
 	echo "DESTDIR and PREFIX must not contain blanks" >&2; exit 2;; esac; \
 	case "$(PREFIX)" in /?*) ;; *) echo "PREFIX must be an absolute path" >&2; exit 2;; esac
 
+# `$(call install_whole,FOLDER,FILES...)`: FILES (0644) into FOLDER as an upgrade must
+# replace them: every one written beside its place first, so that a full disk or a
+# Ctrl-C leaves the installed ones whole (install writes in place: a cut boot.py or
+# module fails, or silently skips, every boot), flushed, then each renamed over its
+# place. A file given as `SOURCE:NAME` is installed under NAME.
+define install_whole
+	@set -e; new=; trap 'rm -f $$new' EXIT; \
+	for f in $(2); do src=$${f%%:*}; name=$${f#*:}; t=$(1)/.$${name##*/}.new; \
+		new="$$new $$t"; install -m 0644 $$src $$t; done; \
+	sync $$new; \
+	for f in $(2); do name=$${f#*:}; mv -f $(1)/.$${name##*/}.new $(1)/$${name##*/}; done; \
+	new=; echo "installed $(words $(2)) file(s) into $(1)"
+endef
+
+# `$(call install_edited,FOLDER,NAME,SED_SCRIPT,SOURCE)`: SOURCE edited by SED_SCRIPT,
+# installed whole (0644) as FOLDER/NAME, the same way.
+define install_edited
+	@set -e; t=$(1)/.$(2).new; trap 'rm -f $$t' EXIT; \
+	sed '$(3)' $(4) > $$t; chmod 0644 $$t; sync $$t; mv -f $$t $(1)/$(2); \
+	echo "installed $(1)/$(2)"
+endef
+
 install:
 	@$(SAFE_PATHS)
 	install -d -m 0755 $(DESTDIR)$(PREFIX)
 	@# An existing config folder keeps its owner and mode (0700 stays 0700).
 	[ -d $(DESTDIR)/etc/entomologist ] || install -d -m 0755 $(DESTDIR)/etc/entomologist
-	install -m 0644 $(APP_FILES) $(DESTDIR)$(PREFIX)/
+	$(call install_whole,$(DESTDIR)$(PREFIX),$(APP_FILES))
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/entomologist
-	install -m 0644 $(PACKAGE_FILES) $(DESTDIR)$(PREFIX)/entomologist/
+	$(call install_whole,$(DESTDIR)$(PREFIX)/entomologist,$(PACKAGE_FILES))
 	@$(MAKE) --no-print-directory install-venv
 	@out=$$($(DESTDIR)$(PREFIX)/venv/bin/python -m pip install -q --disable-pip-version-check \
 		--dry-run --only-binary=:all: --no-deps -r requirements.txt 2>&1); \
@@ -151,17 +173,15 @@ install:
 		$(if $(DESTDIR),-s $(DESTDIR) -p /) $(DESTDIR)$(PREFIX)/boot.py $(DESTDIR)$(PREFIX)/update_boot_status.py \
 		$(DESTDIR)$(PREFIX)/entomologist
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)
-	sed 's#/opt/entomologist#$(PREFIX)#g' systemd/$(UNIT) > $(DESTDIR)$(UNITDIR)/$(UNIT)
-	chmod 0644 $(DESTDIR)$(UNITDIR)/$(UNIT)
+	$(call install_edited,$(DESTDIR)$(UNITDIR),$(UNIT),s#/opt/entomologist#$(PREFIX)#g,systemd/$(UNIT))
 ifneq ($(PKCS11),)
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)/$(UNIT).d
-	install -m 0644 systemd/pkcs11-$(PKCS11).conf $(DESTDIR)$(UNITDIR)/$(UNIT).d/pkcs11.conf
+	$(call install_whole,$(DESTDIR)$(UNITDIR)/$(UNIT).d,systemd/pkcs11-$(PKCS11).conf:pkcs11.conf)
 endif
 ifneq ($(DATA_DIR),)
 	@case "$(DATA_DIR)" in /?*) ;; *) echo "DATA_DIR must be an absolute path" >&2; exit 2;; esac
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)/$(UNIT).d
-	sed 's#/data/entomologist#$(DATA_DIR)#g' systemd/data-dir.conf > $(DESTDIR)$(UNITDIR)/$(UNIT).d/data-dir.conf
-	chmod 0644 $(DESTDIR)$(UNITDIR)/$(UNIT).d/data-dir.conf
+	$(call install_edited,$(DESTDIR)$(UNITDIR)/$(UNIT).d,data-dir.conf,s#/data/entomologist#$(DATA_DIR)#g,systemd/data-dir.conf)
 endif
 	@if [ -z "$(DESTDIR)" ] && [ -d "$(SYSTEMD_RUNDIR)" ]; then \
 		echo "systemctl daemon-reload && systemctl enable $(UNIT)"; \
