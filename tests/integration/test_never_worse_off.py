@@ -365,3 +365,36 @@ def test_a_symlink_another_user_planted_in_a_sticky_folder_is_refused(standin,
     assert len(errors) == 1 and "belongs to uid 4321" in errors[0]
     assert os.stat(victim).st_mode & 0o777 == 0o755 and list(victim.iterdir()) == []
     assert standin.events("create-request") == []
+
+
+@needs_root
+def test_a_boot_record_in_a_runtime_folder_another_user_owns_never_spares_the_boot_message(
+        standin, tmp_path):
+    # RUNTIME_DIRECTORY says where this boot's message was noted as acknowledged: in a
+    # folder another local user owns, that user could forge the note, and the run
+    # would set the status without the boot's one message.
+    assert run_script("boot.py", standin.config_path).code == 0
+    assert len(standin.wait_for("boot", 1)) == 1
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    from update_boot_status import reported_mark
+    cert = (standin.workdir / "cert" / "certificate.pem.crt").read_bytes()
+    mark = reported_mark(cert, device_doc(standin)["device"]["SERIAL_ID"]).decode()
+    folder = os.open(theirs, os.O_RDONLY | os.O_DIRECTORY)  # tmp_path is root's alone
+    child = os.fork()
+    if child == 0:  # the other user forges the note in their own folder
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            fd = os.open("boot-reported", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=folder)
+            os.write(fd, mark.encode())
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    os.close(folder)
+    assert (theirs / "boot-reported").read_text() == mark
+    result = run_script("update_boot_status.py", standin.config_path,
+                        env={"RUNTIME_DIRECTORY": str(theirs)})
+    assert result.code == 0, result.stderr
+    assert len(standin.wait_for("boot", 2)) == 2, result.stderr
