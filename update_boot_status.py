@@ -61,6 +61,19 @@ def reported_mark(cert_pem: bytes, serial_id: str) -> bytes:
     return f"{hashlib.sha256(cert_pem).hexdigest()} {serial_id}\n".encode()
 
 
+def trusted_runtime_dir(runtime_dir: str | None) -> str | None:
+    """``runtime_dir`` if nobody but root and us can write it (under the unit, systemd
+    makes it root's); else None, with a warning: another user could forge the boot
+    record there and spare the boot's message."""
+    if not runtime_dir:
+        return None
+    try:
+        return str(files.trusted_dir(Path(runtime_dir), "RUNTIME_DIRECTORY"))
+    except ConfigError as exc:
+        log.warning("not keeping this boot's record in RUNTIME_DIRECTORY: %s", exc)
+        return None
+
+
 def reported_this_boot(runtime_dir: str | None, mark: bytes) -> bool:
     if not runtime_dir:
         return False
@@ -134,6 +147,7 @@ def update_boot_status(config: Config, deadline: Deadline,
             link.close()
 
     mark = reported_mark(files.read_bounded(cert_dir.cert, "certificate"), config.serial_id)
+    runtime_dir = trusted_runtime_dir(runtime_dir)
     if reported_this_boot(runtime_dir, mark):
         log.info("this boot's message was already acknowledged on %s: not sent again", topic)
     else:
