@@ -21,6 +21,17 @@ def restore_logging():
     root.setLevel(level)
 
 
+@pytest.fixture(autouse=True)
+def restore_trust_variables(monkeypatch):
+    """The scripts' main() points SSL_CERT_FILE and SSL_CERT_DIR at nothing for its
+    process; a test that runs it in this one gets them back."""
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def read_only():
     """``read_only(folder)`` makes ``folder`` a read-only bind mount of itself, as a
