@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check and args.force:
         parser.error("--check and --force exclude each other")
     logs.setup_logging(args.verbose)
+    certs.trust_root_ca_only()
     if args.check:
         from entomologist import stop as stopping
         stopping.started()

@@ -34,7 +34,7 @@ import os
 import sys
 from pathlib import Path
 
-from entomologist import clock, files, logs, mqtt
+from entomologist import certs, clock, files, logs, mqtt
 from entomologist.config import DEFAULT_CONFIG, Config, update_device_config
 from entomologist.credentials import CertDir, State
 from entomologist.errors import ConfigError, EntoError, ReadOnlyStorage, run_main
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logs.setup_logging(args.verbose)
+    certs.trust_root_ca_only()
 
     def body() -> None:
         deadline = Deadline(args.timeout)

@@ -1,6 +1,10 @@
 """boot.py and update_boot_status.py end to end over mutual TLS against the stand-in."""
+import ctypes
 import os
 import stat
+import struct
+from collections.abc import Callable
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -126,3 +130,43 @@ def test_a_cloned_image_sets_the_other_cameras_pair_aside_and_provisions_itself(
     assert (cert_dir / "certificate.pem.crt").read_bytes() != first
     boots = standin.wait_for("boot", 2)
     assert boots[-1]["topic"] == "cameraDevice/CAM-0002/booted"
+
+
+
+def opens_of(path: Path) -> Callable[[], int]:
+    """How many times ``path`` has been opened since this call (inotify's IN_OPEN)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0 and libc.inotify_add_watch(fd, bytes(path), 0x20) >= 0, ctypes.get_errno()
+    seen = []
+
+    def count() -> int:
+        while True:
+            try:
+                events = os.read(fd, 65536)
+            except BlockingIOError:
+                return len(seen)
+            while events:
+                _, mask, _, size = struct.unpack_from("iIII", events)
+                seen.append(mask)
+                events = events[16 + size:]
+    return count
+
+
+def test_no_run_reads_the_systems_ca_bundle(standin, tmp_path):
+    # Every connection trusts ROOT_CA alone. The TLS library loads the system's
+    # bundle into each context anyway before dropping it (4.5 ms a context, six in
+    # a first boot): only cost, and a fallback no connection should have.
+    bundle = tmp_path / "ca-certificates.crt"
+    bundle.write_bytes(Path("/etc/ssl/certs/ca-certificates.crt").read_bytes()
+                       if Path("/etc/ssl/certs/ca-certificates.crt").exists() else b"")
+    opened = opens_of(bundle)
+    env = {"SSL_CERT_FILE": str(bundle), "SSL_CERT_DIR": str(tmp_path)}
+    assert run_script("boot.py", standin.config_path, env=env).code == 0
+    assert run_script("boot.py", standin.config_path, "--check", env=env).code == 0
+    assert run_script("update_boot_status.py", standin.config_path, env=env).code == 0
+    assert opened() == 0
+    # The watch itself sees an open: the test would catch a run that read it.
+    bundle.read_bytes()
+    assert opened() == 1
+

@@ -408,6 +408,7 @@ def test_a_check_logs_only_warnings_unless_verbose_the_tunnels_info_line_shows_w
     assert f"INFO tunnelling through the HTTP proxy 127.0.0.1:{proxy.port}" in verbose.stderr
 
 
+@pytest.mark.heavy
 def test_a_check_on_port_443_offers_the_aws_iot_alpn_as_the_boot_does(standin, alpn_listener):
     standin.write_device_config(PORT=443)
     proc = check(standin, "--timeout", "5")
@@ -633,6 +634,7 @@ def test_a_proxy_answering_100_continue_without_end_is_read_no_further_than_16_k
     check_through(device_files, scripted_proxy, continues, "no final status in 16384 bytes")
 
 
+@pytest.mark.heavy
 def test_a_camera_held_back_by_its_spend_record_checks_75_naming_when_and_writes_nothing(
         standin):
     standin.faults.drop_register_answers = True

@@ -62,6 +62,7 @@ def behind_a_refusing_proxy(standin, port: int):
     standin.config_path.write_text(json.dumps(doc))
 
 
+@pytest.mark.heavy
 def test_a_boot_behind_a_refusing_proxy_ends_at_its_timeout_when_dns_stops_answering(
         standin, stalled_dns):
     # awscrt's lookups of the proxy are answered; the proxy probe's are not.
@@ -93,6 +94,7 @@ def test_sigterm_during_a_stalled_lookup_ends_the_boot_at_once(standin, stalled_
     assert took < 2, (took, err)
 
 
+@pytest.mark.heavy
 def test_a_boot_whose_broker_lookup_stalls_in_awscrt_ends_at_its_timeout(standin, stalled_dns):
     # No answer at all: awscrt's own resolver asks, in its own thread; the wait on
     # the connect is what bounds it.

@@ -188,6 +188,7 @@ def after(trigger, extra):
     return check
 
 
+@pytest.mark.heavy
 def test_killed_at_random_instants_within_every_step_the_next_run_always_completes(standin):
     # Each named step in turn, then a random instant after it: every step is
     # covered whatever the machine's speed, and within it no instant is favoured.

@@ -28,6 +28,7 @@ def test_a_garbled_ca_copy_in_cert_dir_is_one_warning_and_the_boot_is_still_repo
     assert len(standin.wait_for("boot")) == 2
 
 
+@pytest.mark.heavy
 def test_the_standin_answers_again_after_the_broker_dropped_its_own_connections(standin):
     # A broker stalled past the keep-alive (a loaded host, a stopped process), or a
     # second connection under the responder's client ID, drops the stand-in's own

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from e2e import ROOT, DeviceState, run_script
 
 
@@ -65,6 +67,7 @@ def test_sigterm_while_registerthing_is_answered_waits_records_and_the_next_run_
                                                                  "status": True}
 
 
+@pytest.mark.heavy
 def test_sigterm_waits_for_registerthing_no_longer_than_its_grace(standin):
     delay_register_answer(standin, 10.0)  # past the grace, within the step's 20 s
     code, err, seconds = run_and_signal(standin, event_seen(standin, "register-request"))

@@ -8,6 +8,7 @@ import re
 import secrets
 import stat
 
+import pytest
 
 from e2e import DeviceState, run_script
 
@@ -74,6 +75,7 @@ def test_a_wrong_secret_is_refused_65_naming_the_inventory(guarded):
     assert [d["reason"] for d in guarded.events("hook")[-1]["decisions"]] == ["wrong-secret"]
 
 
+@pytest.mark.heavy
 def test_unanswered_registrations_back_to_back_mint_at_most_2_certificates(guarded):
     standin = guarded
     device = json.loads(standin.config_path.read_text())["device"]
@@ -157,6 +159,7 @@ def after_a_lost_answer(standin):
     return run_script("boot.py", standin.config_path, "--timeout", TIMEOUT)
 
 
+@pytest.mark.heavy
 def test_a_lost_registerthing_answer_then_the_next_run_provisions_within_the_window(guarded):
     """The hook recorded the registration whose answer was lost as this camera's; the
     camera's next attempt, with its own secret, is a re-registration within the
@@ -175,6 +178,7 @@ def test_a_lost_registerthing_answer_then_the_next_run_provisions_within_the_win
                                                                                  installed]
 
 
+@pytest.mark.heavy
 def test_after_the_window_a_lost_answer_then_the_inventory_refusing_says_why(after_window):
     """Once the window has passed, the next registration is refused as already
     provisioned, and the line says the lost one may have been it (the operator's

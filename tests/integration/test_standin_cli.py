@@ -53,6 +53,7 @@ def test_each_fault_option_sets_the_fault_the_in_process_fault_tests_exercise(op
     assert standin_cli.faults_from(args) == expected
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("options,code,expected", [
     ([], 0, "boot message acknowledged"),
     (["--reject-register", "400:InvalidParameters:bad serial"], 65,

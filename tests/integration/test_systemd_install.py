@@ -125,6 +125,7 @@ def staged(tmp_path_factory):
     return root
 
 
+@pytest.mark.heavy
 def test_install_into_a_staging_tree_lays_out_scripts_venv_unit_and_enablement(staged):
     app = staged / "opt" / "entomologist"
     for name in ("boot.py", "update_boot_status.py", "AmazonRootCA1.pem"):
@@ -327,6 +328,7 @@ def _a_sound_venv(venv):
                            "print(sys.version)"], capture_output=True, text=True)
 
 
+@pytest.mark.heavy
 def test_install_again_rebuilds_a_venv_an_interrupted_install_left_without_pip(tmp_path):
     # `python -m venv` makes bin/python before ensurepip runs: a power cut or a
     # Ctrl-C in between leaves an interpreter of the right version and no pip.
@@ -338,6 +340,7 @@ def test_install_again_rebuilds_a_venv_an_interrupted_install_left_without_pip(t
     assert _a_sound_venv(venv).returncode == 0
 
 
+@pytest.mark.heavy
 def test_install_again_rebuilds_a_venv_whose_pyvenv_cfg_is_gone(tmp_path):
     # Without pyvenv.cfg its python is the base interpreter itself: pip would
     # install into the system's Python, and the unit would run without the venv.
@@ -351,6 +354,7 @@ def test_install_again_rebuilds_a_venv_whose_pyvenv_cfg_is_gone(tmp_path):
     assert _a_sound_venv(venv).returncode == 0
 
 
+@pytest.mark.heavy
 def test_install_again_rebuilds_a_venv_of_another_python_whole(tmp_path):
     other = shutil.which("python3", path="/usr/bin")
     mine = subprocess.run([sys.executable, "-c", "import sys; print(sys.version)"],
@@ -365,6 +369,7 @@ def test_install_again_rebuilds_a_venv_of_another_python_whole(tmp_path):
     assert (product.returncode, product.stdout) == (0, mine), product.stderr
 
 
+@pytest.mark.heavy
 def test_install_again_never_runs_a_venv_python_that_links_to_a_file_others_can_write(tmp_path):
     # The keep-or-rebuild probe runs bin/python as root: a link to a writable file
     # would run its writer's code now, and at every boot if the venv were kept.
@@ -410,6 +415,7 @@ def test_a_prefix_with_a_blank_is_refused_before_anything_is_made_or_removed(tmp
     assert not (ROOT / "x").exists()
 
 
+@pytest.mark.heavy
 def test_install_again_rebuilds_a_venv_whose_pip_was_cut_short_while_unpacking(staged, tmp_path):
     # ensurepip unpacks pip file by file: killed (or out of space) part way, pip's
     # __init__ imports but pip cannot run, and a kept venv fails every install after.

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CLOUD = Path(__file__).resolve().parent.parent.parent / "cloud"
 
 
+@pytest.mark.heavy
 def test_cfn_lint_is_clean_on_cloud_and_flags_a_broken_copy(tmp_path):
     stacks = sorted(CLOUD.glob("*.yaml"))
     assert [p.name for p in stacks] == ["stack.yaml"]

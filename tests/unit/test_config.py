@@ -193,6 +193,7 @@ def test_provisioning_settings_are_checked_when_provisioning(tmp_path, device, k
         provisioning(tmp_path, **device)
 
 
+@pytest.mark.heavy
 @settings(max_examples=300, deadline=None)
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
                     | st.text(), lambda children: st.lists(children, max_size=4)
