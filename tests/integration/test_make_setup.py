@@ -40,6 +40,7 @@ def _sound(venv):
         capture_output=True, text=True)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("size", ["20m", "48m"], ids=["uv-cut-short", "requirement-cut-short"])
 def test_setup_run_again_after_a_full_disk_makes_a_sound_venv(tmp_path, size):
     # A disk that fills while the venv is made leaves a package half copied whose
