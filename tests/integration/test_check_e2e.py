@@ -130,6 +130,25 @@ def test_json_output_is_one_object_per_line_and_check_then_the_result(standin):
     assert objects[-1]["exit_code"] == 0
 
 
+@pytest.mark.parametrize("as_json", [False, True], ids=["lines", "json"])
+def test_a_reader_gone_before_the_first_line_still_gets_the_verdict_and_no_traceback(
+        standin, as_json):
+    # `boot.py --check | grep -q FAIL`, `| head -1`: the reader leaves early; the exit
+    # code is still the verdict (a script reads it through PIPESTATUS), and nothing
+    # but log lines reaches stderr.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "boot.py"), "--config",
+                               str(standin.config_path), "--check",
+                               *(["--json"] if as_json else [])],
+                              stdin=subprocess.DEVNULL, stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+
 def test_a_server_certificate_from_another_ca_fails_the_tls_line_at_once_with_75(standin):
     write_new(standin.workdir / "other-ca.pem", StandInCA("Another CA").pem, 0o644)
     standin.write_device_config(ROOT_CA="other-ca.pem")
