@@ -259,22 +259,38 @@ def run(config_path: Path, timeout: float, as_json: bool, connect_as_thing: bool
         now: Callable[[], float] = time.time) -> int:
     """Print one line per check (JSON lines with ``as_json``) and a last summary line."""
     started = time.monotonic()
+    reader_gone = False
+
+    def write(line: str) -> None:
+        nonlocal reader_gone
+        if reader_gone:
+            return
+        try:
+            out.write(line + "\n")
+            out.flush()
+        except BrokenPipeError:
+            # The reader left (`| grep -q FAIL`, `| head -1`): the checks go on, since
+            # the exit code is the verdict; what is left to print goes nowhere, and
+            # the interpreter's last flush finds no broken pipe either.
+            reader_gone = True
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, out.fileno())
+                os.close(devnull)
+            except (OSError, AttributeError, ValueError):
+                pass
 
     def emit(result: Result) -> None:
-        out.write((json.dumps(asdict(result)) if as_json else human_line(result)) + "\n")
-        out.flush()
+        write(json.dumps(asdict(result)) if as_json else human_line(result))
 
     try:
         code = run_checks(config_path, Deadline(timeout), emit, connect_as_thing, build, now)
     except KeyboardInterrupt:
-        out.write("interrupted\n")
+        write("interrupted")
         return os.EX_TEMPFAIL
     summary = Result("result", "ok" if code == os.EX_OK else "fail",
                      f"exit {code}: {EXIT_MEANINGS.get(code, '')}", None,
                      round((time.monotonic() - started) * 1000), code)
-    if as_json:
-        out.write(json.dumps(asdict(summary)) + "\n")
-    else:
-        out.write(f"{summary.detail} ({summary.milliseconds} ms)\n")
-    out.flush()
+    write(json.dumps(asdict(summary)) if as_json else
+          f"{summary.detail} ({summary.milliseconds} ms)")
     return code
