@@ -398,3 +398,30 @@ def test_a_boot_record_in_a_runtime_folder_another_user_owns_never_spares_the_bo
                         env={"RUNTIME_DIRECTORY": str(theirs)})
     assert result.code == 0, result.stderr
     assert len(standin.wait_for("boot", 2)) == 2, result.stderr
+
+
+@needs_root
+@pytest.mark.parametrize("name", ["private.pem.key", "certificate.pem.crt"])
+def test_an_installed_file_the_run_cannot_read_is_never_provisioned_over(standin, name):
+    # A credential file that is there but cannot be read (a failing card's EIO, a mode
+    # the run cannot open) may be sound: provisioning over it would spend a
+    # registration and leave the old certificate active with no device to hold it.
+    assert run_script("boot.py", standin.config_path).code == 0
+    cert_dir = standin.workdir / "cert"
+    pair = {p: p.read_bytes() for p in (cert_dir / "certificate.pem.crt",
+                                        cert_dir / "private.pem.key")}
+    before = registers(standin)
+    mode = os.stat(cert_dir / name).st_mode & 0o777
+    os.chmod(cert_dir / name, 0)
+    try:
+        proc, errors = run_as_service(standin)
+        assert proc.returncode == 73, proc.stderr
+        assert len(errors) == 1 and str(cert_dir / name) in errors[0], proc.stderr
+        assert "Permission denied" in errors[0]
+        assert registers(standin) == before
+        assert {p: p.read_bytes() for p in pair} == pair
+    finally:
+        os.chmod(cert_dir / name, mode)
+    proc, errors = run_as_service(standin)
+    assert (proc.returncode, errors) == (0, []), proc.stderr
+    assert registers(standin) == before
