@@ -45,7 +45,8 @@ that state calls for; provisioning (the network) is boot.py's.
 A provisioning attempt moves EMPTY, STAGED or BROKEN to STAGED (its files
 written as soon as their content exists), to REGISTERED (the marker, when
 RegisterThing is accepted), then install() to SOUND; a failed attempt goes
-back to STAGED (``discard_unregistered``).
+back to STAGED (``discard_unregistered``).  A credential file that is there but
+cannot be read (``read_credential``) puts CERT_DIR in no state: the run ends (73).
 """
 from __future__ import annotations
 
@@ -57,12 +58,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import aside, certs, config as configuration, files, spend, token_pair
-from .errors import EntoError
+from .errors import EntoError, StorageError
 
 log = logging.getLogger("entomologist")
 
 RESERVE_BYTES = 64 * 1024
 CERT_DIR_HINT = "CERT_DIR in the config"
+UNREADABLE_HINT = "the storage (a failing card?) and the file's owner and mode"
+
+
+def read_credential(path: Path, what: str, limit: int = files.MAX_FILE_BYTES) -> bytes:
+    """``files.read_bounded``, except that a file that is there but cannot be read (a
+    failing card's EIO, a mode the run cannot open) ends the run (73, retried): judged
+    absent or broken, it would be provisioned over, spending a registration on a pair
+    that may be sound and leaving its certificate active with no device to hold it."""
+    try:
+        return files.read_bounded(path, what, limit)
+    except files.FileProblem as exc:
+        if exc.unreadable:
+            raise StorageError(str(exc), hint=UNREADABLE_HINT) from None
+        raise
 
 
 @dataclass(frozen=True)
@@ -162,13 +177,13 @@ class CertDir:
         """(what is wrong with the installed pair or None, whether a token key still
         waits for its final label or a promotion a killed run left half done)."""
         try:
-            cert = files.read_bounded(self.cert, "certificate")
+            cert = read_credential(self.cert, "certificate")
         except files.FileProblem as exc:
             return (f"no certificate in {self.path}" if exc.missing else str(exc)), False
         if self.token is not None:
             return token_pair.look(self.token, cert)
         try:
-            key = files.read_bounded(self.key, "private key")
+            key = read_credential(self.key, "private key")
         except files.FileProblem as exc:
             return str(exc), False
         return certs.pair_problem(cert, key), False
@@ -260,7 +275,7 @@ class CertDir:
     def registration(self) -> Registration | None:
         """The registration an earlier run recorded and has not finished installing."""
         try:
-            raw = files.read_bounded(self.registration_marker, "registration record", 256 * 1024)
+            raw = read_credential(self.registration_marker, "registration record", 256 * 1024)
             doc = json.loads(raw)
             reg = Registration(doc["thingName"], doc["certificateId"],
                                doc.get("deviceConfiguration") or {})
@@ -292,14 +307,14 @@ class CertDir:
         into place by a run killed before the certificate followed (with a token:
         the token, as ``self.key``, if it holds that key)."""
         try:
-            cert = files.read_bounded(self.staged_cert, "staged certificate")
+            cert = read_credential(self.staged_cert, "staged certificate")
         except files.FileProblem:
             return None
         if self.token is not None:
             return self.key if token_pair.holds(self.token, cert) else None
         for path in (self.staged_key, self.device_key, self.key):
             try:
-                if certs.pair_problem(cert, files.read_bounded(path, "staged key")) is None:
+                if certs.pair_problem(cert, read_credential(path, "staged key")) is None:
                     return path
             except files.FileProblem:
                 continue

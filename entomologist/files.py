@@ -30,11 +30,15 @@ _TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8}\.tmp")
 
 
 class FileProblem(ConfigError):
-    """A file cannot be read as a small regular file; ``missing`` if it does not exist."""
+    """A file cannot be read as a small regular file; ``missing`` if it does not exist,
+    ``unreadable`` if it is there but opening or reading it failed (EIO, EACCES...):
+    what it holds is unknown, not wrong."""
 
-    def __init__(self, message: str, hint: str | None = None, missing: bool = False):
+    def __init__(self, message: str, hint: str | None = None, missing: bool = False,
+                 unreadable: bool = False):
         super().__init__(message, hint)
         self.missing = missing
+        self.unreadable = unreadable
 
 
 def read_bounded(path: Path, what: str, limit: int = MAX_FILE_BYTES,
@@ -46,7 +50,8 @@ def read_bounded(path: Path, what: str, limit: int = MAX_FILE_BYTES,
     except FileNotFoundError:
         raise FileProblem(f"{where} does not exist", hint=hint, missing=True) from None
     except OSError as exc:
-        raise FileProblem(f"{where} cannot be opened: {exc.strerror}", hint=hint) from None
+        raise FileProblem(f"{where} cannot be opened: {exc.strerror}", hint=hint,
+                          unreadable=True) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -62,7 +67,8 @@ def read_bounded(path: Path, what: str, limit: int = MAX_FILE_BYTES,
             chunks.append(chunk)
             total += len(chunk)
     except OSError as exc:
-        raise FileProblem(f"{where} cannot be read: {exc.strerror}", hint=hint) from None
+        raise FileProblem(f"{where} cannot be read: {exc.strerror}", hint=hint,
+                          unreadable=True) from None
     finally:
         os.close(fd)
     if total > limit:
