@@ -203,14 +203,18 @@ def test_the_broker_down_fails_the_tcp_line_with_75(device_files):
     assert found["claim"].startswith("ok ")
 
 
-def test_a_clock_in_the_past_fails_the_clock_line_with_75_and_skips_the_handshake(standin):
+def check_at(standin, when: str) -> dict:
+    """The lines of a --check that exits 75, run where the clock reads ``when``
+    (libfaketime: the process alone sees it, as a board without RTC would)."""
     if not shutil.which("faketime"):
         pytest.fail("faketime is not installed: run `make test`, which installs it")
-    # libfaketime: the process sees the clock of a board without RTC, years behind.
-    proc = check(standin, prefix=("faketime", "-f", "@2021-01-01 00:00:00"),
-                 env={"DONT_FAKE_MONOTONIC": "1"})
+    proc = check(standin, prefix=("faketime", "-f", f"@{when}"), env={"DONT_FAKE_MONOTONIC": "1"})
     assert proc.returncode == 75, proc.stdout + proc.stderr
-    found = lines(proc)
+    return lines(proc)
+
+
+def test_a_clock_in_the_past_fails_the_clock_line_with_75_and_skips_the_handshake(standin):
+    found = check_at(standin, "2021-01-01 00:00:00")  # years behind
     assert found["clock"].startswith("FAIL clock       the system clock is not set: it reads "
                                      "2021-01-01T00:00:0")
     assert "check time synchronisation" in found["clock"]
@@ -219,14 +223,9 @@ def test_a_clock_in_the_past_fails_the_clock_line_with_75_and_skips_the_handshak
 
 
 def test_a_clock_far_ahead_fails_the_tls_line_naming_the_clock_not_the_ca(standin):
-    if not shutil.which("faketime"):
-        pytest.fail("faketime is not installed: run `make test`, which installs it")
     # A hostile or broken time server: every certificate looks expired, and the CA and
     # the endpoint are as they should be.
-    proc = check(standin, prefix=("faketime", "-f", "@2090-01-01 00:00:00"),
-                 env={"DONT_FAKE_MONOTONIC": "1"})
-    assert proc.returncode == 75, proc.stdout + proc.stderr
-    found = lines(proc)
+    found = check_at(standin, "2090-01-01 00:00:00")
     assert found["clock"].startswith("ok ")
     assert "(certificate has expired)" in found["tls"], found["tls"]
     assert "check the system clock (it reads 2090-01-01T00:00:0" in found["tls"], found["tls"]
