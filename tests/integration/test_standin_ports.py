@@ -39,3 +39,22 @@ def test_the_devices_port_is_held_from_the_moment_it_is_written_into_its_config(
         assert not taken_by_another
     finally:
         standin.stop()
+
+
+def test_the_devices_port_is_held_even_from_a_bind_that_shares_ports_as_mosquitto_does(tmp_path):
+    # mosquitto binds with SO_REUSEADDR: were the held socket to allow it too, a
+    # mosquitto handed the same port by a race would listen first, and the
+    # stand-in's relay would then fail its own listen (EADDRINUSE).
+    standin = StandIn(tmp_path)
+    standin.prepare()
+    try:
+        with socket.socket() as broker:
+            broker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                broker.bind(("127.0.0.1", standin.port))
+                shared = True
+            except OSError:
+                shared = False
+        assert not shared
+    finally:
+        standin.stop()
