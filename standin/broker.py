@@ -32,9 +32,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def reserved_port(host: str) -> socket.socket:
     """A socket bound to a free port and kept: nothing else can take the port
-    before its listener needs it."""
+    before its listener needs it. Without SO_REUSEADDR, which would let another
+    socket that sets it (mosquitto's) bind the port too and listen first."""
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((host, 0))
     return s
 
