@@ -425,3 +425,25 @@ def test_an_installed_file_the_run_cannot_read_is_never_provisioned_over(standin
     proc, errors = run_as_service(standin)
     assert (proc.returncode, errors) == (0, []), proc.stderr
     assert registers(standin) == before
+
+
+@needs_root
+def test_a_record_naming_another_camera_that_cannot_be_read_never_makes_its_pair_ours(standin):
+    # An image copied after its first boot holds the pair of the camera it was copied
+    # from, and installed-for.json names that camera. If that record is there but cannot
+    # be read, it may name another camera: adopting the pair (and writing this camera's
+    # serial over the record) would leave two cameras sharing one identity.
+    assert run_script("boot.py", standin.config_path).code == 0
+    record = standin.workdir / "cert" / "installed-for.json"
+    doc = json.loads(record.read_text())
+    record.write_text(json.dumps({**doc, "serialId": "CAM-COPIED-FROM"}))
+    boots = len(standin.events("boot"))
+    os.chmod(record, 0)
+    try:
+        proc, errors = run_as_service(standin)
+        assert proc.returncode == 73, proc.stderr
+        assert len(errors) == 1 and str(record) in errors[0], proc.stderr
+        assert json.loads(record.read_text())["serialId"] == "CAM-COPIED-FROM"
+        assert len(standin.events("boot")) == boots
+    finally:
+        os.chmod(record, 0o644)
