@@ -224,10 +224,12 @@ class CertDir:
 
     def installed_for(self) -> str | None:
         """The SERIAL_ID the installed pair was registered for; None when no record
-        says (a pair installed before the record existed, or a garbled record)."""
+        says (a pair installed before the record existed, or a garbled record).  A
+        record that is there but cannot be read ends the run (StorageError)."""
         try:
-            doc = json.loads(files.read_bounded(self.installed_for_file, "installed-for record",
-                                                4096))
+            # Unreadable is not absent: the record may name another camera (73, retried).
+            doc = json.loads(read_credential(self.installed_for_file, "installed-for record",
+                                             4096))
             serial = doc["serialId"]
             if not isinstance(serial, str) or not configuration.SERIAL_RE.fullmatch(serial):
                 raise ValueError("invalid serialId")
