@@ -464,3 +464,39 @@ def test_install_again_on_a_disk_that_fills_leaves_every_installed_file_whole(st
             assert path.read_bytes() == old, f"{path} changed by an install that failed"
             assert oct(os.stat(path).st_mode & 0o777) == "0o644", path
         assert not [p for p in app.rglob(".*.new")], "temporary files left behind"
+
+
+def test_an_upgrade_that_fills_the_disk_part_way_leaves_scripts_and_package_of_one_version(
+        tmp_path):
+    # boot.py imports the package: a new boot.py beside the old package (or the other
+    # way round) can fail every boot as surely as a cut file would.
+    if os.geteuid() != 0:
+        pytest.skip("a small tmpfs needs root")
+    project = tmp_path / "project"  # this tree, upgraded: a new boot.py, a module that grew
+    project.mkdir()
+    for name in ("Makefile", "requirements.txt", "AmazonRootCA1.pem", "README.md",
+                 "update_boot_status.py"):
+        shutil.copy(ROOT / name, project)
+    for folder in ("entomologist", "systemd"):
+        shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "boot.py").write_text("# the new version\n" + (ROOT / "boot.py").read_text())
+    with open(project / "entomologist" / "errors.py", "a") as grown:
+        grown.write("".join(f"# line {i} of a longer module\n" for i in range(40000)))
+    with tmpfs(tmp_path / "rootfs", "4m", mode=0o755) as root:
+        app = root / "opt" / "entomologist"
+        (app / "entomologist").mkdir(parents=True)
+        (root / "etc" / "entomologist").mkdir(parents=True)
+        installed = [app / name for name in ("boot.py", "update_boot_status.py", "README.md")]
+        installed += [app / "entomologist" / p.name for p in (ROOT / "entomologist").glob("*.py")]
+        for path in installed:
+            shutil.copy(ROOT / path.relative_to(app), path)
+            os.chmod(path, 0o644)
+        before = {path: path.read_bytes() for path in installed}
+        fill(app)  # then room for the scripts, not for the grown module
+        filler = app / "filler"
+        os.truncate(filler, os.stat(filler).st_size - 512 * 1024)
+        proc = make("install", f"DESTDIR={root}", cwd_root=project)
+        assert proc.returncode != 0, proc.stdout
+        changed = [str(path) for path, old in before.items() if path.read_bytes() != old]
+        assert changed == [], proc.stdout + proc.stderr
+        assert not [p for p in app.rglob(".*.new")], "temporary files left behind"
