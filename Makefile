@@ -129,13 +129,19 @@ SAFE_PATHS = case "$(DESTDIR)$(PREFIX)" in *" "*|*"	"*) \
 # replace them: every one written beside its place first, so that a full disk or a
 # Ctrl-C leaves the installed ones whole (install writes in place: a cut boot.py or
 # module fails, or silently skips, every boot), flushed, then each renamed over its
-# place. A file given as `SOURCE:NAME` is installed under NAME.
+# place. A file given as `SOURCE:NAME` is installed under NAME; a NAME with a folder
+# (entomologist/errors.py) goes into that folder of FOLDER, which must exist. The
+# scripts and their package go in one call: a disk that fills while the package is
+# written must not leave the new scripts beside the old package.
 define install_whole
 	@set -e; new=; trap 'rm -f $$new' EXIT; \
-	for f in $(2); do src=$${f%%:*}; name=$${f#*:}; t=$(1)/.$${name##*/}.new; \
+	for f in $(2); do src=$${f%%:*}; name=$${f#*:}; \
+		case $$name in */*) t=$(1)/$${name%/*}/.$${name##*/}.new;; *) t=$(1)/.$$name.new;; esac; \
 		new="$$new $$t"; install -m 0644 $$src $$t; done; \
 	sync $$new; \
-	for f in $(2); do name=$${f#*:}; mv -f $(1)/.$${name##*/}.new $(1)/$${name##*/}; done; \
+	for f in $(2); do name=$${f#*:}; \
+		case $$name in */*) t=$(1)/$${name%/*}/.$${name##*/}.new;; *) t=$(1)/.$$name.new;; esac; \
+		mv -f $$t $(1)/$$name; done; \
 	new=; echo "installed $(words $(2)) file(s) into $(1)"
 endef
 
@@ -152,9 +158,8 @@ install:
 	install -d -m 0755 $(DESTDIR)$(PREFIX)
 	@# An existing config folder keeps its owner and mode (0700 stays 0700).
 	[ -d $(DESTDIR)/etc/entomologist ] || install -d -m 0755 $(DESTDIR)/etc/entomologist
-	$(call install_whole,$(DESTDIR)$(PREFIX),$(APP_FILES))
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/entomologist
-	$(call install_whole,$(DESTDIR)$(PREFIX)/entomologist,$(PACKAGE_FILES))
+	$(call install_whole,$(DESTDIR)$(PREFIX),$(APP_FILES) $(PACKAGE_FILES))
 	@$(MAKE) --no-print-directory install-venv
 	@out=$$($(DESTDIR)$(PREFIX)/venv/bin/python -m pip install -q --disable-pip-version-check \
 		--dry-run --only-binary=:all: --no-deps -r requirements.txt 2>&1); \
