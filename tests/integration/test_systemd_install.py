@@ -500,3 +500,31 @@ def test_an_upgrade_that_fills_the_disk_part_way_leaves_scripts_and_package_of_o
         changed = [str(path) for path, old in before.items() if path.read_bytes() != old]
         assert changed == [], proc.stdout + proc.stderr
         assert not [p for p in app.rglob(".*.new")], "temporary files left behind"
+
+
+@pytest.mark.heavy
+def test_an_upgrade_whose_libraries_cannot_be_fetched_leaves_the_old_scripts(staged, tmp_path):
+    # New scripts may need the new requirements: with the package index out of reach
+    # (no network during an upgrade), they must not be put beside the old libraries.
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("Makefile", "AmazonRootCA1.pem", "README.md", "update_boot_status.py"):
+        shutil.copy(ROOT / name, project)
+    for folder in ("entomologist", "systemd"):
+        shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "boot.py").write_text("# the new version\n" + (ROOT / "boot.py").read_text())
+    (project / "requirements.txt").write_text((ROOT / "requirements.txt").read_text()
+                                              + "entomologist-not-yet-installed==1.0\n")
+    root = tmp_path / "rootfs"
+    shutil.copytree(staged, root, symlinks=True)
+    app = root / "opt" / "entomologist"
+    before = (app / "boot.py").read_bytes()
+    # An index that refuses connections (pip says "Retrying": no build tools are installed).
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "",
+           "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "1",
+           "PIP_TIMEOUT": "2", "PIP_NO_CACHE_DIR": "1"}
+    proc = subprocess.run(["make", "-C", str(project), "install", f"DESTDIR={root}",
+                           f"INSTALL_PYTHON={sys.executable}"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0, proc.stdout
+    assert (app / "boot.py").read_bytes() == before, proc.stdout + proc.stderr
