@@ -33,7 +33,7 @@ PACKAGE_FILES := $(wildcard entomologist/*.py)
 # then compiles them, which needs these (see README, "32-bit boards").
 BUILD_DEPS := build-essential cmake python3-dev libffi-dev
 
-.PHONY: setup mosquitto tinyproxy faketime softhsm2 systemd-analyze demo test test-slow bench mutation clean install install-venv uninstall image-tools image-test system-tools system-test
+.PHONY: setup mosquitto tinyproxy faketime softhsm2 systemd-analyze demo test test-slow bench mutation clean install install-venv install-libraries uninstall image-tools image-test system-tools system-test
 
 setup: $(VENV)/.installed mosquitto tinyproxy faketime softhsm2 systemd-analyze
 
@@ -132,13 +132,15 @@ SAFE_PATHS = case "$(DESTDIR)$(PREFIX)" in *" "*|*"	"*) \
 # place. A file given as `SOURCE:NAME` is installed under NAME; a NAME with a folder
 # (entomologist/errors.py) goes into that folder of FOLDER, which must exist. The
 # scripts and their package go in one call: a disk that fills while the package is
-# written must not leave the new scripts beside the old package.
+# written must not leave the new scripts beside the old package. A third argument is a
+# command run between the flush and the renames: if it fails, nothing is renamed.
 define install_whole
 	@set -e; new=; trap 'rm -f $$new' EXIT; \
 	for f in $(2); do src=$${f%%:*}; name=$${f#*:}; \
 		case $$name in */*) t=$(1)/$${name%/*}/.$${name##*/}.new;; *) t=$(1)/.$$name.new;; esac; \
 		new="$$new $$t"; install -m 0644 $$src $$t; done; \
 	sync $$new; \
+	$(if $(3),$(3);) \
 	for f in $(2); do name=$${f#*:}; \
 		case $$name in */*) t=$(1)/$${name%/*}/.$${name##*/}.new;; *) t=$(1)/.$$name.new;; esac; \
 		mv -f $$t $(1)/$$name; done; \
@@ -159,19 +161,9 @@ install:
 	@# An existing config folder keeps its owner and mode (0700 stays 0700).
 	[ -d $(DESTDIR)/etc/entomologist ] || install -d -m 0755 $(DESTDIR)/etc/entomologist
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/entomologist
-	$(call install_whole,$(DESTDIR)$(PREFIX),$(APP_FILES) $(PACKAGE_FILES))
-	@$(MAKE) --no-print-directory install-venv
-	@out=$$($(DESTDIR)$(PREFIX)/venv/bin/python -m pip install -q --disable-pip-version-check \
-		--dry-run --only-binary=:all: --no-deps -r requirements.txt 2>&1); \
-	missing=$$(printf '%s\n' "$$out" | sed -n 's/.*satisfies the requirement \([^ ]*\).*/\1/p'); \
-	if [ -n "$$missing" ] && ! printf '%s\n' "$$out" | grep -q -e Retrying -e 'Could not fetch'; then \
-		echo "make install: no prebuilt wheel of $$missing (and perhaps others) for this" \
-			"machine ($$(uname -m)); pip will compile it, which needs $(BUILD_DEPS):" \
-			"installing them first." \
-			"The build takes long on a board; see README, 32-bit boards." >&2; \
-		{ $(SUDO) apt-get update -qq && $(APT_INSTALL) $(BUILD_DEPS); } || exit 1; \
-	fi
-	$(DESTDIR)$(PREFIX)/venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	@# New scripts are put in place only once the libraries they need are: an upgrade
+	@# without network fails in install-libraries and leaves the old scripts.
+	$(call install_whole,$(DESTDIR)$(PREFIX),$(APP_FILES) $(PACKAGE_FILES),$(MAKE) --no-print-directory install-libraries)
 	# The unit's file system is read-only: without these the scripts would be
 	# compiled again at every boot.
 	$(DESTDIR)$(PREFIX)/venv/bin/python -m compileall -q --invalidation-mode checked-hash \
@@ -196,6 +188,23 @@ endif
 		install -d -m 0755 $(DESTDIR)$(UNITDIR)/multi-user.target.wants && \
 		ln -sfn $(UNITDIR)/$(UNIT) $(DESTDIR)$(UNITDIR)/multi-user.target.wants/$(UNIT); \
 	fi
+
+# The venv of an installed tree and the libraries of requirements.txt in it (run by
+# install between writing the new scripts beside their places and renaming them).
+install-libraries:
+	@$(SAFE_PATHS)
+	@$(MAKE) --no-print-directory install-venv
+	@out=$$($(DESTDIR)$(PREFIX)/venv/bin/python -m pip install -q --disable-pip-version-check \
+		--dry-run --only-binary=:all: --no-deps -r requirements.txt 2>&1); \
+	missing=$$(printf '%s\n' "$$out" | sed -n 's/.*satisfies the requirement \([^ ]*\).*/\1/p'); \
+	if [ -n "$$missing" ] && ! printf '%s\n' "$$out" | grep -q -e Retrying -e 'Could not fetch'; then \
+		echo "make install: no prebuilt wheel of $$missing (and perhaps others) for this" \
+			"machine ($$(uname -m)); pip will compile it, which needs $(BUILD_DEPS):" \
+			"installing them first." \
+			"The build takes long on a board; see README, 32-bit boards." >&2; \
+		{ $(SUDO) apt-get update -qq && $(APT_INSTALL) $(BUILD_DEPS); } || exit 1; \
+	fi
+	$(DESTDIR)$(PREFIX)/venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 
 # The venv of an installed tree, on its own so that its rules can be tested alone.
 install-venv:
