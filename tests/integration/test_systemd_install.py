@@ -528,3 +528,35 @@ def test_an_upgrade_whose_libraries_cannot_be_fetched_leaves_the_old_scripts(sta
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode != 0, proc.stdout
     assert (app / "boot.py").read_bytes() == before, proc.stdout + proc.stderr
+
+
+def test_install_never_writes_through_a_link_another_user_planted_beside_the_unit(
+        staged, tmp_path):
+    # A staging tree whose unit folder another user can write (a shared build folder,
+    # sticky as /tmp is): a link they planted at the unit's temporary name must not
+    # make root write the unit over the file it points to, nor leave them the unit.
+    if os.geteuid() != 0:
+        pytest.skip("another user needs root")
+    copy = tmp_path / "rootfs"
+    shutil.copytree(staged, copy, symlinks=True)
+    unitdir = copy / "etc" / "systemd" / "system"
+    unitdir.chmod(0o1777)
+    victim = tmp_path / "victim"
+    victim.write_text("root's own file\n")
+    folder = os.open(unitdir, os.O_RDONLY | os.O_DIRECTORY)  # tmp_path is root's alone
+    pid = os.fork()
+    if pid == 0:  # the other user
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os.symlink(victim, f".{UNIT.name}.new", dir_fd=folder)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(folder)
+    assert (unitdir / f".{UNIT.name}.new").is_symlink()
+    proc = make("install", f"DESTDIR={copy}")
+    assert victim.read_text() == "root's own file\n", proc.stdout + proc.stderr
+    installed = unitdir / UNIT.name
+    assert not installed.is_symlink() and installed.stat().st_uid == 0
+    assert installed.read_text() == UNIT.read_text()
