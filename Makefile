@@ -148,9 +148,11 @@ define install_whole
 endef
 
 # `$(call install_edited,FOLDER,NAME,SED_SCRIPT,SOURCE)`: SOURCE edited by SED_SCRIPT,
-# installed whole (0644) as FOLDER/NAME, the same way.
+# installed whole (0644) as FOLDER/NAME, the same way. Its temporary file is made new by
+# mktemp (O_EXCL): a redirection into a fixed name would write through a link, or into
+# a file, that another user who can write FOLDER left there.
 define install_edited
-	@set -e; t=$(1)/.$(2).new; trap 'rm -f $$t' EXIT; \
+	@set -e; t=; trap 'rm -f $$t' EXIT; t=$$(mktemp --suffix=.new $(1)/.$(2).XXXXXX); \
 	sed '$(3)' $(4) > $$t; chmod 0644 $$t; sync $$t; mv -f $$t $(1)/$(2); \
 	echo "installed $(1)/$(2)"
 endef
