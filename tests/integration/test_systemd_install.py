@@ -560,3 +560,17 @@ def test_install_never_writes_through_a_link_another_user_planted_beside_the_uni
     installed = unitdir / UNIT.name
     assert not installed.is_symlink() and installed.stat().st_uid == 0
     assert installed.read_text() == UNIT.read_text()
+
+
+@pytest.mark.parametrize("setting", ["PREFIX=/opt/ento&cam", "DATA_DIR=/data/50%h",
+                                     "DATA_DIR=data/entomologist"])
+def test_a_path_the_unit_would_read_otherwise_is_refused_before_anything_is_installed(
+        tmp_path, setting):
+    # The unit is edited by sed (an & in the path inserts the old one) and read by
+    # systemd (a % starts a specifier): the unit would name another folder, silently.
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    proc = make("install", f"DESTDIR={root}", setting, cwd_root=ROOT)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert setting.split("=")[0] in proc.stderr
+    assert list(root.iterdir()) == []
