@@ -120,10 +120,16 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 # Unquoted in the recipes below: a blank in either would split one path in two
-# (`rm -rf /data x`, `venv --clear /data x/venv` empty /data and make ./x).
+# (`rm -rf /data x`, `venv --clear /data x/venv` empty /data and make ./x). The unit
+# is edited by sed and read by systemd: an & (sed puts the old path there, the shell
+# runs half a command in the background) or a % (a systemd specifier) would make it
+# name another folder; such paths are refused before anything is made.
 SAFE_PATHS = case "$(DESTDIR)$(PREFIX)" in *" "*|*"	"*) \
 	echo "DESTDIR and PREFIX must not contain blanks" >&2; exit 2;; esac; \
-	case "$(PREFIX)" in /?*) ;; *) echo "PREFIX must be an absolute path" >&2; exit 2;; esac
+	case "$(PREFIX)" in /?*) ;; *) echo "PREFIX must be an absolute path" >&2; exit 2;; esac; \
+	case "$(DESTDIR)$(PREFIX)$(DATA_DIR)" in *[!A-Za-z0-9._/+@:=,~-]*) echo "DESTDIR, PREFIX and" \
+		"DATA_DIR may hold only letters, digits and . _ / + @ : = , ~ -" >&2; exit 2;; esac; \
+	case "$(DATA_DIR)" in ""|/?*) ;; *) echo "DATA_DIR must be an absolute path" >&2; exit 2;; esac
 
 # `$(call install_whole,FOLDER,FILES...)`: FILES (0644) into FOLDER as an upgrade must
 # replace them: every one written beside its place first, so that a full disk or a
@@ -178,7 +184,6 @@ ifneq ($(PKCS11),)
 	$(call install_whole,$(DESTDIR)$(UNITDIR)/$(UNIT).d,systemd/pkcs11-$(PKCS11).conf:pkcs11.conf)
 endif
 ifneq ($(DATA_DIR),)
-	@case "$(DATA_DIR)" in /?*) ;; *) echo "DATA_DIR must be an absolute path" >&2; exit 2;; esac
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)/$(UNIT).d
 	$(call install_edited,$(DESTDIR)$(UNITDIR)/$(UNIT).d,data-dir.conf,s#/data/entomologist#$(DATA_DIR)#g,systemd/data-dir.conf)
 endif
