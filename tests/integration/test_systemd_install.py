@@ -574,3 +574,26 @@ def test_a_path_the_unit_would_read_otherwise_is_refused_before_anything_is_inst
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert setting.split("=")[0] in proc.stderr
     assert list(root.iterdir()) == []
+
+
+@pytest.mark.heavy
+def test_an_upgrade_stopped_by_ctrl_c_leaves_the_old_files_and_no_temporary_ones(
+        staged, tmp_path):
+    import signal
+    import time
+    copy = tmp_path / "rootfs"
+    shutil.copytree(staged, copy, symlinks=True)
+    app = copy / "opt" / "entomologist"
+    (app / "boot.py").write_text("# the old version\n")
+    proc = subprocess.Popen(["make", "-C", str(ROOT), "install", f"DESTDIR={copy}",
+                             f"INSTALL_PYTHON={sys.executable}"], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (app / ".boot.py.new").exists():  # written beside, the libraries next
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C reaches the terminal's foreground group
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode != 0, output
+    assert (app / "boot.py").read_text() == "# the old version\n"
+    assert [str(p) for p in copy.rglob(".*.new")] == [], output
