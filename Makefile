@@ -135,13 +135,14 @@ SAFE_PATHS = case "$(DESTDIR)$(PREFIX)" in *" "*|*"	"*) \
 # replace them: every one written beside its place first, so that a full disk or a
 # Ctrl-C leaves the installed ones whole (install writes in place: a cut boot.py or
 # module fails, or silently skips, every boot), flushed, then each renamed over its
-# place. A file given as `SOURCE:NAME` is installed under NAME; a NAME with a folder
+# place (a signal, too, ends the shell through its EXIT trap, which removes what it
+# wrote). A file given as `SOURCE:NAME` is installed under NAME; a NAME with a folder
 # (entomologist/errors.py) goes into that folder of FOLDER, which must exist. The
 # scripts and their package go in one call: a disk that fills while the package is
 # written must not leave the new scripts beside the old package. A third argument is a
 # command run between the flush and the renames: if it fails, nothing is renamed.
 define install_whole
-	@set -e; new=; trap 'rm -f $$new' EXIT; \
+	@set -e; new=; trap 'rm -f $$new' EXIT; trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM; \
 	for f in $(2); do src=$${f%%:*}; name=$${f#*:}; \
 		case $$name in */*) t=$(1)/$${name%/*}/.$${name##*/}.new;; *) t=$(1)/.$$name.new;; esac; \
 		new="$$new $$t"; install -m 0644 $$src $$t; done; \
@@ -158,7 +159,7 @@ endef
 # mktemp (O_EXCL): a redirection into a fixed name would write through a link, or into
 # a file, that another user who can write FOLDER left there.
 define install_edited
-	@set -e; t=; trap 'rm -f $$t' EXIT; t=$$(mktemp --suffix=.new $(1)/.$(2).XXXXXX); \
+	@set -e; t=; trap 'rm -f $$t' EXIT; trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM; t=$$(mktemp --suffix=.new $(1)/.$(2).XXXXXX); \
 	sed '$(3)' $(4) > $$t; chmod 0644 $$t; sync $$t; mv -f $$t $(1)/$(2); \
 	echo "installed $(1)/$(2)"
 endef
