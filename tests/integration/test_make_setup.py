@@ -60,3 +60,41 @@ def test_setup_run_again_after_a_full_disk_makes_a_sound_venv(tmp_path):
         assert again.returncode == 0, again.stdout + again.stderr
         sound = _sound(venv)
         assert sound.returncode == 0, sound.stderr
+
+
+def _setup(project, venv, *args):
+    """The venv rule as `make setup` runs it (UV_VERSION none: a rule that went on
+    fails soon after emptying, instead of installing)."""
+    return subprocess.run(["make", "-C", str(project), f"VENV={venv}", "UV_VERSION=0.0.0",
+                           *args, f"{venv}/.installed"],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_setup_never_empties_a_folder_that_holds_more_than_a_venv(tmp_path):
+    # `python -m venv .` in a checkout is a common habit: that folder has a pyvenv.cfg,
+    # and `venv --clear` would delete the checkout with it.
+    project = _project(tmp_path)
+    mine = tmp_path / "mine"
+    subprocess.run(["python3", "-m", "venv", "--without-pip", str(mine)], check=True)
+    (mine / "notes.txt").write_text("a week of work")
+    (mine / ".git").mkdir()
+    proc = _setup(project, mine)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "is not a venv this Makefile made" in proc.stderr
+    assert (mine / "notes.txt").read_text() == "a week of work" and (mine / ".git").is_dir()
+
+
+def test_setup_refuses_a_venv_path_with_a_blank_and_empties_neither_half(tmp_path):
+    # Unquoted, "data x" is two folders to make (the target too: make splits it), and
+    # `venv --clear data x` empties ./data.
+    project = _project(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "precious").write_text("kept")
+    os.utime(data, (0, 0))  # older than the requirements: make would "rebuild" it
+    proc = subprocess.run(["make", "-C", str(project), "setup", f"VENV={data} x",
+                           "UV_VERSION=0.0.0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "VENV" in proc.stderr
+    assert sorted(p.name for p in data.iterdir()) == ["precious"]
+    assert not (project / "x").exists()
