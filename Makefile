@@ -46,11 +46,20 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@# Made from empty whenever this rule has not finished it: a run cut short (Ctrl-C,
 	@# a full disk, a power cut) can leave a package half copied whose metadata says it
 	@# is installed, and neither pip nor uv would install it again. --clear empties the
-	@# folder, so only a venv (or an empty folder), never a link, is taken.
-	@if [ -L "$(VENV)" ] || { [ -e "$(VENV)" ] && [ ! -e "$(VENV)/pyvenv.cfg" ] && \
-		[ -n "$$(ls -A "$(VENV)" 2>&1)" ]; }; then \
-		echo "$(VENV) is not a venv this Makefile made (a link, or a folder without pyvenv.cfg):" \
-			"remove it or choose another VENV=" >&2; exit 2; fi
+	@# folder, so only a venv (or an empty folder), never a link, is taken: a folder
+	@# with a pyvenv.cfg and anything a venv does not hold (a checkout someone made a
+	@# venv with `python -m venv .`) is refused. Unquoted below, a blank would split
+	@# the path in two (`venv --clear data x` empties ./data).
+	@case "$(VENV)" in ""|*[!A-Za-z0-9._/+@:=,~-]*) echo "VENV=\"$(VENV)\" may hold only" \
+		"letters, digits and . _ / + @ : = , ~ -" >&2; exit 2;; esac
+	@other=; if [ -L "$(VENV)" ]; then other="it is a link"; elif [ -e "$(VENV)" ]; then \
+		for e in "$(VENV)"/* "$(VENV)"/.[!.]* "$(VENV)"/..?*; do \
+			[ -e "$$e" ] || [ -L "$$e" ] || continue; \
+			[ -e "$(VENV)/pyvenv.cfg" ] || { other="it has no pyvenv.cfg"; break; }; \
+			case "$${e##*/}" in bin|include|lib|lib64|share|etc|pyvenv.cfg|.installed|.gitignore) ;; \
+				*) other="it holds $${e##*/}, which no venv holds"; break;; esac; done; fi; \
+	if [ -n "$$other" ]; then echo "$(VENV) is not a venv this Makefile made ($$other), and" \
+		"making one there empties it: remove it or choose another VENV=" >&2; exit 2; fi
 	$(PYTHON) -m venv --clear --without-pip $(VENV)
 	$(PYTHON) -m pip --python $(PY) install -q --disable-pip-version-check uv==$(UV_VERSION) 2>/dev/null || \
 		{ $(PY) -m ensurepip --default-pip >/dev/null && $(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION); }
