@@ -56,7 +56,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 		for e in "$(VENV)"/* "$(VENV)"/.[!.]* "$(VENV)"/..?*; do \
 			[ -e "$$e" ] || [ -L "$$e" ] || continue; \
 			[ -e "$(VENV)/pyvenv.cfg" ] || { other="it has no pyvenv.cfg"; break; }; \
-			case "$${e##*/}" in bin|include|lib|lib64|share|etc|pyvenv.cfg|.installed|.gitignore) ;; \
+			case "$${e##*/}" in bin|include|lib|lib64|share|etc|pyvenv.cfg|.installed|.gitignore|.lock) ;; \
 				*) other="it holds $${e##*/}, which no venv holds"; break;; esac; done; fi; \
 	if [ -n "$$other" ]; then echo "$(VENV) is not a venv this Makefile made ($$other), and" \
 		"making one there empties it: remove it or choose another VENV=" >&2; exit 2; fi
