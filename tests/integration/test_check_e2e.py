@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from disk import fill, tmpfs
+
 from e2e import ROOT, device_doc, run_and_kill, run_script
 from iot_standin import StandIn
 from standin import template as templates
@@ -147,6 +149,30 @@ def test_a_reader_gone_before_the_first_line_still_gets_the_verdict_and_no_trace
     finally:
         os.close(write)
     assert (proc.returncode, proc.stderr) == (0, "")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a small tmpfs needs root")
+def test_a_report_written_to_a_full_disk_or_a_closed_output_still_gives_the_verdict(
+        standin, tmp_path):
+    # `boot.py --check > /var/log/station/check.txt` on a full disk, or run by a
+    # station with its stdout closed: the report is lost, the verdict is not, and one
+    # line says why the report is missing (not a traceback and exit 1).
+    with tmpfs(tmp_path / "disk", "64k", mode=0o755) as disk:
+        fill(disk)
+        with open(disk / "report", "w") as report:
+            proc = subprocess.run([sys.executable, str(ROOT / "boot.py"), "--config",
+                                   str(standin.config_path), "--check"],
+                                  stdin=subprocess.DEVNULL, stdout=report,
+                                  stderr=subprocess.PIPE, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("WARNING") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "No space left on device" in proc.stderr
+    closed = subprocess.run(f'"{sys.executable}" "{ROOT / "boot.py"}" --config '
+                            f'"{standin.config_path}" --check --json >&-', shell=True,
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            timeout=60)
+    assert closed.returncode == 0, closed.stderr
+    assert "Traceback" not in closed.stderr
 
 
 def test_a_server_certificate_from_another_ca_fails_the_tls_line_at_once_with_75(standin):
