@@ -14,6 +14,7 @@ check that fails, in the boot's order; 0 if none does.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -266,13 +267,21 @@ def run(config_path: Path, timeout: float, as_json: bool, connect_as_thing: bool
         if reader_gone:
             return
         try:
+            if out is None:  # started with its stdout closed: sys.stdout is None
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
             out.write(line + "\n")
             out.flush()
-        except BrokenPipeError:
-            # The reader left (`| grep -q FAIL`, `| head -1`): the checks go on, since
-            # the exit code is the verdict; what is left to print goes nowhere, and
-            # the interpreter's last flush finds no broken pipe either.
+        except OSError as exc:
+            # The reader left (`| grep -q FAIL`, `| head -1`), or the report cannot be
+            # written (a full disk, a closed stdout): the checks go on, since the exit
+            # code is the verdict; what is left to print goes nowhere, and the
+            # interpreter's last flush finds no error either.
             reader_gone = True
+            if not isinstance(exc, BrokenPipeError):
+                log.warning("the report of --check cannot be written (%s): only its exit "
+                            "code tells the verdict", exc.strerror or exc)
+            if out is None:
+                return
             try:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, out.fileno())

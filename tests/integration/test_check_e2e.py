@@ -12,7 +12,6 @@ import sys
 import pytest
 
 from disk import fill, tmpfs
-
 from e2e import ROOT, device_doc, run_and_kill, run_script
 from iot_standin import StandIn
 from standin import template as templates
