@@ -447,3 +447,22 @@ def test_a_record_naming_another_camera_that_cannot_be_read_never_makes_its_pair
         assert len(standin.events("boot")) == boots
     finally:
         os.chmod(record, 0o644)
+
+
+@needs_root
+def test_check_names_an_installed_key_the_run_cannot_read_as_a_storage_failure_to_read(
+        standin):
+    # --check says what the next boot would do: end with 73 on this file, and it is a
+    # read that fails, not a write.
+    assert run_script("boot.py", standin.config_path).code == 0
+    key = standin.workdir / "cert" / "private.pem.key"
+    os.chmod(key, 0)
+    try:
+        proc, _ = run_as_service(standin, "boot.py", "--check")
+    finally:
+        os.chmod(key, 0o600)
+    assert proc.returncode == 73, proc.stdout
+    lines = proc.stdout.splitlines()
+    assert [line.split()[1] for line in lines if line.startswith("FAIL")] == ["cert-dir"]
+    assert str(key) in lines[1] and "Permission denied" in lines[1]
+    assert lines[-1].startswith("exit 73: ") and " read " in lines[-1], lines[-1]
