@@ -244,7 +244,8 @@ EXIT_MEANINGS = {os.EX_OK: "the next boot would succeed as far as can be told",
                  os.EX_TEMPFAIL: "transient: the next boot would fail and be retried",
                  os.EX_CONFIG: "configuration: the next boot would fail until it is fixed",
                  os.EX_DATAERR: "the service would refuse",
-                 os.EX_CANTCREAT: "the next boot could not write what it must",
+                 os.EX_CANTCREAT: "storage: the next boot could not read or write what "
+                                  "it must, and would be retried",
                  os.EX_SOFTWARE: "a bug"}
 
 
