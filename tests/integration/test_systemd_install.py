@@ -597,3 +597,17 @@ def test_an_upgrade_stopped_by_ctrl_c_leaves_the_old_files_and_no_temporary_ones
     assert proc.returncode != 0, output
     assert (app / "boot.py").read_text() == "# the old version\n"
     assert [str(p) for p in copy.rglob(".*.new")] == [], output
+
+
+def test_a_dry_run_of_install_over_an_installed_tree_changes_nothing(tmp_path):
+    # `make -n install` prints what it would do; a recipe line make takes as a
+    # recursive make is run even then, and must not be the one that writes the files.
+    root = tmp_path / "rootfs"
+    app = root / "opt" / "entomologist"
+    (app / "entomologist").mkdir(parents=True)
+    (app / "boot.py").write_text("# the installed version\n")
+    proc = make("-n", "install", f"DESTDIR={root}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
+        "opt", "opt/entomologist", "opt/entomologist/boot.py", "opt/entomologist/entomologist"]
+    assert (app / "boot.py").read_text() == "# the installed version\n"
