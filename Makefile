@@ -181,7 +181,7 @@ install:
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/entomologist
 	@# New scripts are put in place only once the libraries they need are: an upgrade
 	@# without network fails in install-libraries and leaves the old scripts.
-	$(call install_whole,$(DESTDIR)$(PREFIX),$(APP_FILES) $(PACKAGE_FILES),$(MAKE) --no-print-directory install-libraries)
+	$(call install_whole,$(DESTDIR)$(PREFIX),$(APP_FILES) $(PACKAGE_FILES),$(INSTALL_LIBRARIES))
 	# The unit's file system is read-only: without these the scripts would be
 	# compiled again at every boot.
 	$(DESTDIR)$(PREFIX)/venv/bin/python -m compileall -q --invalidation-mode checked-hash \
@@ -208,6 +208,9 @@ endif
 
 # The venv of an installed tree and the libraries of requirements.txt in it (run by
 # install between writing the new scripts beside their places and renaming them).
+# Named through a variable: a recipe line that names $(MAKE) itself is run even by
+# `make -n`, and that line writes and renames the installed files.
+INSTALL_LIBRARIES = $(MAKE) --no-print-directory install-libraries
 install-libraries:
 	@$(SAFE_PATHS)
 	@$(MAKE) --no-print-directory install-venv
