@@ -98,3 +98,17 @@ def test_setup_refuses_a_venv_path_with_a_blank_and_empties_neither_half(tmp_pat
     assert "VENV" in proc.stderr
     assert sorted(p.name for p in data.iterdir()) == ["precious"]
     assert not (project / "x").exists()
+
+
+def test_clean_never_removes_a_venv_path_that_is_not_a_venv(tmp_path):
+    # VENV comes from the environment too (`VENV ?= .venv`): one exported for another
+    # purpose must not make `make clean` an `rm -rf` of that folder.
+    project = _project(tmp_path)
+    mine = tmp_path / "work"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a week of work")
+    proc = subprocess.run(["make", "-C", str(project), "clean"], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "VENV": str(mine)})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "is not a venv this Makefile made" in proc.stderr
+    assert (mine / "notes.txt").read_text() == "a week of work"
