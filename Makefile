@@ -35,6 +35,21 @@ BUILD_DEPS := build-essential cmake python3-dev libffi-dev
 
 .PHONY: setup mosquitto tinyproxy faketime softhsm2 systemd-analyze demo test test-slow bench mutation clean install install-venv install-libraries uninstall image-tools image-test system-tools system-test
 
+# What `venv --clear` (setup) and `rm -rf` (clean) may take as VENV: nothing, or a venv
+# (a pyvenv.cfg and only what a venv holds), never a link; a path the shell would split
+# or read otherwise is refused too. Else exit 2, nothing emptied.
+VENV_CHECK = case "$(VENV)" in ""|*[!A-Za-z0-9._/+@:=,~-]*) echo "VENV=\"$(VENV)\" may hold only" \
+		"letters, digits and . _ / + @ : = , ~ -" >&2; exit 2;; esac; \
+	other=; if [ -L "$(VENV)" ]; then other="it is a link"; elif [ -e "$(VENV)" ]; then \
+		for e in "$(VENV)"/* "$(VENV)"/.[!.]* "$(VENV)"/..?*; do \
+		[ -e "$$e" ] || [ -L "$$e" ] || continue; \
+		[ -e "$(VENV)/pyvenv.cfg" ] || { other="it has no pyvenv.cfg"; break; }; \
+		case "$${e\#\#*/}" in bin|include|lib|lib64|share|etc|pyvenv.cfg|.installed|.gitignore|.lock) ;; \
+			*) other="it holds $${e\#\#*/}, which no venv holds"; break;; esac; done; fi; \
+	if [ -n "$$other" ]; then echo "$(VENV) is not a venv this Makefile made ($$other):" \
+		"setup would empty it, clean remove it; remove it yourself or choose another VENV=" >&2; \
+		exit 2; fi
+
 setup: $(VENV)/.installed mosquitto tinyproxy faketime softhsm2 systemd-analyze
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -50,16 +65,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@# with a pyvenv.cfg and anything a venv does not hold (a checkout someone made a
 	@# venv with `python -m venv .`) is refused. Unquoted below, a blank would split
 	@# the path in two (`venv --clear data x` empties ./data).
-	@case "$(VENV)" in ""|*[!A-Za-z0-9._/+@:=,~-]*) echo "VENV=\"$(VENV)\" may hold only" \
-		"letters, digits and . _ / + @ : = , ~ -" >&2; exit 2;; esac
-	@other=; if [ -L "$(VENV)" ]; then other="it is a link"; elif [ -e "$(VENV)" ]; then \
-		for e in "$(VENV)"/* "$(VENV)"/.[!.]* "$(VENV)"/..?*; do \
-			[ -e "$$e" ] || [ -L "$$e" ] || continue; \
-			[ -e "$(VENV)/pyvenv.cfg" ] || { other="it has no pyvenv.cfg"; break; }; \
-			case "$${e##*/}" in bin|include|lib|lib64|share|etc|pyvenv.cfg|.installed|.gitignore|.lock) ;; \
-				*) other="it holds $${e##*/}, which no venv holds"; break;; esac; done; fi; \
-	if [ -n "$$other" ]; then echo "$(VENV) is not a venv this Makefile made ($$other), and" \
-		"making one there empties it: remove it or choose another VENV=" >&2; exit 2; fi
+	@$(VENV_CHECK)
 	$(PYTHON) -m venv --clear --without-pip $(VENV)
 	$(PYTHON) -m pip --python $(PY) install -q --disable-pip-version-check uv==$(UV_VERSION) 2>/dev/null || \
 		{ $(PY) -m ensurepip --default-pip >/dev/null && $(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION); }
@@ -125,6 +131,7 @@ mutation: setup
 	nice -n 19 $(PY) bench/mutation.py --python $(PY) $(MUTATION_ARGS)
 
 clean:
+	@$(VENV_CHECK)
 	rm -rf $(VENV) .pytest_cache .hypothesis
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
