@@ -170,3 +170,19 @@ def test_no_run_reads_the_systems_ca_bundle(standin, tmp_path):
     bundle.read_bytes()
     assert opened() == 1
 
+
+
+def test_a_broker_certificate_that_does_not_verify_names_root_ca_and_the_clock_even_when_time_runs_out(
+        standin):
+    # A clock far ahead makes the broker's certificate look expired; awscrt answers a
+    # certificate that does not verify only after 10-30 s, so the run's (or the step's)
+    # time limit often comes first: that line too must name ROOT_CA and the clock, not
+    # only "no answer ... the network link" from a broker that did answer.
+    from standin.ca import StandInCA
+    assert run_script("boot.py", standin.config_path).code == 0
+    (standin.workdir / "cert" / "AmazonRootCA1.pem").write_bytes(StandInCA("Another CA").pem)
+    result = run_script("update_boot_status.py", standin.config_path, "--timeout", "3")
+    assert result.code == 75, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, result.stderr
+    assert "ROOT_CA" in errors[0] and "the system clock (it reads " in errors[0], errors[0]
