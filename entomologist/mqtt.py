@@ -231,6 +231,17 @@ def connect(endpoint: Endpoint, cert: Path, key, client_id: str, timeout: float,
             watch.stop()
     except FutureTimeout:
         link.close()
+        if endpoint.proxy is None and watch.applied is not None and \
+                watch.applied.state == "ESTABLISHED":
+            # The broker took the TCP connection: awscrt answers a server certificate
+            # that does not verify (a wrong ROOT_CA; a clock far ahead, which makes it
+            # look expired) only after 10-30 s, often after this limit.
+            raise TransientError(
+                f"connect to {endpoint.host}:{endpoint.port}: the TCP connection opened, but "
+                f"TLS and MQTT did not finish in {timeout:.0f} s",
+                hint=f"ROOT_CA and the system clock (it reads {utc(clock.time())}): a server "
+                     f"certificate that does not verify is reported only after 10-30 s; then "
+                     f"the network link") from None
         raise TransientError(f"connect to {endpoint.host}:{endpoint.port}{via}: no answer in "
                              f"{timeout:.0f} s", hint="the network link") from None
     except Exception as exc:
