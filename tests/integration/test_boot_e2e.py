@@ -6,6 +6,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -172,6 +173,7 @@ def test_no_run_reads_the_systems_ca_bundle(standin, tmp_path):
 
 
 
+@pytest.mark.heavy
 def test_a_broker_certificate_that_does_not_verify_names_root_ca_and_the_clock_even_when_time_runs_out(
         standin):
     # A clock far ahead makes the broker's certificate look expired; awscrt answers a

@@ -530,6 +530,7 @@ def test_an_upgrade_whose_libraries_cannot_be_fetched_leaves_the_old_scripts(sta
     assert (app / "boot.py").read_bytes() == before, proc.stdout + proc.stderr
 
 
+@pytest.mark.heavy
 def test_install_never_writes_through_a_link_another_user_planted_beside_the_unit(
         staged, tmp_path):
     # A staging tree whose unit folder another user can write (a shared build folder,
