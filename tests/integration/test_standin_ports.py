@@ -26,35 +26,30 @@ def test_mosquitto_whose_port_was_taken_meanwhile_starts_on_another(tmp_path):
             broker.stop()
 
 
-def test_the_devices_port_is_held_from_the_moment_it_is_written_into_its_config(tmp_path):
+def another_bind_takes_the_devices_port(tmp_path, reuse: bool) -> bool:
+    """Whether a socket of another program binds the port a prepared stand-in wrote
+    into the device's config (``reuse``: with SO_REUSEADDR, as mosquitto binds)."""
     standin = StandIn(tmp_path)
     standin.prepare()
     try:
-        with socket.socket() as squatter:  # as another program's bind would
+        with socket.socket() as other:
+            if reuse:
+                other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                squatter.bind(("127.0.0.1", standin.port))
-                taken_by_another = True
+                other.bind(("127.0.0.1", standin.port))
+                return True
             except OSError:
-                taken_by_another = False
-        assert not taken_by_another
+                return False
     finally:
         standin.stop()
+
+
+def test_the_devices_port_is_held_from_the_moment_it_is_written_into_its_config(tmp_path):
+    assert not another_bind_takes_the_devices_port(tmp_path, reuse=False)
 
 
 def test_the_devices_port_is_held_even_from_a_bind_that_shares_ports_as_mosquitto_does(tmp_path):
     # mosquitto binds with SO_REUSEADDR: were the held socket to allow it too, a
     # mosquitto handed the same port by a race would listen first, and the
     # stand-in's relay would then fail its own listen (EADDRINUSE).
-    standin = StandIn(tmp_path)
-    standin.prepare()
-    try:
-        with socket.socket() as broker:
-            broker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                broker.bind(("127.0.0.1", standin.port))
-                shared = True
-            except OSError:
-                shared = False
-        assert not shared
-    finally:
-        standin.stop()
+    assert not another_bind_takes_the_devices_port(tmp_path, reuse=True)

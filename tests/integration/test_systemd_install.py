@@ -433,19 +433,26 @@ def test_install_again_rebuilds_a_venv_whose_pip_was_cut_short_while_unpacking(s
     assert "No module named" not in pip.stderr, pip.stderr
 
 
+def an_upgrade(tmp_path) -> Path:
+    """A copy of what `make install` installs from (Makefile, scripts, package, unit),
+    for a test to change as a new version would."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("Makefile", "requirements.txt", "AmazonRootCA1.pem", "README.md",
+                 "boot.py", "update_boot_status.py"):
+        shutil.copy(ROOT / name, project)
+    for folder in ("entomologist", "systemd"):
+        shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return project
+
+
 def test_install_again_on_a_disk_that_fills_leaves_every_installed_file_whole(staged, tmp_path):
     # An upgrade that runs out of space part way (or is cut short) must leave each
     # installed file as it was or as the new one, never cut: a cut module fails or
     # silently skips every boot, and a cut unit file loses the unit.
     if os.geteuid() != 0:
         pytest.skip("a small tmpfs needs root")
-    project = tmp_path / "project"  # this tree, with a boot.py that grew
-    project.mkdir()
-    for name in ("Makefile", "requirements.txt", "AmazonRootCA1.pem", "README.md",
-                 "update_boot_status.py"):
-        shutil.copy(ROOT / name, project)
-    for folder in ("entomologist", "systemd"):
-        shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    project = an_upgrade(tmp_path)  # this tree, with a boot.py that grew
     grown = "".join(f"# line {i} of a longer header\n" for i in range(8000))
     (project / "boot.py").write_text(grown + (ROOT / "boot.py").read_text())
     with tmpfs(tmp_path / "rootfs", "4m", mode=0o755) as root:
@@ -472,13 +479,7 @@ def test_an_upgrade_that_fills_the_disk_part_way_leaves_scripts_and_package_of_o
     # way round) can fail every boot as surely as a cut file would.
     if os.geteuid() != 0:
         pytest.skip("a small tmpfs needs root")
-    project = tmp_path / "project"  # this tree, upgraded: a new boot.py, a module that grew
-    project.mkdir()
-    for name in ("Makefile", "requirements.txt", "AmazonRootCA1.pem", "README.md",
-                 "update_boot_status.py"):
-        shutil.copy(ROOT / name, project)
-    for folder in ("entomologist", "systemd"):
-        shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    project = an_upgrade(tmp_path)  # this tree upgraded: a new boot.py, a module that grew
     (project / "boot.py").write_text("# the new version\n" + (ROOT / "boot.py").read_text())
     with open(project / "entomologist" / "errors.py", "a") as grown:
         grown.write("".join(f"# line {i} of a longer module\n" for i in range(40000)))
@@ -506,12 +507,7 @@ def test_an_upgrade_that_fills_the_disk_part_way_leaves_scripts_and_package_of_o
 def test_an_upgrade_whose_libraries_cannot_be_fetched_leaves_the_old_scripts(staged, tmp_path):
     # New scripts may need the new requirements: with the package index out of reach
     # (no network during an upgrade), they must not be put beside the old libraries.
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in ("Makefile", "AmazonRootCA1.pem", "README.md", "update_boot_status.py"):
-        shutil.copy(ROOT / name, project)
-    for folder in ("entomologist", "systemd"):
-        shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    project = an_upgrade(tmp_path)
     (project / "boot.py").write_text("# the new version\n" + (ROOT / "boot.py").read_text())
     (project / "requirements.txt").write_text((ROOT / "requirements.txt").read_text()
                                               + "entomologist-not-yet-installed==1.0\n")
