@@ -166,3 +166,14 @@ def test_a_mutant_of_the_same_size_and_second_as_the_original_is_run_not_its_cac
     (tmp_path / "m.py").write_text("SMALLER = 1 > 2\n")
     os.utime(tmp_path / "m.py", ns=(stamp, stamp))
     assert mutation.run_tests(tmp_path, sys.executable, ["test_m.py"], 60)[0] == "killed"
+
+
+def test_an_interpreter_named_relative_to_the_current_folder_runs_the_mutants_tests(
+        tmp_path, monkeypatch):
+    # `make mutation` names it `.venv/bin/python`; the tests run in each mutant's copy.
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "test_m.py").write_text("def test_m():\n    pass\n")
+    monkeypatch.chdir(ROOT)
+    relative = os.path.relpath(sys.executable)
+    assert not os.path.isabs(relative)
+    assert mutation.run_tests(tmp_path / "copy", relative, ["test_m.py"], 60)[0] == "survived"
