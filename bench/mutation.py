@@ -603,6 +603,8 @@ FAILED_RE = re.compile(r"^(?:FAILED|ERROR) (tests/.+?)(?: - .*)?$", re.M)
 
 def run_tests(copy: Path, python: str, tests: list[str], timeout: float) -> tuple[str, str | None, str]:
     """('killed' | 'survived' | 'timeout' | 'error', the failing test, the output's tail)."""
+    if os.sep in python:  # a path from here: the tests run in the copy
+        python = os.path.abspath(python)
     cmd = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
            "-p", "no:xdist", *tests]
     # No bytecode kept: a .pyc is trusted on its source's size and mtime in whole
