@@ -72,6 +72,15 @@ def test_malformed_der_is_a_value_error(der):
         certs.not_valid_before(der)
 
 
+@pytest.mark.parametrize("der", [b"\x30\x80" + bytes(8), b"\x30\x85" + bytes(12)],
+                         ids=["indefinite length", "5-byte length"])
+def test_a_length_of_no_bytes_or_more_than_four_is_a_bad_der_length(der):
+    # DER has no indefinite length, and a certificate is far under 4 GiB: either is
+    # garbage, whatever bytes follow.
+    with pytest.raises(ValueError, match="bad DER length"):
+        certs.not_valid_before(der)
+
+
 def test_a_file_whose_certificate_cannot_be_read_does_not_block_the_clock_check(tmp_path):
     bad = tmp_path / "bad.pem"
     bad.write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")

@@ -72,6 +72,15 @@ def test_a_world_writable_sticky_folder_is_refused_as_cert_dir(sticky_folder):
         files.trusted_dir(sticky_folder, "CERT_DIR")
 
 
+def test_a_file_where_a_folder_belongs_is_refused_naming_it(tmp_path):
+    # A CERT_DIR set to the certificate's own path, or a file a failing card left.
+    cert_dir = tmp_path / "cert"
+    cert_dir.write_text("not a folder")
+    os.chmod(cert_dir, 0o600)
+    with pytest.raises(errors.ConfigError, match=f"CERT_DIR {cert_dir} is not a folder"):
+        files.trusted_dir(cert_dir, "CERT_DIR", create=True)
+
+
 def test_a_folder_inside_a_sticky_folder_is_trusted_when_it_is_ours(sticky_folder):
     inner = sticky_folder / "certs"
     inner.mkdir(mode=0o700)
