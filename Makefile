@@ -147,26 +147,26 @@ SAFE_PATHS = case "$(DESTDIR)$(PREFIX)" in *" "*|*"	"*) \
 		"DATA_DIR may hold only letters, digits and . _ / + @ : = , ~ -" >&2; exit 2;; esac; \
 	case "$(DATA_DIR)" in ""|/?*) ;; *) echo "DATA_DIR must be an absolute path" >&2; exit 2;; esac
 
+# In the two helpers below, a signal ends the shell through its EXIT trap, which removes
+# what it wrote (a shell runs no EXIT trap when a signal kills it).
+EXIT_ON_SIGNALS = trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
+
 # `$(call install_whole,FOLDER,FILES...)`: FILES (0644) into FOLDER as an upgrade must
 # replace them: every one written beside its place first, so that a full disk or a
 # Ctrl-C leaves the installed ones whole (install writes in place: a cut boot.py or
 # module fails, or silently skips, every boot), flushed, then each renamed over its
-# place (a signal, too, ends the shell through its EXIT trap, which removes what it
-# wrote). A file given as `SOURCE:NAME` is installed under NAME; a NAME with a folder
+# place. A file given as `SOURCE:NAME` is installed under NAME; a NAME with a folder
 # (entomologist/errors.py) goes into that folder of FOLDER, which must exist. The
 # scripts and their package go in one call: a disk that fills while the package is
 # written must not leave the new scripts beside the old package. A third argument is a
 # command run between the flush and the renames: if it fails, nothing is renamed.
 define install_whole
-	@set -e; new=; trap 'rm -f $$new' EXIT; trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM; \
-	for f in $(2); do src=$${f%%:*}; name=$${f#*:}; \
-		case $$name in */*) t=$(1)/$${name%/*}/.$${name##*/}.new;; *) t=$(1)/.$$name.new;; esac; \
-		new="$$new $$t"; install -m 0644 $$src $$t; done; \
+	@set -e; new=; trap 'rm -f $$new' EXIT; $(EXIT_ON_SIGNALS); \
+	beside() { case $$1 in */*) echo $(1)/$${1%/*}/.$${1##*/}.new;; *) echo $(1)/.$$1.new;; esac; }; \
+	for f in $(2); do t=$$(beside $${f#*:}); new="$$new $$t"; install -m 0644 $${f%%:*} $$t; done; \
 	sync $$new; \
 	$(if $(3),$(3);) \
-	for f in $(2); do name=$${f#*:}; \
-		case $$name in */*) t=$(1)/$${name%/*}/.$${name##*/}.new;; *) t=$(1)/.$$name.new;; esac; \
-		mv -f $$t $(1)/$$name; done; \
+	for f in $(2); do name=$${f#*:}; mv -f $$(beside $$name) $(1)/$$name; done; \
 	new=; echo "installed $(words $(2)) file(s) into $(1)"
 endef
 
@@ -175,7 +175,7 @@ endef
 # mktemp (O_EXCL): a redirection into a fixed name would write through a link, or into
 # a file, that another user who can write FOLDER left there.
 define install_edited
-	@set -e; t=; trap 'rm -f $$t' EXIT; trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM; t=$$(mktemp --suffix=.new $(1)/.$(2).XXXXXX); \
+	@set -e; t=; trap 'rm -f $$t' EXIT; $(EXIT_ON_SIGNALS); t=$$(mktemp --suffix=.new $(1)/.$(2).XXXXXX); \
 	sed '$(3)' $(4) > $$t; chmod 0644 $$t; sync $$t; mv -f $$t $(1)/$(2); \
 	echo "installed $(1)/$(2)"
 endef
