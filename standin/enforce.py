@@ -18,6 +18,8 @@ the log up to its end.  mosquitto writes its log line (unbuffered stderr)
 before it sends the PUBACK, SUBACK or CONNACK, so the decision is always made
 before the device can read the acknowledgement, and a denied client's
 connection is closed instead: AWS's disconnect, with no acknowledgement.
+A device that hangs up its side is not cut off: mosquitto still reads all the
+device sent before, and the relay ends the pair when mosquitto closes its own.
 
 A SUBSCRIBE is refused by mosquitto itself: the rules are given to its
 dynamic-security plugin (standin/policy.py renders them), which answers a
@@ -45,6 +47,9 @@ from typing import Callable
 from . import policy
 
 log = logging.getLogger("iot_standin")
+
+# Closed connections whose late log lines are still judged; the rest are forgotten.
+GONE_KEPT = 256
 
 _LINE = re.compile(r"^\d+: (.*)$")
 _CONNECTED = re.compile(r"New client connected from (\S+):(\d+) as (\S+) \(p\d+, c\d+, k\d+"
@@ -85,6 +90,9 @@ class Enforcer:
         self._who: dict[int, tuple[str, str]] = {}  # port -> (client ID, username)
         self._condemned: dict[int, str] = {}
         self._relay_ports: set[int] = set()
+        # Relayed connections that have closed, oldest first: mosquitto may log what
+        # such a client sent just before it hung up after the stand-in has seen it go.
+        self._gone: dict[int, None] = {}
         self.reloads = 0
         self._subscriber: str | None = None
         self._close: Callable[[int], None] = lambda port: None
@@ -121,6 +129,7 @@ class Enforcer:
             port, client_id, username = int(m.group(2)), m.group(3), m.group(4) or ""
             self._port_of[client_id] = port
             self._who[port] = (client_id, username)
+            self._gone.pop(port, None)
             if port in self._relay_ports:
                 self._connect(port, client_id, username)
             return
@@ -142,13 +151,15 @@ class Enforcer:
 
     def _identity_of(self, client_id: str):
         port = self._port_of.get(client_id)
-        if port is None or port not in self._relay_ports:
+        if (port is None or (port not in self._relay_ports and port not in self._gone)
+                or self._who.get(port, ("",))[0] != client_id):
             return None, None  # the stand-in's own connections, or a direct one
         return port, self.identities.get(self._who[port][1])
 
     def _deny(self, port: int, identity: Identity | None, client_id: str, action: str,
               resource: str, reason: str) -> None:
-        self._condemned[port] = reason
+        if port in self._relay_ports:  # a gone client has no connection left to close
+            self._condemned[port] = reason
         self.record("denied", action=action, resource=resource, reason=reason,
                     client_id=client_id, username=identity.username if identity else None,
                     policy=identity.policy_label if identity else None)
@@ -238,15 +249,23 @@ class Enforcer:
     def relayed(self, port: int) -> None:
         with self._lock:
             self._relay_ports.add(port)
+            if port in self._gone:  # the gone client's late lines must not judge this one
+                self._forget(port)
 
     def finished(self, port: int) -> None:
         with self._lock:
             self._relay_ports.discard(port)
             # The port may serve a later connection: its verdict goes with this one.
             self._condemned.pop(port, None)
-            who = self._who.pop(port, None)
-            if who and self._port_of.get(who[0]) == port:
-                del self._port_of[who[0]]
+            self._gone[port] = None
+            while len(self._gone) > GONE_KEPT:
+                self._forget(next(iter(self._gone)))
+
+    def _forget(self, port: int) -> None:
+        self._gone.pop(port, None)
+        who = self._who.pop(port, None)
+        if who and self._port_of.get(who[0]) == port:
+            del self._port_of[who[0]]
 
     def verdict(self, port: int) -> str | None:
         """Why the connection through ``port`` must close, or None; reads the log first."""
@@ -309,6 +328,11 @@ class Relay:
         try:
             while True:
                 data = src.recv(65536)
+                if not data and not gated:
+                    # The device hung up its side: mosquitto still reads all it sent
+                    # first, as AWS does, and ends the pair by closing its own.
+                    dst.shutdown(socket.SHUT_WR)
+                    return
                 if not data:
                     break
                 if gated and self.enforcer.verdict(port):

@@ -119,3 +119,50 @@ def test_a_subscribe_the_plugin_refuses_is_recorded_and_the_connection_kept(setu
                                                           "SUBACK 0x80")
     assert fields["resource"].endswith(
         ":topicfilter/$aws/certificates/create-from-csr/json/accepted")
+
+
+def test_a_refused_subscribe_logged_after_the_client_has_gone_is_still_recorded(setup):
+    # A client that sends two SUBSCRIBEs and hangs up on the first SUBACK 0x80 is gone
+    # by the time the stand-in reads the second's log lines: AWS refused both.
+    enforcer, events, write = setup
+    enforcer.relayed(5001)
+    write(connected(5001, "CAM-1", "claim"), "Received SUBSCRIBE from CAM-1",
+          "\t$aws/certificates/create-from-csr/json/accepted (QoS 1)")
+    assert enforcer.verdict(5001) is None
+    enforcer.finished(5001)
+    write("Received SUBSCRIBE from CAM-1",
+          "\t$aws/certificates/create-from-csr/json/rejected (QoS 1)")
+    enforcer.catch_up()
+    assert [f["resource"].rsplit("/", 1)[1] for _, f in events] == ["accepted", "rejected"]
+    assert {f["client_id"] for _, f in events} == {"CAM-1"}
+    # Nothing of that connection's reaches the next one on the same port.
+    enforcer.relayed(5001)
+    write(connected(5001, "CAM-2", "claim"))
+    assert enforcer.verdict(5001) is None
+
+
+def test_a_port_reused_by_a_direct_connection_is_not_judged_as_the_gone_client(setup):
+    enforcer, events, write = setup
+    enforcer.relayed(5001)
+    write(connected(5001, "CAM-1", "claim"))
+    assert enforcer.verdict(5001) is None
+    enforcer.finished(5001)
+    write(connected(5001, "CAM-9", "stranger"), "CAM-9 1 anything/at/all",
+          "Received SUBSCRIBE from CAM-1",
+          "\t$aws/certificates/create-from-csr/json/rejected (QoS 1)")
+    enforcer.catch_up()
+    assert events == []
+
+
+def test_only_the_latest_gone_connections_are_remembered(setup):
+    enforcer, events, write = setup
+    from standin.enforce import GONE_KEPT
+    for i in range(GONE_KEPT + 1):
+        enforcer.relayed(5000 + i)
+        write(connected(5000 + i, f"CAM-{i}", "claim"))
+        enforcer.catch_up()
+        enforcer.finished(5000 + i)
+    write("Received SUBSCRIBE from CAM-0", "\tnot/allowed (QoS 1)",
+          "Received SUBSCRIBE from CAM-1", "\tnot/allowed (QoS 1)")
+    enforcer.catch_up()
+    assert [f["client_id"] for _, f in events] == ["CAM-1"]
