@@ -139,6 +139,19 @@ def let_the_spend_wait_pass(cert_dir: Path) -> bool:
     return True
 
 
+def changed(path: Path):
+    """A trigger for run_and_kill: ``path`` no longer holds what it holds now."""
+    before = path.read_bytes() if path.exists() else None
+
+    def check():
+        # A pair is swapped by renames: the file may vanish between two looks.
+        try:
+            return path.read_bytes() != before
+        except FileNotFoundError:
+            return False
+    return check
+
+
 def run_and_kill(standin, trigger, *args: str, limit: float = 30.0, env: dict | None = None):
     """Start boot.py, SIGKILL it the moment ``trigger()`` holds; return (killed, stderr)."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "boot.py"), "--config",

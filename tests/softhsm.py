@@ -56,6 +56,15 @@ class SoftToken:
         path.write_bytes(saved)
         return True
 
+    def torn_objects(self) -> int:
+        """How many object files SoftHSM can no longer read.  Its file store rewrites
+        an object's file in place (truncate, then write) when an attribute changes,
+        as it does token.object: a kill in that instant loses the object.  A store
+        that changes an attribute atomically (tpm2-pkcs11's SQLite) has no such instant."""
+        files = [path for path in (self.root / "softhsm-tokens").glob("*/*.object")
+                 if path.name != "token.object"]
+        return len(files) - len(self.objects())
+
     def objects(self) -> list[tuple[str, str, bytes]]:
         """(class, label, CKA_ID) of every object in the token, seen through a fresh login."""
         import pkcs11

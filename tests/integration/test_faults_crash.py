@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+import e2e
 from e2e import HELD_BACK, DeviceState, let_the_spend_wait_pass, run_and_kill, run_script
 from fakes import certificate_id
 from iot_standin import StandIn
@@ -46,16 +47,7 @@ def exists(standin, name):
 
 
 def changed(standin, name):
-    path = cert_dir(standin) / name
-    before = path.read_bytes() if path.exists() else None
-
-    def check():
-        # The pair is swapped by renames: the file may vanish between two looks.
-        try:
-            return path.read_bytes() != before
-        except FileNotFoundError:
-            return False
-    return check
+    return e2e.changed(cert_dir(standin) / name)
 
 
 CREATE_ANSWER = "$aws/certificates/create/json/accepted"

@@ -6,7 +6,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from e2e import HELD_BACK, let_the_spend_wait_pass, run_and_kill, run_script
+from e2e import HELD_BACK, changed, let_the_spend_wait_pass, run_and_kill, run_script
 from iot_standin import StandIn
 from softhsm import SOFTHSM_MODULE, make_token
 
@@ -143,9 +143,7 @@ def event_after(standin, name):
 
 
 def file_after(standin, name):
-    path = standin.workdir / "cert" / name
-    before = path.read_bytes() if path.exists() else None
-    return lambda: path.exists() and path.read_bytes() != before
+    return changed(standin.workdir / "cert" / name)
 
 
 STEPS = {
@@ -171,11 +169,15 @@ def test_killed_at_each_step_the_next_run_completes_with_one_key_and_no_orphans(
                                   *(["--force"] if force else []), env=token.env)
     assert killed, step
     token.mend_torn_token_file(token_file)
+    # Killed while the new key's label was being changed, SoftHSM may have lost
+    # half of it: then the registration is gone with it, as a lost key file's would be.
+    torn = token.torn_objects()
     device.faults.delay = 0.0
     result = boot(device, token)
     if result.code == 75 and HELD_BACK in result.stderr:
-        # Killed awaiting RegisterThing's answer: a new certificate waits; then it may.
-        assert step == "after the register request" and not force
+        # Killed awaiting RegisterThing's answer (or with the key torn): a new
+        # certificate waits; then it may.
+        assert (step == "after the register request" and not force) or torn, step
         assert let_the_spend_wait_pass(device.workdir / "cert")
         result = boot(device, token)
     assert result.code == 0, output + result.stderr
@@ -186,6 +188,11 @@ def test_killed_at_each_step_the_next_run_completes_with_one_key_and_no_orphans(
     if force and step in ("after the CSR request", "after the register request"):
         # The old pair stays installed, and with it the record of what the killed
         # run may have spent, until a pair is installed.
+        names.remove("provisioning-spend.json")
+    elif step == "after installing" and "provisioning-spend.json" in names:
+        # Killed after the registration record went and before the spend record
+        # did: a sound pair with a spend record is also what a --force run killed
+        # before registering leaves, so it stays; it only ever holds back.
         names.remove("provisioning-spend.json")
     assert names == [
         "AmazonRootCA1.pem", "certificate.pem.crt", "device-configuration.json",
