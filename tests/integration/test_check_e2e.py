@@ -707,3 +707,52 @@ def test_a_secret_file_others_can_read_fails_the_secret_line_with_78(standin):
     found = lines(proc)
     assert found["secret"].startswith("FAIL secret      provisioning secret file ")
     assert "0644" in found["secret"] and "0123456789abcdef" not in proc.stdout
+
+
+def test_another_user_holding_a_readable_cert_dir_neither_fakes_a_running_boot_nor_skips_mqtt():
+    # CERT_DIR may be a folder the product did not make (0755): anyone can open it
+    # and flock it.  Every run locks run.lock (0600) once it exists, so a lock held
+    # on the folder is nobody's boot, and must not spare the claim policy's check.
+    if os.geteuid() != 0:
+        pytest.skip("changing to another user needs root")
+    import tempfile
+    import time
+    from pathlib import Path
+    # Not under pytest's tmp_path: its folders are root's alone (0700).
+    folder = Path(tempfile.mkdtemp(prefix="entomologist-held-folder-"))
+    os.chmod(folder, 0o755)
+    stack = templates.load_stack()
+    without_the_register_topics(stack)
+    ready_r, ready_w = os.pipe()
+    holder = None
+    try:
+        with StandIn(folder, stack=stack) as standin:
+            cert_dir = standin.workdir / "cert"
+            cert_dir.mkdir(mode=0o755)
+            os.close(os.open(cert_dir / "run.lock", os.O_RDWR | os.O_CREAT, 0o600))
+            holder = os.fork()
+            if holder == 0:  # another local user: holds the folder until killed
+                try:
+                    os.setgroups([])
+                    os.setresgid(65534, 65534, 65534)
+                    os.setresuid(65534, 65534, 65534)
+                    fd = os.open(cert_dir, os.O_RDONLY | os.O_DIRECTORY)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    os.write(ready_w, b"x")
+                    time.sleep(60)
+                finally:
+                    os._exit(0)
+            assert os.read(ready_r, 1) == b"x"
+            proc = check(standin, "--timeout", "5")
+    finally:
+        if holder:
+            os.kill(holder, 9)
+            os.waitpid(holder, 0)
+        os.close(ready_r)
+        os.close(ready_w)
+        shutil.rmtree(folder)
+    found = lines(proc)
+    assert found["lock"].startswith("ok   lock        no boot running"), proc.stdout
+    assert found["mqtt"].startswith("FAIL mqtt        the broker refused the subscription"), \
+        proc.stdout
+    assert proc.returncode == 75, proc.stdout
