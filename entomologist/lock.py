@@ -97,9 +97,13 @@ def holder(cert_dir: Path, runtime_dir: str | None = None) -> Path | None:
     """The lock a running boot holds now, if any: found as ``RunLock`` would find it,
     but without creating, writing or waiting for anything (a lock file that does
     not exist is held by nobody).  A shared lock taken for an instant is the probe:
-    a run starting in that instant waits that instant."""
+    a run starting in that instant waits that instant.  Once ``run.lock`` exists
+    every run locks it, so nothing else is probed then: a lock on the folder (a
+    CERT_DIR others can read, which any of them can flock) is nobody's boot."""
     candidates = [cert_dir / LOCK_NAME, cert_dir]
-    if runtime_dir:
+    if os.path.lexists(candidates[0]):
+        del candidates[1:]
+    elif runtime_dir:
         candidates.insert(1, Path(runtime_dir) / LOCK_NAME)
     for path in candidates:
         try:
