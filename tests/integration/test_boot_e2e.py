@@ -133,6 +133,33 @@ def test_a_cloned_image_sets_the_other_cameras_pair_aside_and_provisions_itself(
     assert boots[-1]["topic"] == "cameraDevice/CAM-0002/booted"
 
 
+def test_an_image_copied_while_its_registration_waited_to_be_installed_is_not_adopted(standin):
+    # The camera the image came from was cut off (power, a full disk) after
+    # RegisterThing was accepted and before its pair was installed: its card holds
+    # that camera's registration record and staged pair.  The copy must not install
+    # them as its own: it would connect as the other camera's thing (dropping that
+    # camera's connection) and be refused its boot message at every retry.
+    import json
+    from e2e import run_and_kill
+    cert_dir = standin.workdir / "cert"
+    marker = cert_dir / "registration.json.staging"
+    killed, _ = run_and_kill(standin, marker.exists)
+    assert killed and marker.exists()
+    staged = (cert_dir / "certificate.pem.crt.staging").read_bytes()
+    doc = device_doc(standin)
+    doc["device"]["SERIAL_ID"] = "CAM-0002"  # the copy, given its own serial at flashing
+    doc["device"]["PROVISIONING_SECRET_FILE"] = standin.inventory.add(
+        "CAM-0002", standin.workdir).name
+    standin.config_path.write_text(json.dumps(doc))
+    result = run_script("boot.py", standin.config_path, "--timeout", "30")
+    assert result.code == 0, result.stderr
+    assert (cert_dir / "certificate.pem.crt").read_bytes() != staged
+    assert device_doc(standin)["device"]["THING_NAME"] == "ento-CAM-0002"
+    assert json.loads((cert_dir / "installed-for.json").read_text())["thingName"] == \
+        "ento-CAM-0002"
+    assert standin.wait_for("boot", 1)[-1]["topic"] == "cameraDevice/CAM-0002/booted"
+
+
 
 def opens_of(path: Path) -> Callable[[], int]:
     """How many times ``path`` has been opened since this call (inotify's IN_OPEN)."""
