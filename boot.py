@@ -221,7 +221,8 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
                 with stop.answer_awaited("RegisterThing"):
                     registered = service.register(created.token, parameters)
                     registration = Registration(registered.thing_name, created.certificate_id,
-                                                registered.device_configuration)
+                                                registered.device_configuration,
+                                                config.serial_id)
                     cert_dir.record_registration(registration)
             except Rejected as exc:
                 spent.rejected(created.certificate_id)

@@ -153,6 +153,11 @@ def test_an_image_copied_while_its_registration_waited_to_be_installed_is_not_ad
     standin.config_path.write_text(json.dumps(doc))
     result = run_script("boot.py", standin.config_path, "--timeout", "30")
     assert result.code == 0, result.stderr
+    aside = cert_dir / "foreign-CAM-0001"  # neither used nor deleted
+    assert (aside / "certificate.pem.crt.staging").read_bytes() == staged
+    assert json.loads((aside / "registration.json.staging").read_text())["thingName"] == \
+        "ento-CAM-0001"
+    assert stat.S_IMODE(aside.stat().st_mode) == 0o700
     assert (cert_dir / "certificate.pem.crt").read_bytes() != staged
     assert device_doc(standin)["device"]["THING_NAME"] == "ento-CAM-0002"
     assert json.loads((cert_dir / "installed-for.json").read_text())["thingName"] == \
