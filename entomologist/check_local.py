@@ -21,6 +21,10 @@ from .errors import ConfigError, StorageError
 # and a block each for a key, two certificates, the CA, the registration record,
 # the device configuration and their temporary copies, with some margin.
 ROOM_NEEDED = 128 * 1024
+# Files a first boot may create at once in such a folder: CERT_DIR itself, its lock,
+# the reserve, the spend record, the staged pair, the registration record, the
+# installed files, and the temporary copy each is written through.
+INODES_NEEDED = 16
 UNIT_RUNTIME_DIRECTORY = "/run/entomologist"  # the unit's RuntimeDirectory=entomologist
 UNIT = "entomologist-provision.service"
 SYSTEMCTL_TIMEOUT = 3.0
@@ -196,6 +200,10 @@ def _unwritable(directory: Path, writable: list[Path] | None) -> tuple[str, bool
         return "is not writable by this user", False
     if vfs.f_bavail * vfs.f_frsize < ROOM_NEEDED:
         return f"has less than {ROOM_NEEDED // 1024} KiB free", False
+    # A file system that counts no inodes (f_files 0: btrfs) never runs out of them.
+    if vfs.f_files and vfs.f_favail < INODES_NEEDED:
+        return (f"has fewer than {INODES_NEEDED} free inodes ({vfs.f_favail}): no room for "
+                "new files"), False
     return None
 
 
