@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import certs, clock, config as configuration, files, lock, secret, spend
+from . import certs, clock, config as configuration, credentials, files, lock, secret, spend
 from .credentials import CertDir, State
 from .errors import ConfigError, StorageError
 
@@ -21,10 +21,9 @@ from .errors import ConfigError, StorageError
 # and a block each for a key, two certificates, the CA, the registration record,
 # the device configuration and their temporary copies, with some margin.
 ROOM_NEEDED = 128 * 1024
-# Files a first boot may create at once in such a folder: CERT_DIR itself, its lock,
-# the reserve, the spend record, the staged pair, the registration record, the
-# installed files, and the temporary copy each is written through.
-INODES_NEEDED = 16
+# Free inodes a first boot needs there: CERT_DIR itself, its lock and the reserve,
+# then what the boot itself requires before its first request.
+INODES_NEEDED = 3 + credentials.RESERVE_INODES
 UNIT_RUNTIME_DIRECTORY = "/run/entomologist"  # the unit's RuntimeDirectory=entomologist
 UNIT = "entomologist-provision.service"
 SYSTEMCTL_TIMEOUT = 3.0

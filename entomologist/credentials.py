@@ -64,6 +64,9 @@ from .errors import EntoError, StorageError
 log = logging.getLogger("entomologist")
 
 RESERVE_BYTES = 64 * 1024
+# Files an attempt creates before its registration is recorded (the spend record,
+# the staged key and certificate, a device-made key), with a margin.
+RESERVE_INODES = 8
 CERT_DIR_HINT = "CERT_DIR in the config"
 UNREADABLE_HINT = "the storage (a failing card?) and the file's owner and mode"
 
@@ -348,6 +351,9 @@ class CertDir:
 
     def reserve(self) -> None:
         files.write_file_atomic(self.reserve_file, b"\0" * RESERVE_BYTES, 0o600)
+        # Bytes are not all: each staged file takes an inode, and a certificate the
+        # service created that cannot be staged is spent for nothing.
+        files.require_inodes(self.path, RESERVE_INODES)
 
     def record_registration(self, reg: Registration) -> None:
         data = json.dumps({"thingName": reg.thing_name, "certificateId": reg.certificate_id,
