@@ -67,6 +67,8 @@ from typing import Callable
 from cryptography import x509
 
 from cloud.hook import secret_hash
+from entomologist import files
+from entomologist.errors import ConfigError
 from standin import claimpair, policy
 from standin import template as templates
 from standin.broker import Broker, find_mosquitto, reserved_port
@@ -175,6 +177,7 @@ class StandIn:
         self.claim_key = self.workdir / "claim" / "claim.private.pem.key"
         # The camera's provisioning secret, as the factory puts it in the image.
         self.secret_path = self.workdir / "provisioning-secret"
+        self._trust_folders()
         self.inventory_server: InventoryServer | None = None
         self._inventory_thread: threading.Thread | None = None
         self._inventory_error: Exception | None = None
@@ -210,13 +213,23 @@ class StandIn:
         return [p for p in (self.config_path, self.claim_cert, self.claim_key, self.secret_path)
                 if p.exists()]
 
+    def _trust_folders(self) -> None:
+        """ConfigError unless nobody but root and this user can change the folders the
+        stand-in writes in (checked as the product checks its own): every write
+        would follow a link another user planted there, whoever it runs as."""
+        for folder in (self.workdir, self.dir, self.workdir / "claim"):
+            if os.path.lexists(folder):
+                files.trusted_dir(folder, "the stand-in's folder")
+
     def prepare(self) -> None:
         """The CA, the certificates and the device's files, without a broker: enough
         for a run that must fail before it connects."""
+        self._trust_folders()
         if not self.overwrite and self.device_files():
             raise FileExistsError(", ".join(map(str, self.device_files())))
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "claim").mkdir(exist_ok=True)
+        self._trust_folders()
         self.ca = StandInCA()
         self.ca_path = self.dir / "ca.pem"
         write_new(self.ca_path, self.ca.pem, 0o644)
@@ -702,6 +715,9 @@ def _serve(args) -> int:
     except (templates.TemplateError, OSError) as exc:
         log.error("cannot use the stack: %s", exc)
         return os.EX_CONFIG
+    except ConfigError as exc:
+        log.error("%s; give --dir a folder of your own", exc)
+        return os.EX_CANTCREAT
     stop = threading.Event()
     # SIGTERM (systemd, kill, a test harness) and SIGINT must stop mosquitto too; a
     # process started with SIGINT ignored (nohup, `&` in a script) gets no
