@@ -112,6 +112,27 @@ def test_a_missing_module_is_75(device, token, tmp_path):
     assert result.code == 75, result.stderr
 
 
+def stalled(token) -> None:
+    """The token's store hangs on its next read (a card or a TPM that stops answering):
+    SoftHSM opens its token.object, here a FIFO nobody writes, without a time limit."""
+    import os
+    path = token.token_file()
+    path.unlink()
+    os.mkfifo(path, 0o600)
+
+
+@pytest.mark.parametrize("args", [("--timeout", "3"), ("--check", "--timeout", "3")],
+                         ids=["boot", "check"])
+def test_a_token_that_stops_answering_ends_the_run_at_its_time_limit_with_75(device, token,
+                                                                             args):
+    stalled(token)
+    result = run_script("boot.py", device.config_path, *args, env=token.env, timeout=30)
+    assert result.code == 75, result.stderr
+    assert result.seconds < 3 + 5, result.seconds
+    assert "time limit" in result.stderr, result.stderr
+    assert [e for e in device.events() if e["event"].endswith("-request")] == []
+
+
 def test_pkcs11_without_csr_mode_is_a_config_error(device, token):
     doc = json.loads(device.config_path.read_text())
     doc["device"]["PROVISIONING_API"] = "CreateKeysAndCertificate"
