@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args.timeout = args.timeout or RUN_TIMEOUT
     runtime_dir = os.environ.get("RUNTIME_DIRECTORY")
     with Stop(on_exit=lambda code: note_outcome(code, runtime_dir)).installed() as stop:
+        stop.time_limit(args.timeout)
         code = run_main(lambda: boot(args.config, Deadline(args.timeout), args.force,
                                      runtime_dir=runtime_dir, stop=stop))
     note_outcome(code, runtime_dir)
