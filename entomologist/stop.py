@@ -77,7 +77,11 @@ class Stop:
                                  f"did not return (a PKCS#11 module whose token or device "
                                  f"stopped answering?)"])
         timer.daemon = True
-        timer.start()
+        try:
+            timer.start()
+        except RuntimeError as exc:  # no thread to be had: the run goes on without it
+            self._limit = None
+            log.warning("no backstop for the run's time limit: %s", exc)
 
     def _handle(self, signo: int, frame) -> None:
         self._stop_requested(signal.Signals(signo).name)
