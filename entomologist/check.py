@@ -320,7 +320,10 @@ def run(config_path: Path, timeout: float, as_json: bool, connect_as_thing: bool
 
     watchdog = threading.Timer(timeout + stop.LIMIT_GRACE_S, overdue)
     watchdog.daemon = True
-    watchdog.start()
+    try:
+        watchdog.start()
+    except RuntimeError as exc:  # no thread to be had: the checks go on without it
+        log.warning("no backstop for the check's time limit: %s", exc)
     try:
         code = run_checks(config_path, Deadline(timeout), emit, connect_as_thing, build, now,
                           checks)
