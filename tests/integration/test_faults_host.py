@@ -2,11 +2,13 @@
 local user, a runaway application), limited the way the kernel limits them, by a pids
 cgroup around the run."""
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from e2e import run_script
+from e2e import ROOT, run_script
 
 CGROUP_V1 = Path("/sys/fs/cgroup/pids")
 CGROUP_V2 = Path("/sys/fs/cgroup")
@@ -40,3 +42,18 @@ def test_a_host_out_of_threads_is_a_transient_75_not_a_config_error(standin):
     assert result.code == 75, result.stderr
     assert len(result.errors) == 1 and "thread" in result.errors[0], result.stderr
     assert "cannot load the TLS files" not in result.stderr
+
+
+def test_a_check_on_a_host_out_of_threads_ends_in_75_not_in_a_bug(standin):
+    group = pids_cgroup(f"entomologist-test-{os.getpid()}", 2)
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "boot.py"), "--config",
+                               str(standin.config_path), "--check", "--timeout", "5"],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=60, preexec_fn=lambda: (group / "cgroup.procs").write_text(
+                                  f"{os.getpid()}\n"))
+    finally:
+        group.rmdir()
+    assert proc.returncode == 75, proc.stdout + proc.stderr
+    assert "a bug" not in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
