@@ -318,7 +318,8 @@ def run(config_path: Path, timeout: float, as_json: bool, connect_as_thing: bool
         summarise(os.EX_TEMPFAIL)
         os._exit(os.EX_TEMPFAIL)
 
-    watchdog = threading.Timer(timeout + stop.LIMIT_GRACE_S, overdue)
+    watchdog = threading.Timer(min(timeout + stop.LIMIT_GRACE_S, threading.TIMEOUT_MAX),
+                               overdue)
     watchdog.daemon = True
     try:
         watchdog.start()

@@ -72,10 +72,11 @@ class Stop:
         a token or a device that stops answering holds it for ever.  LIMIT_GRACE_S
         after ``seconds`` the run ends as on SIGTERM, from this timer's thread (until the
         ``installed`` block ends)."""
-        self._limit = timer = threading.Timer(seconds + LIMIT_GRACE_S, self._stop_requested,
-                                [f"the run's time limit ({seconds:g} s) passed in a call that "
-                                 f"did not return (a PKCS#11 module whose token or device "
-                                 f"stopped answering?)"])
+        why = (f"the run's time limit ({seconds:g} s) passed in a call that did not return "
+               f"(a PKCS#11 module whose token or device stopped answering?)")
+        # A lock's wait cannot be longer than TIMEOUT_MAX (--timeout may be 1e300).
+        after = min(seconds + LIMIT_GRACE_S, threading.TIMEOUT_MAX)
+        self._limit = timer = threading.Timer(after, self._stop_requested, [why])
         timer.daemon = True
         try:
             timer.start()
