@@ -220,3 +220,12 @@ def test_a_broker_certificate_that_does_not_verify_names_root_ca_and_the_clock_e
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1, result.stderr
     assert "ROOT_CA" in errors[0] and "the system clock (it reads " in errors[0], errors[0]
+
+
+def test_the_largest_timeout_accepted_runs_without_a_traceback(standin):
+    # "a finite positive number": 1e300 is one, and no wait may choke on it.
+    for script, args in (("boot.py", ()), ("update_boot_status.py", ()),
+                         ("boot.py", ("--check",))):
+        result = run_script(script, standin.config_path, "--timeout", "1e300", *args)
+        assert result.code == 0, result.stderr
+        assert "Traceback" not in result.stderr and "Error" not in result.stderr, result.stderr
