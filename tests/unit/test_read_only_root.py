@@ -57,6 +57,24 @@ def test_a_provisioned_camera_on_a_read_only_root_reports_every_boot_and_writes_
                                                  "installed-for.json"}
 
 
+def test_a_leftover_of_a_refused_force_run_on_a_read_only_root_is_kept_and_the_boot_reported(
+        device, cloud, read_only, caplog):
+    # A --force run refused in CSR mode keeps its device-made key for the next run; an
+    # image made read-only after it still reports every boot, the key left where it is.
+    provisioned(device, cloud)
+    leftover = device.cert_dir / "private.pem.key.device-made"
+    leftover.write_bytes((device.cert_dir / "private.pem.key").read_bytes())
+    leftover.chmod(0o600)
+    folder = read_only(device.config_path.parent)
+    before = snapshot(folder)
+    boot.boot(device.config_path, retries.Deadline(10, clock=FakeClock()), build=cloud)
+    assert [topic for topic, _ in cloud.published()] == ["cameraDevice/CAM-42/booted"]
+    assert snapshot(folder) == before
+    assert oct(leftover.stat().st_mode & 0o777) == "0o600"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(leftover) in warnings[0], warnings
+
+
 def test_a_false_status_on_a_read_only_root_reports_the_boot_warns_once_and_exits_0(
         device, cloud, read_only, monkeypatch, capsys):
     provisioned(device, cloud)
