@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import aside, certs, config as configuration, files, spend, token_pair
-from .errors import EntoError, StorageError
+from .errors import EntoError, ReadOnlyStorage, StorageError
 
 log = logging.getLogger("entomologist")
 
@@ -217,7 +217,12 @@ class CertDir:
             if self.token is not None:
                 self.promote_token_key()
             # What a --force run killed before it registered left behind.
-            self.discard_stale()
+            try:
+                self.discard_stale()
+            except ReadOnlyStorage as exc:
+                # A read-only root: the sound pair needs none of it removed to report
+                # the boot, and the mount will not heal by a retry.
+                log.warning("leaving what an earlier run staged: %s", exc)
             if look.owner is None:
                 self._record_installed_for_existing(cfg)
         return None
