@@ -756,3 +756,26 @@ def test_another_user_holding_a_readable_cert_dir_neither_fakes_a_running_boot_n
     assert found["mqtt"].startswith("FAIL mqtt        the broker refused the subscription"), \
         proc.stdout
     assert proc.returncode == 75, proc.stdout
+
+
+def test_a_copied_images_spend_record_is_the_other_cameras_and_holds_this_one_back_not(
+        standin):
+    # The image was copied while its camera waited on RegisterThing's answer record:
+    # the boot sets that camera's registration and spend record aside, and provisions
+    # at once; the check must say so, not "held back" by the other camera's spend.
+    from e2e import run_and_kill
+    marker = standin.workdir / "cert" / "registration.json.staging"
+    killed, _ = run_and_kill(standin, marker.exists)
+    assert killed and (standin.workdir / "cert" / "provisioning-spend.json").exists()
+    doc = device_doc(standin)
+    doc["device"]["SERIAL_ID"] = "CAM-0002"
+    doc["device"]["PROVISIONING_SECRET_FILE"] = standin.inventory.add(
+        "CAM-0002", standin.workdir).name
+    standin.config_path.write_text(json.dumps(doc))
+    proc = check(standin, "--timeout", "10")
+    found = lines(proc)
+    assert "camera CAM-0001" in found["cert-dir"] and "set aside" in found["cert-dir"], \
+        proc.stdout
+    assert found["spend"].startswith("ok "), proc.stdout
+    assert proc.returncode == 0, proc.stdout
+    assert run_script("boot.py", standin.config_path, "--timeout", "30").code == 0
