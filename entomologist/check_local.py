@@ -42,6 +42,7 @@ class Plan:
     action: str                  # "provision", "install" or "report"
     why: str
     cert_dir: CertDir | None     # None: it does not exist yet
+    foreign: str | None = None   # the camera whose credentials the boot sets aside first
 
 
 def check_config(path: Path):
@@ -78,7 +79,8 @@ def check_cert_dir(config: configuration.Config):
     elif look.state is State.FOREIGN:
         plan = Plan("provision", f"the credentials in {config.cert_dir} were installed for "
                                  f"camera {look.owner}, not this one (an image copied after its "
-                                 f"first boot): they will be set aside", cert_dir)
+                                 f"first boot): they will be set aside", cert_dir,
+                    foreign=look.owner)
     elif not look.installed:
         plan = Plan("provision", f"not provisioned: {look.problem}", cert_dir)
     else:
@@ -120,6 +122,9 @@ def check_spend(plan: Plan, timer: clock.Clock):
     """What the boot's spend record allows now, read as the boot reads it, written never."""
     if plan.cert_dir is None:
         return "CERT_DIR does not exist yet: no failed attempt recorded"
+    if plan.foreign is not None:
+        return (f"what camera {plan.foreign} spent is set aside with its credentials: this "
+                f"camera has spent nothing")
     record = spend.SpendRecord.open(plan.cert_dir.spend_record, timer, settle=False)
     record.check()
     if not record.entries:
