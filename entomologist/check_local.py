@@ -24,6 +24,8 @@ ROOM_NEEDED = 128 * 1024
 # Free inodes a first boot needs there: CERT_DIR itself, its lock and the reserve,
 # then what the boot itself requires before its first request.
 INODES_NEEDED = 3 + credentials.RESERVE_INODES
+# The config's folder takes one file at a time: the rewrite's temporary copy.
+CONFIG_INODES_NEEDED = 2
 UNIT_RUNTIME_DIRECTORY = "/run/entomologist"  # the unit's RuntimeDirectory=entomologist
 UNIT = "entomologist-provision.service"
 SYSTEMCTL_TIMEOUT = 3.0
@@ -179,7 +181,8 @@ def unit_write_rules() -> list[Path] | None:
                                                                       "").split()]
 
 
-def _unwritable(directory: Path, writable: list[Path] | None) -> tuple[str, bool] | None:
+def _unwritable(directory: Path, writable: list[Path] | None,
+                inodes: int = INODES_NEEDED) -> tuple[str, bool] | None:
     """Why the boot could not create files in ``directory``, found without writing,
     and whether it is because the folder is read-only (None: it can).  ``writable``:
     the unit's write rules (``unit_write_rules``).
@@ -205,8 +208,8 @@ def _unwritable(directory: Path, writable: list[Path] | None) -> tuple[str, bool
     if vfs.f_bavail * vfs.f_frsize < ROOM_NEEDED:
         return f"has less than {ROOM_NEEDED // 1024} KiB free", False
     # A file system that counts no inodes (f_files 0: btrfs) never runs out of them.
-    if vfs.f_files and vfs.f_favail < INODES_NEEDED:
-        return (f"has fewer than {INODES_NEEDED} free inodes ({vfs.f_favail}): no room for "
+    if vfs.f_files and vfs.f_favail < inodes:
+        return (f"has fewer than {inodes} free inodes ({vfs.f_favail}): no room for "
                 "new files"), False
     return None
 
@@ -225,7 +228,8 @@ def check_storage(config: configuration.Config, plan: Plan):
         folders.append(("the config's folder", config.real_path.parent))
     writable = unit_write_rules() if folders else None
     for what, folder in folders:
-        found = _unwritable(folder, writable)
+        found = _unwritable(folder, writable, CONFIG_INODES_NEEDED
+                            if what == "the config's folder" else INODES_NEEDED)
         if found is None:
             continue
         problem, read_only = found
