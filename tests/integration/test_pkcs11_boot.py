@@ -121,6 +121,7 @@ def stalled(token) -> None:
     os.mkfifo(path, 0o600)
 
 
+@pytest.mark.heavy  # waits out a 3 s time limit and its 2 s backstop
 def test_a_token_that_stops_answering_ends_the_run_at_its_time_limit_with_75(device, token):
     stalled(token)
     result = run_script("boot.py", device.config_path, "--timeout", "3", env=token.env,
@@ -131,6 +132,7 @@ def test_a_token_that_stops_answering_ends_the_run_at_its_time_limit_with_75(dev
     assert [e for e in device.events() if e["event"].endswith("-request")] == []
 
 
+@pytest.mark.heavy  # waits out a 3 s time limit and its 2 s backstop
 def test_a_token_that_stops_answering_ends_the_check_at_its_time_limit_with_75(device, token):
     import os
     import subprocess
