@@ -145,6 +145,25 @@ def test_run_never_overwrites_a_device_already_in_its_folder(tmp_path):
     assert not (tmp_path / "claim").exists()
 
 
+def test_overwrite_makes_a_device_that_provisions_not_one_left_with_the_old_cas_pair(
+        tmp_path):
+    # Run again with --overwrite (a new CA, a new claim pair, a new config): the pair
+    # the old stand-in's CA signed would be taken as installed and never connect.
+    proc = start(tmp_path)
+    try:
+        assert run_script("boot.py", tmp_path / "ento.conf").code == 0
+    finally:
+        stop(proc)
+    old = (tmp_path / "cert" / "certificate.pem.crt").read_bytes()
+    proc = start(tmp_path, "--overwrite")
+    try:
+        result = run_script("boot.py", tmp_path / "ento.conf", "--timeout", "20")
+    finally:
+        stop(proc)
+    assert result.code == 0, result.stderr
+    assert (tmp_path / "cert" / "certificate.pem.crt").read_bytes() != old
+
+
 def test_sigterm_stops_the_stand_in_and_its_mosquitto(tmp_path):
     proc = start(tmp_path)
     port = json.loads((tmp_path / "ento.conf").read_text())["device"]["PORT"]
