@@ -14,7 +14,8 @@ SUBACK 0x80 as AWS does; standin/enforce.py enforces the rest from mosquitto's
 log, and records each denial as a "denied" event).  Every request, answer and
 boot message is recorded as a JSON line in <dir>/standin/events.jsonl.  It writes a ready ento.conf and claim
 files for one simulated device into <dir> (and refuses to replace a device's
-files that are already there, unless told --overwrite).  The stack's fleet
+files that are already there, unless told --overwrite, which moves the old
+device's CERT_DIR, signed by another CA, to cert.replaced-N).  The stack's fleet
 inventory is served by moto's DynamoDB server on loopback (standin/inventory.py;
 its endpoint and credentials in <dir>/standin/aws.env, for cloud/inventory.py),
 the device is added to it with a secret of its own (<dir>/provisioning-secret,
@@ -221,12 +222,26 @@ class StandIn:
             if os.path.lexists(folder):
                 files.trusted_dir(folder, "the stand-in's folder")
 
+    def _set_old_pair_aside(self) -> None:
+        """The device's CERT_DIR from before: the new CA signs nothing in it, and a pair
+        there would be taken as installed and never connect.  Moved aside, not deleted."""
+        cert_dir = self.workdir / "cert"
+        if not os.path.lexists(cert_dir):
+            return
+        n = 1
+        while os.path.lexists(aside := self.workdir / f"cert.replaced-{n}"):
+            n += 1
+        os.rename(cert_dir, aside)
+        log.info("the device's credentials from before (another CA's) moved to %s", aside)
+
     def prepare(self) -> None:
         """The CA, the certificates and the device's files, without a broker: enough
         for a run that must fail before it connects."""
         self._trust_folders()
         if not self.overwrite and self.device_files():
             raise FileExistsError(", ".join(map(str, self.device_files())))
+        if self.device_files():
+            self._set_old_pair_aside()
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "claim").mkdir(exist_ok=True)
         self._trust_folders()
@@ -859,7 +874,8 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve until interrupted")
     run.add_argument("--dir", required=True)
     run.add_argument("--overwrite", action="store_true",
-                     help="replace a device's config and claim files already in --dir")
+                     help="replace a device's config and claim files already in --dir "
+                          "(its CERT_DIR, from another CA, is moved to cert.replaced-N)")
     run.add_argument("--serial", default=DEFAULT_SERIAL)
     run.add_argument("--template", help="the template's name (default: the stack's)")
     run.add_argument("--stack", type=Path, default=templates.STACK,
