@@ -161,3 +161,25 @@ def test_under_the_unit_a_file_system_mounted_read_only_is_not_blamed_on_the_san
     finally:
         subprocess.run(["umount", str(folder)], check=True)
     assert "Read-only file system" in line and "ProtectSystem" not in line
+
+
+def test_by_hand_a_read_only_cert_dir_without_its_lock_file_waits_for_the_units_run(
+        tmp_path, read_only, monkeypatch, clock):
+    # An image made before run.lock existed: the unit locks in its RuntimeDirectory;
+    # a run by hand must find that same lock, or both publish as THING_NAME at once
+    # (each connection dropping the other's) and the boot is reported twice.
+    from entomologist import lock
+    cert_dir = tmp_path / "cert"
+    cert_dir.mkdir(mode=0o700)
+    runtime = tmp_path / "run-entomologist"
+    runtime.mkdir(mode=0o700)
+    read_only(cert_dir)
+    monkeypatch.setattr(lock, "UNIT_RUNTIME_DIRECTORY", str(runtime), raising=False)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(runtime))
+    with lock.RunLock(cert_dir) as units:
+        units.acquire(retries.Deadline(1, clock=clock))
+        monkeypatch.delenv("RUNTIME_DIRECTORY")
+        with pytest.raises(errors.TransientError, match="still holds the lock"):
+            with lock.RunLock(cert_dir) as by_hand:
+                by_hand.acquire(retries.Deadline(0.5, clock=clock))
+    assert os.listdir(cert_dir) == []
