@@ -26,7 +26,6 @@ ROOM_NEEDED = 128 * 1024
 INODES_NEEDED = 3 + credentials.RESERVE_INODES
 # The config's folder takes one file at a time: the rewrite's temporary copy.
 CONFIG_INODES_NEEDED = 2
-UNIT_RUNTIME_DIRECTORY = "/run/entomologist"  # the unit's RuntimeDirectory=entomologist
 UNIT = "entomologist-provision.service"
 SYSTEMCTL_TIMEOUT = 3.0
 
@@ -94,7 +93,7 @@ def check_lock(config: configuration.Config, plan: Plan):
     if plan.cert_dir is None:
         return "no boot running (no CERT_DIR yet)"
     # Run by hand, the unit's RuntimeDirectory is not in the environment.
-    runtime = os.environ.get("RUNTIME_DIRECTORY") or UNIT_RUNTIME_DIRECTORY
+    runtime = os.environ.get("RUNTIME_DIRECTORY") or lock.UNIT_RUNTIME_DIRECTORY
     held = lock.holder(plan.cert_dir.path, runtime)
     if held is not None:
         return Warn(f"a boot is running now (it holds {held}); what follows may change "
