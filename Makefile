@@ -291,5 +291,11 @@ uninstall:
 	rm -f $(DESTDIR)$(UNITDIR)/multi-user.target.wants/$(UNIT) $(DESTDIR)$(UNITDIR)/$(UNIT)
 	rm -f $(DESTDIR)$(UNITDIR)/$(UNIT).d/pkcs11.conf $(DESTDIR)$(UNITDIR)/$(UNIT).d/data-dir.conf
 	[ ! -d $(DESTDIR)$(UNITDIR)/$(UNIT).d ] || rmdir --ignore-fail-on-non-empty $(DESTDIR)$(UNITDIR)/$(UNIT).d
-	rm -rf $(DESTDIR)$(PREFIX)
+	@# What install put in PREFIX, and no more: PREFIX may be a folder others share
+	@# (/usr/local), whose other files are not ours to remove.
+	rm -f $(foreach f,$(APP_FILES),$(DESTDIR)$(PREFIX)/$(f) $(DESTDIR)$(PREFIX)/.$(f).new)
+	rm -f $(DESTDIR)$(PREFIX)/__pycache__/boot.*.pyc $(DESTDIR)$(PREFIX)/__pycache__/update_boot_status.*.pyc
+	rm -rf $(DESTDIR)$(PREFIX)/entomologist $(DESTDIR)$(PREFIX)/venv
+	[ ! -d $(DESTDIR)$(PREFIX)/__pycache__ ] || rmdir --ignore-fail-on-non-empty $(DESTDIR)$(PREFIX)/__pycache__
+	[ ! -d $(DESTDIR)$(PREFIX) ] || rmdir --ignore-fail-on-non-empty $(DESTDIR)$(PREFIX)
 	@if [ -z "$(DESTDIR)" ] && [ -d "$(SYSTEMD_RUNDIR)" ]; then systemctl daemon-reload || true; fi

@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args.timeout = args.timeout or RUN_TIMEOUT
     runtime_dir = os.environ.get("RUNTIME_DIRECTORY")
     with Stop(on_exit=lambda code: note_outcome(code, runtime_dir)).installed() as stop:
+        stop.time_limit(args.timeout)
         code = run_main(lambda: boot(args.config, Deadline(args.timeout), args.force,
                                      runtime_dir=runtime_dir, stop=stop))
     note_outcome(code, runtime_dir)
@@ -221,7 +222,8 @@ def provision(config: Config, settings: ProvisioningSettings, deadline: Deadline
                 with stop.answer_awaited("RegisterThing"):
                     registered = service.register(created.token, parameters)
                     registration = Registration(registered.thing_name, created.certificate_id,
-                                                registered.device_configuration)
+                                                registered.device_configuration,
+                                                config.serial_id)
                     cert_dir.record_registration(registration)
             except Rejected as exc:
                 spent.rejected(created.certificate_id)

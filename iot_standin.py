@@ -14,7 +14,8 @@ SUBACK 0x80 as AWS does; standin/enforce.py enforces the rest from mosquitto's
 log, and records each denial as a "denied" event).  Every request, answer and
 boot message is recorded as a JSON line in <dir>/standin/events.jsonl.  It writes a ready ento.conf and claim
 files for one simulated device into <dir> (and refuses to replace a device's
-files that are already there, unless told --overwrite).  The stack's fleet
+files that are already there, unless told --overwrite, which moves the old
+device's CERT_DIR, signed by another CA, to cert.replaced-N).  The stack's fleet
 inventory is served by moto's DynamoDB server on loopback (standin/inventory.py;
 its endpoint and credentials in <dir>/standin/aws.env, for cloud/inventory.py),
 the device is added to it with a secret of its own (<dir>/provisioning-secret,
@@ -67,6 +68,8 @@ from typing import Callable
 from cryptography import x509
 
 from cloud.hook import secret_hash
+from entomologist import files
+from entomologist.errors import ConfigError
 from standin import claimpair, policy
 from standin import template as templates
 from standin.broker import Broker, find_mosquitto, reserved_port
@@ -175,6 +178,7 @@ class StandIn:
         self.claim_key = self.workdir / "claim" / "claim.private.pem.key"
         # The camera's provisioning secret, as the factory puts it in the image.
         self.secret_path = self.workdir / "provisioning-secret"
+        self._trust_folders()
         self.inventory_server: InventoryServer | None = None
         self._inventory_thread: threading.Thread | None = None
         self._inventory_error: Exception | None = None
@@ -210,13 +214,37 @@ class StandIn:
         return [p for p in (self.config_path, self.claim_cert, self.claim_key, self.secret_path)
                 if p.exists()]
 
+    def _trust_folders(self) -> None:
+        """ConfigError unless nobody but root and this user can change the folders the
+        stand-in writes in (checked as the product checks its own): every write
+        would follow a link another user planted there, whoever it runs as."""
+        for folder in (self.workdir, self.dir, self.workdir / "claim"):
+            if os.path.lexists(folder):
+                files.trusted_dir(folder, "the stand-in's folder")
+
+    def _set_old_pair_aside(self) -> None:
+        """The device's CERT_DIR from before: the new CA signs nothing in it, and a pair
+        there would be taken as installed and never connect.  Moved aside, not deleted."""
+        cert_dir = self.workdir / "cert"
+        if not os.path.lexists(cert_dir):
+            return
+        n = 1
+        while os.path.lexists(aside := self.workdir / f"cert.replaced-{n}"):
+            n += 1
+        os.rename(cert_dir, aside)
+        log.info("the device's credentials from before (another CA's) moved to %s", aside)
+
     def prepare(self) -> None:
         """The CA, the certificates and the device's files, without a broker: enough
         for a run that must fail before it connects."""
+        self._trust_folders()
         if not self.overwrite and self.device_files():
             raise FileExistsError(", ".join(map(str, self.device_files())))
+        if self.device_files():
+            self._set_old_pair_aside()
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "claim").mkdir(exist_ok=True)
+        self._trust_folders()
         self.ca = StandInCA()
         self.ca_path = self.dir / "ca.pem"
         write_new(self.ca_path, self.ca.pem, 0o644)
@@ -702,6 +730,9 @@ def _serve(args) -> int:
     except (templates.TemplateError, OSError) as exc:
         log.error("cannot use the stack: %s", exc)
         return os.EX_CONFIG
+    except ConfigError as exc:
+        log.error("%s; give --dir a folder of your own", exc)
+        return os.EX_CANTCREAT
     stop = threading.Event()
     # SIGTERM (systemd, kill, a test harness) and SIGINT must stop mosquitto too; a
     # process started with SIGINT ignored (nohup, `&` in a script) gets no
@@ -843,7 +874,8 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve until interrupted")
     run.add_argument("--dir", required=True)
     run.add_argument("--overwrite", action="store_true",
-                     help="replace a device's config and claim files already in --dir")
+                     help="replace a device's config and claim files already in --dir "
+                          "(its CERT_DIR, from another CA, is moved to cert.replaced-N)")
     run.add_argument("--serial", default=DEFAULT_SERIAL)
     run.add_argument("--template", help="the template's name (default: the stack's)")
     run.add_argument("--stack", type=Path, default=templates.STACK,

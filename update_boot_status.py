@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                                runtime_dir=os.environ.get("RUNTIME_DIRECTORY"))
 
     # No registration happens here: a signal ends the run at once.
-    with Stop().installed():
+    with Stop().installed() as stop:
+        stop.time_limit(args.timeout)
         return run_main(body)
 
 

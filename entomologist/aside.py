@@ -19,11 +19,16 @@ MAX_FOLDERS = 20  # pairs of other cameras set aside for one serial
 
 
 def set_aside(cert_dir: CertDir, serial_id: str) -> Path:
-    """Move the pair installed for ``serial_id`` into a folder of its own: the
-    certificate first (without it nothing counts as installed), the record last
-    (while it is there, a killed run's next run moves the rest)."""
+    """Move the pair installed for ``serial_id`` (or registered for it and waiting to be
+    installed) into a folder of its own: the certificate first (without it nothing
+    counts as installed), the records last (while one is there, a killed run's next
+    run moves the rest).  What that camera's attempts spent goes with them: this
+    camera has spent nothing yet."""
     moving = [path for path in (cert_dir.cert, cert_dir.key, cert_dir.ca,
-                                cert_dir.device_configuration, cert_dir.installed_for_file)
+                                cert_dir.device_configuration, cert_dir.staged_cert,
+                                cert_dir.staged_key, cert_dir.device_key,
+                                cert_dir.spend_record, cert_dir.installed_for_file,
+                                cert_dir.registration_marker)
               if os.path.lexists(path)]
     folder = _folder(cert_dir.path, serial_id, [path.name for path in moving])
     for path in moving:

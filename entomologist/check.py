@@ -18,12 +18,13 @@ import errno
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
-from . import logs, mqtt
+from . import logs, mqtt, stop
 from .check_local import (Plan, Warn, check_cert_dir, check_claim, check_clock, check_config,
                           check_device_credentials, check_lock, check_secret, check_spend,
                           check_storage, check_token, device_ca)
@@ -53,6 +54,7 @@ class Checks:
     def __init__(self, emit: Callable[[Result], None]):
         self.emit = emit
         self.results: list[Result] = []
+        self.current: tuple[str, float] | None = None  # the check running, and since when
 
     def _add(self, result: Result) -> None:
         result.detail = logs.clean_line(result.detail)
@@ -64,6 +66,7 @@ class Checks:
         """Run one check; its value, or Failed.  ``check`` returns the detail, or
         (detail, value), or a Warn, or raises EntoError."""
         started = time.monotonic()
+        self.current = (name, started)
 
         def ms() -> int:
             return round((time.monotonic() - started) * 1000)
@@ -105,9 +108,9 @@ def last_checked(plan: Plan | None) -> frozenset[str]:
 
 def run_checks(config_path: Path, deadline: Deadline, emit: Callable[[Result], None],
                connect_as_thing: bool = False, build: mqtt.Builder | None = None,
-               now: Callable[[], float] = time.time) -> int:
+               now: Callable[[], float] = time.time, checks: Checks | None = None) -> int:
     """Every check, in the boot's order; the exit code the next boot would end with."""
-    checks = Checks(emit)
+    checks = checks or Checks(emit)
     try:
         config = checks.run("config", lambda: check_config(config_path))
     except Failed:
@@ -293,14 +296,42 @@ def run(config_path: Path, timeout: float, as_json: bool, connect_as_thing: bool
     def emit(result: Result) -> None:
         write(json.dumps(asdict(result)) if as_json else human_line(result))
 
+    def summarise(code: int) -> None:
+        summary = Result("result", "ok" if code == os.EX_OK else "fail",
+                         f"exit {code}: {EXIT_MEANINGS.get(code, '')}", None,
+                         round((time.monotonic() - started) * 1000), code)
+        write(json.dumps(asdict(summary)) if as_json else
+              f"{summary.detail} ({summary.milliseconds} ms)")
+
+    checks = Checks(emit)
+
+    def overdue() -> None:
+        # Every wait of the checks' own is bounded; a call into a PKCS#11 module is not
+        # (a token or device that stops answering holds it for ever): the report ends
+        # here with the check that did not return, and the process with it.
+        name, since = checks.current or ("config", started)
+        checks._add(Result(name, "fail", f"did not end within the check's time limit "
+                                         f"({timeout:g} s): a call that did not return",
+                           "the PKCS#11 module and its token or device, which may have "
+                           "stopped answering", round((time.monotonic() - since) * 1000),
+                           os.EX_TEMPFAIL))
+        summarise(os.EX_TEMPFAIL)
+        os._exit(os.EX_TEMPFAIL)
+
+    watchdog = threading.Timer(min(timeout + stop.LIMIT_GRACE_S, threading.TIMEOUT_MAX),
+                               overdue)
+    watchdog.daemon = True
     try:
-        code = run_checks(config_path, Deadline(timeout), emit, connect_as_thing, build, now)
+        watchdog.start()
+    except RuntimeError as exc:  # no thread to be had: the checks go on without it
+        log.warning("no backstop for the check's time limit: %s", exc)
+    try:
+        code = run_checks(config_path, Deadline(timeout), emit, connect_as_thing, build, now,
+                          checks)
     except KeyboardInterrupt:
         write("interrupted")
         return os.EX_TEMPFAIL
-    summary = Result("result", "ok" if code == os.EX_OK else "fail",
-                     f"exit {code}: {EXIT_MEANINGS.get(code, '')}", None,
-                     round((time.monotonic() - started) * 1000), code)
-    write(json.dumps(asdict(summary)) if as_json else
-          f"{summary.detail} ({summary.milliseconds} ms)")
+    finally:
+        watchdog.cancel()
+    summarise(code)
     return code

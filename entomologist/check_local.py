@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import certs, clock, config as configuration, files, lock, secret, spend
+from . import certs, clock, config as configuration, credentials, files, lock, secret, spend
 from .credentials import CertDir, State
 from .errors import ConfigError, StorageError
 
@@ -21,7 +21,11 @@ from .errors import ConfigError, StorageError
 # and a block each for a key, two certificates, the CA, the registration record,
 # the device configuration and their temporary copies, with some margin.
 ROOM_NEEDED = 128 * 1024
-UNIT_RUNTIME_DIRECTORY = "/run/entomologist"  # the unit's RuntimeDirectory=entomologist
+# Free inodes a first boot needs there: CERT_DIR itself, its lock and the reserve,
+# then what the boot itself requires before its first request.
+INODES_NEEDED = 3 + credentials.RESERVE_INODES
+# The config's folder takes one file at a time: the rewrite's temporary copy.
+CONFIG_INODES_NEEDED = 2
 UNIT = "entomologist-provision.service"
 SYSTEMCTL_TIMEOUT = 3.0
 
@@ -39,6 +43,7 @@ class Plan:
     action: str                  # "provision", "install" or "report"
     why: str
     cert_dir: CertDir | None     # None: it does not exist yet
+    foreign: str | None = None   # the camera whose credentials the boot sets aside first
 
 
 def check_config(path: Path):
@@ -75,7 +80,8 @@ def check_cert_dir(config: configuration.Config):
     elif look.state is State.FOREIGN:
         plan = Plan("provision", f"the credentials in {config.cert_dir} were installed for "
                                  f"camera {look.owner}, not this one (an image copied after its "
-                                 f"first boot): they will be set aside", cert_dir)
+                                 f"first boot): they will be set aside", cert_dir,
+                    foreign=look.owner)
     elif not look.installed:
         plan = Plan("provision", f"not provisioned: {look.problem}", cert_dir)
     else:
@@ -87,7 +93,7 @@ def check_lock(config: configuration.Config, plan: Plan):
     if plan.cert_dir is None:
         return "no boot running (no CERT_DIR yet)"
     # Run by hand, the unit's RuntimeDirectory is not in the environment.
-    runtime = os.environ.get("RUNTIME_DIRECTORY") or UNIT_RUNTIME_DIRECTORY
+    runtime = os.environ.get("RUNTIME_DIRECTORY") or lock.UNIT_RUNTIME_DIRECTORY
     held = lock.holder(plan.cert_dir.path, runtime)
     if held is not None:
         return Warn(f"a boot is running now (it holds {held}); what follows may change "
@@ -117,6 +123,9 @@ def check_spend(plan: Plan, timer: clock.Clock):
     """What the boot's spend record allows now, read as the boot reads it, written never."""
     if plan.cert_dir is None:
         return "CERT_DIR does not exist yet: no failed attempt recorded"
+    if plan.foreign is not None:
+        return (f"what camera {plan.foreign} spent is set aside with its credentials: this "
+                f"camera has spent nothing")
     record = spend.SpendRecord.open(plan.cert_dir.spend_record, timer, settle=False)
     record.check()
     if not record.entries:
@@ -171,7 +180,8 @@ def unit_write_rules() -> list[Path] | None:
                                                                       "").split()]
 
 
-def _unwritable(directory: Path, writable: list[Path] | None) -> tuple[str, bool] | None:
+def _unwritable(directory: Path, writable: list[Path] | None,
+                inodes: int = INODES_NEEDED) -> tuple[str, bool] | None:
     """Why the boot could not create files in ``directory``, found without writing,
     and whether it is because the folder is read-only (None: it can).  ``writable``:
     the unit's write rules (``unit_write_rules``).
@@ -196,6 +206,10 @@ def _unwritable(directory: Path, writable: list[Path] | None) -> tuple[str, bool
         return "is not writable by this user", False
     if vfs.f_bavail * vfs.f_frsize < ROOM_NEEDED:
         return f"has less than {ROOM_NEEDED // 1024} KiB free", False
+    # A file system that counts no inodes (f_files 0: btrfs) never runs out of them.
+    if vfs.f_files and vfs.f_favail < inodes:
+        return (f"has fewer than {inodes} free inodes ({vfs.f_favail}): no room for "
+                "new files"), False
     return None
 
 
@@ -213,7 +227,8 @@ def check_storage(config: configuration.Config, plan: Plan):
         folders.append(("the config's folder", config.real_path.parent))
     writable = unit_write_rules() if folders else None
     for what, folder in folders:
-        found = _unwritable(folder, writable)
+        found = _unwritable(folder, writable, CONFIG_INODES_NEEDED
+                            if what == "the config's folder" else INODES_NEEDED)
         if found is None:
             continue
         problem, read_only = found

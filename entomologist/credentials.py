@@ -30,7 +30,8 @@ that state calls for; provisioning (the network) is boot.py's.
   REGISTERED      registration.json.staging parses, and its   install()            SOUND
                   certificate is staged with its key (or the
                   pair it names is already installed)
-  FOREIGN         installed-for.json names another SERIAL_ID  aside.set_aside()    EMPTY/STAGED
+  FOREIGN         registration.json.staging or                aside.set_aside()    EMPTY/STAGED
+                  installed-for.json names another SERIAL_ID
   EMPTY           no certificate installed, nothing staged    nothing: provision   REGISTERED
   STAGED          no certificate installed; an unregistered   nothing: provision   REGISTERED
                   attempt's files (a device-made key is reused)
@@ -58,11 +59,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import aside, certs, config as configuration, files, spend, token_pair
-from .errors import EntoError, StorageError
+from .errors import EntoError, ReadOnlyStorage, StorageError
 
 log = logging.getLogger("entomologist")
 
 RESERVE_BYTES = 64 * 1024
+# Files an attempt creates before its registration is recorded (the spend record,
+# the staged key and certificate, a device-made key), with a margin.
+RESERVE_INODES = 8
 CERT_DIR_HINT = "CERT_DIR in the config"
 UNREADABLE_HINT = "the storage (a failing card?) and the file's owner and mode"
 
@@ -85,6 +89,8 @@ class Registration:
     thing_name: str
     certificate_id: str
     device_configuration: dict
+    serial_id: str | None = None  # the camera it was registered for (None: a record from
+                                  # before the field, taken as this camera's)
 
 
 class State(enum.Enum):
@@ -153,6 +159,10 @@ class CertDir:
     def state(self, serial_id: str) -> Look:
         """The one state CERT_DIR (and the token) is in, for the camera ``serial_id``;
         reads only (the table in the module's docstring)."""
+        recorded = self._recorded_registration()
+        if recorded is not None and recorded.serial_id not in (None, serial_id):
+            # An image copied while that camera's registration waited to be installed.
+            return Look(State.FOREIGN, owner=recorded.serial_id)
         registration = self.registration()
         if registration is not None:
             return Look(State.REGISTERED, registration=registration)
@@ -207,7 +217,12 @@ class CertDir:
             if self.token is not None:
                 self.promote_token_key()
             # What a --force run killed before it registered left behind.
-            self.discard_stale()
+            try:
+                self.discard_stale()
+            except ReadOnlyStorage as exc:
+                # A read-only root: the sound pair needs none of it removed to report
+                # the boot, and the mount will not heal by a retry.
+                log.warning("leaving what an earlier run staged: %s", exc)
             if look.owner is None:
                 self._record_installed_for_existing(cfg)
         return None
@@ -274,25 +289,37 @@ class CertDir:
 
     # -- what is staged
 
-    def registration(self) -> Registration | None:
-        """The registration an earlier run recorded and has not finished installing."""
+    def _recorded_registration(self, warn: bool = False) -> Registration | None:
+        """The registration record as it parses, whatever is staged beside it."""
         try:
             raw = read_credential(self.registration_marker, "registration record", 256 * 1024)
             doc = json.loads(raw)
             reg = Registration(doc["thingName"], doc["certificateId"],
-                               doc.get("deviceConfiguration") or {})
+                               doc.get("deviceConfiguration") or {}, doc.get("serialId"))
             if not (configuration.THING_NAME_RE.fullmatch(reg.thing_name)
                     and configuration.CERTIFICATE_ID_RE.fullmatch(reg.certificate_id)
-                    and isinstance(reg.device_configuration, dict)):
+                    and isinstance(reg.device_configuration, dict)
+                    and (reg.serial_id is None or (isinstance(reg.serial_id, str) and
+                                                   configuration.SERIAL_RE.fullmatch(
+                                                       reg.serial_id)))):
                 raise ValueError("invalid fields")
         except files.FileProblem as exc:
             if exc.missing:
                 return None
-            log.warning("ignoring %s: %s", self.registration_marker, exc)
+            if warn:
+                log.warning("ignoring %s: %s", self.registration_marker, exc)
             return None
         except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring %s: it does not parse (%s)", self.registration_marker,
-                        type(exc).__name__)
+            if warn:
+                log.warning("ignoring %s: it does not parse (%s)", self.registration_marker,
+                            type(exc).__name__)
+            return None
+        return reg
+
+    def registration(self) -> Registration | None:
+        """The registration an earlier run recorded and has not finished installing."""
+        reg = self._recorded_registration(warn=True)
+        if reg is None:
             return None
         if self.staged_cert.exists():
             if self.staged_key_for_cert() is None:
@@ -329,10 +356,14 @@ class CertDir:
 
     def reserve(self) -> None:
         files.write_file_atomic(self.reserve_file, b"\0" * RESERVE_BYTES, 0o600)
+        # Bytes are not all: each staged file takes an inode, and a certificate the
+        # service created that cannot be staged is spent for nothing.
+        files.require_inodes(self.path, RESERVE_INODES)
 
     def record_registration(self, reg: Registration) -> None:
         data = json.dumps({"thingName": reg.thing_name, "certificateId": reg.certificate_id,
-                           "deviceConfiguration": reg.device_configuration}).encode()
+                           "deviceConfiguration": reg.device_configuration,
+                           "serialId": reg.serial_id}).encode()
         try:
             os.unlink(self.reserve_file)
         except FileNotFoundError:

@@ -296,6 +296,19 @@ def write_file_atomic(path: Path, data: bytes, mode: int,
         raise _storage_error(path, exc) from None
 
 
+def require_inodes(directory: Path, count: int) -> None:
+    """StorageError unless the file system under ``directory`` has ``count`` free inodes
+    for this user (one that counts none, f_files 0 as on btrfs, never runs out)."""
+    try:
+        vfs = os.statvfs(directory)
+    except OSError as exc:
+        raise _storage_error(directory, exc) from None
+    if vfs.f_files and vfs.f_favail < count:
+        raise StorageError(f"cannot write in {directory}: {vfs.f_favail} free inodes, fewer "
+                           f"than the {count} new files need",
+                           hint=f"that the disk of {directory} is not full (df -i)")
+
+
 def rehearse_write(path: Path, data: bytes, mode: int,
                    owner: tuple[int, int] | None = None) -> None:
     """Everything ``write_file_atomic`` would do but the rename: proves, before

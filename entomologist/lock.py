@@ -6,7 +6,8 @@ open it nor hold the lock to block every boot (a flock on a folder anyone can
 read, such as /etc/entomologist, could be held by anyone).  A provisioned
 device whose folders are read-only still locks: the file, made at the first
 boot, is opened read-only then, and a missing one falls back to the unit's
-RuntimeDirectory (/run/entomologist), or for a run by hand to the folder itself.  A run through a symlinked config and
+RuntimeDirectory (/run/entomologist), by hand too when that folder is there, else
+for a run by hand to the folder itself.  A run through a symlinked config and
 a run through its target find the same real CERT_DIR, so they exclude each
 other.
 """
@@ -25,6 +26,23 @@ from .retries import Deadline
 log = logging.getLogger("entomologist")
 
 LOCK_NAME = "run.lock"
+UNIT_RUNTIME_DIRECTORY = "/run/entomologist"  # the unit's RuntimeDirectory=entomologist
+
+
+def runtime_directory() -> str | None:
+    """Where a lock goes when CERT_DIR cannot hold its file: under the unit, its
+    RuntimeDirectory; by hand, that same folder when it is there and nobody but root
+    (or us) can use it, so that a run by hand and the unit's exclude each other."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    if runtime:
+        return runtime
+    try:
+        st = os.stat(UNIT_RUNTIME_DIRECTORY)
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode) and st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o077:
+        return UNIT_RUNTIME_DIRECTORY
+    return None
 
 
 class RunLock:
@@ -45,9 +63,9 @@ class RunLock:
         except FileNotFoundError:
             pass
         # A read-only CERT_DIR without the file (an image made before it existed):
-        # under the unit, its private RuntimeDirectory, which nobody else can open
-        # (the folder itself may be one that others can open, and so hold).
-        runtime = os.environ.get("RUNTIME_DIRECTORY")
+        # the unit's private RuntimeDirectory, which nobody else can open (the
+        # folder itself may be one that others can open, and so hold).
+        runtime = runtime_directory()
         if runtime:
             self.path = Path(runtime) / LOCK_NAME
             return os.open(self.path, flags | os.O_RDWR | os.O_CREAT, 0o600)
@@ -97,9 +115,13 @@ def holder(cert_dir: Path, runtime_dir: str | None = None) -> Path | None:
     """The lock a running boot holds now, if any: found as ``RunLock`` would find it,
     but without creating, writing or waiting for anything (a lock file that does
     not exist is held by nobody).  A shared lock taken for an instant is the probe:
-    a run starting in that instant waits that instant."""
+    a run starting in that instant waits that instant.  Once ``run.lock`` exists
+    every run locks it, so nothing else is probed then: a lock on the folder (a
+    CERT_DIR others can read, which any of them can flock) is nobody's boot."""
     candidates = [cert_dir / LOCK_NAME, cert_dir]
-    if runtime_dir:
+    if os.path.lexists(candidates[0]):
+        del candidates[1:]
+    elif runtime_dir:
         candidates.insert(1, Path(runtime_dir) / LOCK_NAME)
     for path in candidates:
         try:

@@ -13,6 +13,8 @@ import socket
 import threading
 import time
 
+from .errors import TransientError
+
 
 def _timed_out(host: str, timeout: float) -> TimeoutError:
     return TimeoutError(errno.ETIMEDOUT, f"no DNS answer for {host} in {timeout:.0f} s")
@@ -30,7 +32,12 @@ def getaddrinfo(host: str, port: int, timeout: float) -> list:
             box.append((False, exc))
         finally:
             done.set()
-    threading.Thread(target=target, name="getaddrinfo", daemon=True).start()
+    try:
+        threading.Thread(target=target, name="getaddrinfo", daemon=True).start()
+    except RuntimeError as exc:  # a host out of threads: a later run may have one
+        raise TransientError(f"no thread to be had for the name lookup of {host} ({exc})",
+                             hint="the processes and memory of this host: another program "
+                                  "may hold them") from None
     if not done.wait(max(timeout, 0.0)):
         raise _timed_out(host, timeout)
     ok, value = box[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
@@ -58,9 +59,36 @@ class Tls:
     ca_pem: bytes = field(repr=False)
 
 
+# awscrt's binding raises a bare RuntimeError whose text names the error:
+# "12 (AWS_ERROR_THREAD_INSUFFICIENT_RESOURCE): Insufficent resources for thread."
+_CRT_ERROR_NAME = re.compile(r"\((AWS_[A-Z0-9_]+)\)")
+# A host short of threads or memory (another program holds them): nothing the
+# config names is wrong, and a later run may have them.
+SHORTAGES = frozenset({"AWS_ERROR_THREAD_INSUFFICIENT_RESOURCE", "AWS_ERROR_OOM"})
+
+
+def crt_error_name(exc: BaseException) -> str:
+    name = getattr(exc, "name", None)
+    if name:
+        return name
+    found = _CRT_ERROR_NAME.search(str(exc)) if isinstance(exc, RuntimeError) else None
+    return found.group(1) if found else type(exc).__name__
+
+
+def host_shortage(exc: BaseException) -> bool:
+    """Whether ``exc`` says that this host had no thread or memory to give."""
+    return (isinstance(exc, MemoryError) or crt_error_name(exc) in SHORTAGES
+            or (isinstance(exc, RuntimeError) and "can't start new thread" in str(exc)))
+
+
+SHORTAGE_HINT = "the processes and memory of this host: another program may hold them"
+
+
 def crt_failure(what: str, exc: BaseException, hint: str = NETWORK_HINT) -> TransientError:
-    name = getattr(exc, "name", None) or type(exc).__name__
-    return TransientError(f"{what} failed: {name}", hint=hint)
+    if host_shortage(exc):
+        return TransientError(f"{what} failed: no thread or memory to be had "
+                              f"({crt_error_name(exc)}: {str(exc)[:80]})", hint=SHORTAGE_HINT)
+    return TransientError(f"{what} failed: {crt_error_name(exc)}", hint=hint)
 
 
 def connection_options(endpoint: Endpoint, tls: Tls, client_id: str, timeout: float,
@@ -211,7 +239,11 @@ def connect(endpoint: Endpoint, cert: Path, key, client_id: str, timeout: float,
     try:
         connection = build(endpoint, tls, client_id, timeout, interrupted)
     except Exception as exc:
-        raise ConfigError(f"cannot load the TLS files ({getattr(exc, 'name', type(exc).__name__)})",
+        if host_shortage(exc):
+            raise TransientError(f"no thread or memory to be had for the connection "
+                                 f"({crt_error_name(exc)})",
+                                 hint=SHORTAGE_HINT) from None
+        raise ConfigError(f"cannot load the TLS files ({crt_error_name(exc)})",
                           hint=f"{endpoint.ca}, {cert} and {key}") from None
     link = Link(connection, events, clock)
     links.append(link)

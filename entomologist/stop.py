@@ -32,6 +32,8 @@ from .errors import STOPPED
 log = logging.getLogger("entomologist")
 
 GRACE_S = 5.0
+# How long after the run's time limit a call that never returned ends the run.
+LIMIT_GRACE_S = 2.0
 EXIT_CODE = STOPPED
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _BEFORE_START: dict = {}
@@ -50,6 +52,7 @@ class Stop:
         self._waiting_for: str | None = None
         self._received: str | None = None
         self._ending = threading.Lock()
+        self._limit: threading.Timer | None = None
 
     @contextmanager
     def installed(self) -> Iterator["Stop"]:
@@ -58,11 +61,33 @@ class Stop:
         try:
             yield self
         finally:
+            if self._limit is not None:
+                self._limit.cancel()  # the run is over: it never fires in a caller's process
             for signo, handler in before.items():
                 signal.signal(signo, handler)
 
+    def time_limit(self, seconds: float) -> None:
+        """A backstop for the run's time limit: every wait of the run's own is bounded,
+        but a call into a PKCS#11 module (python-pkcs11's, awscrt's) has no limit, and
+        a token or a device that stops answering holds it for ever.  LIMIT_GRACE_S
+        after ``seconds`` the run ends as on SIGTERM, from this timer's thread (until the
+        ``installed`` block ends)."""
+        why = (f"the run's time limit ({seconds:g} s) passed in a call that did not return "
+               f"(a PKCS#11 module whose token or device stopped answering?)")
+        # A lock's wait cannot be longer than TIMEOUT_MAX (--timeout may be 1e300).
+        after = min(seconds + LIMIT_GRACE_S, threading.TIMEOUT_MAX)
+        self._limit = timer = threading.Timer(after, self._stop_requested, [why])
+        timer.daemon = True
+        try:
+            timer.start()
+        except RuntimeError as exc:  # no thread to be had: the run goes on without it
+            self._limit = None
+            log.warning("no backstop for the run's time limit: %s", exc)
+
     def _handle(self, signo: int, frame) -> None:
-        name = signal.Signals(signo).name
+        self._stop_requested(signal.Signals(signo).name)
+
+    def _stop_requested(self, name: str) -> None:
         if self._received is not None:
             self._end(f"{name} again: stopping now; the next run takes over from here")
         self._received = name

@@ -17,13 +17,25 @@ def fill(folder: Path) -> None:
         os.close(fd)
 
 
+def take_inodes(folder: Path) -> None:
+    """Take every free inode of the file system under ``folder`` (empty files)."""
+    n = 0
+    while True:
+        try:
+            os.close(os.open(folder / f"inode-{n}", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             0o600))
+        except OSError:
+            return
+        n += 1
+
+
 @contextmanager
-def tmpfs(path: Path, size: str, mode: int = 0o700):
+def tmpfs(path: Path, size: str, mode: int = 0o700, inodes: int | None = None):
     """A real tmpfs of ``size`` on ``path`` (made if missing): a disk that fills up as
-    a card does.  Needs root."""
+    a card does; ``inodes``: at most that many files and folders.  Needs root."""
     path.mkdir(mode=mode, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode:o}", "tmpfs",
-                    str(path)], check=True)
+    options = f"size={size},mode={mode:o}" + (f",nr_inodes={inodes}" if inodes else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
     try:
         yield path
     finally:

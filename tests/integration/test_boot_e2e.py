@@ -133,6 +133,38 @@ def test_a_cloned_image_sets_the_other_cameras_pair_aside_and_provisions_itself(
     assert boots[-1]["topic"] == "cameraDevice/CAM-0002/booted"
 
 
+def test_an_image_copied_while_its_registration_waited_to_be_installed_is_not_adopted(standin):
+    # The camera the image came from was cut off (power, a full disk) after
+    # RegisterThing was accepted and before its pair was installed: its card holds
+    # that camera's registration record and staged pair.  The copy must not install
+    # them as its own: it would connect as the other camera's thing (dropping that
+    # camera's connection) and be refused its boot message at every retry.
+    import json
+    from e2e import run_and_kill
+    cert_dir = standin.workdir / "cert"
+    marker = cert_dir / "registration.json.staging"
+    killed, _ = run_and_kill(standin, marker.exists)
+    assert killed and marker.exists()
+    staged = (cert_dir / "certificate.pem.crt.staging").read_bytes()
+    doc = device_doc(standin)
+    doc["device"]["SERIAL_ID"] = "CAM-0002"  # the copy, given its own serial at flashing
+    doc["device"]["PROVISIONING_SECRET_FILE"] = standin.inventory.add(
+        "CAM-0002", standin.workdir).name
+    standin.config_path.write_text(json.dumps(doc))
+    result = run_script("boot.py", standin.config_path, "--timeout", "30")
+    assert result.code == 0, result.stderr
+    aside = cert_dir / "foreign-CAM-0001"  # neither used nor deleted
+    assert (aside / "certificate.pem.crt.staging").read_bytes() == staged
+    assert json.loads((aside / "registration.json.staging").read_text())["thingName"] == \
+        "ento-CAM-0001"
+    assert stat.S_IMODE(aside.stat().st_mode) == 0o700
+    assert (cert_dir / "certificate.pem.crt").read_bytes() != staged
+    assert device_doc(standin)["device"]["THING_NAME"] == "ento-CAM-0002"
+    assert json.loads((cert_dir / "installed-for.json").read_text())["thingName"] == \
+        "ento-CAM-0002"
+    assert standin.wait_for("boot", 1)[-1]["topic"] == "cameraDevice/CAM-0002/booted"
+
+
 
 def opens_of(path: Path) -> Callable[[], int]:
     """How many times ``path`` has been opened since this call (inotify's IN_OPEN)."""
@@ -188,3 +220,12 @@ def test_a_broker_certificate_that_does_not_verify_names_root_ca_and_the_clock_e
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1, result.stderr
     assert "ROOT_CA" in errors[0] and "the system clock (it reads " in errors[0], errors[0]
+
+
+def test_the_largest_timeout_accepted_runs_without_a_traceback(standin):
+    # "a finite positive number": 1e300 is one, and no wait may choke on it.
+    for script, args in (("boot.py", ()), ("update_boot_status.py", ()),
+                         ("boot.py", ("--check",))):
+        result = run_script(script, standin.config_path, "--timeout", "1e300", *args)
+        assert result.code == 0, result.stderr
+        assert "Traceback" not in result.stderr and "Error" not in result.stderr, result.stderr

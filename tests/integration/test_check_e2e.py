@@ -707,3 +707,75 @@ def test_a_secret_file_others_can_read_fails_the_secret_line_with_78(standin):
     found = lines(proc)
     assert found["secret"].startswith("FAIL secret      provisioning secret file ")
     assert "0644" in found["secret"] and "0123456789abcdef" not in proc.stdout
+
+
+def test_another_user_holding_a_readable_cert_dir_neither_fakes_a_running_boot_nor_skips_mqtt():
+    # CERT_DIR may be a folder the product did not make (0755): anyone can open it
+    # and flock it.  Every run locks run.lock (0600) once it exists, so a lock held
+    # on the folder is nobody's boot, and must not spare the claim policy's check.
+    if os.geteuid() != 0:
+        pytest.skip("changing to another user needs root")
+    import tempfile
+    import time
+    from pathlib import Path
+    # Not under pytest's tmp_path: its folders are root's alone (0700).
+    folder = Path(tempfile.mkdtemp(prefix="entomologist-held-folder-"))
+    os.chmod(folder, 0o755)
+    stack = templates.load_stack()
+    without_the_register_topics(stack)
+    ready_r, ready_w = os.pipe()
+    holder = None
+    try:
+        with StandIn(folder, stack=stack) as standin:
+            cert_dir = standin.workdir / "cert"
+            cert_dir.mkdir(mode=0o755)
+            os.close(os.open(cert_dir / "run.lock", os.O_RDWR | os.O_CREAT, 0o600))
+            holder = os.fork()
+            if holder == 0:  # another local user: holds the folder until killed
+                try:
+                    os.setgroups([])
+                    os.setresgid(65534, 65534, 65534)
+                    os.setresuid(65534, 65534, 65534)
+                    fd = os.open(cert_dir, os.O_RDONLY | os.O_DIRECTORY)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    os.write(ready_w, b"x")
+                    time.sleep(60)
+                finally:
+                    os._exit(0)
+            assert os.read(ready_r, 1) == b"x"
+            proc = check(standin, "--timeout", "5")
+    finally:
+        if holder:
+            os.kill(holder, 9)
+            os.waitpid(holder, 0)
+        os.close(ready_r)
+        os.close(ready_w)
+        shutil.rmtree(folder)
+    found = lines(proc)
+    assert found["lock"].startswith("ok   lock        no boot running"), proc.stdout
+    assert found["mqtt"].startswith("FAIL mqtt        the broker refused the subscription"), \
+        proc.stdout
+    assert proc.returncode == 75, proc.stdout
+
+
+def test_a_copied_images_spend_record_is_the_other_cameras_and_holds_this_one_back_not(
+        standin):
+    # The image was copied while its camera waited on RegisterThing's answer record:
+    # the boot sets that camera's registration and spend record aside, and provisions
+    # at once; the check must say so, not "held back" by the other camera's spend.
+    from e2e import run_and_kill
+    marker = standin.workdir / "cert" / "registration.json.staging"
+    killed, _ = run_and_kill(standin, marker.exists)
+    assert killed and (standin.workdir / "cert" / "provisioning-spend.json").exists()
+    doc = device_doc(standin)
+    doc["device"]["SERIAL_ID"] = "CAM-0002"
+    doc["device"]["PROVISIONING_SECRET_FILE"] = standin.inventory.add(
+        "CAM-0002", standin.workdir).name
+    standin.config_path.write_text(json.dumps(doc))
+    proc = check(standin, "--timeout", "10")
+    found = lines(proc)
+    assert "camera CAM-0001" in found["cert-dir"] and "set aside" in found["cert-dir"], \
+        proc.stdout
+    assert found["spend"].startswith("ok "), proc.stdout
+    assert proc.returncode == 0, proc.stdout
+    assert run_script("boot.py", standin.config_path, "--timeout", "30").code == 0

@@ -87,3 +87,23 @@ def test_two_runs_started_together_provision_once_and_both_succeed(standin):
     assert len(standin.events("register-request")) == 1
     assert len(standin.wait_for("boot", 2)) == 2
     assert state.check(outputs, completed=True) == {"installed": True, "status": True}
+
+
+def test_a_cert_dir_without_free_inodes_exits_73_before_any_request(standin, tmp_path):
+    # Free blocks, but every inode taken bar a few (a card full of small files):
+    # the room checked before anything is asked must count files, not only bytes,
+    # or a certificate is created that cannot be staged.
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    from disk import take_inodes, tmpfs
+    with tmpfs(tmp_path / "data", "4m", 0o755, inodes=64) as data:
+        cert_dir = data / "cert"
+        cert_dir.mkdir(mode=0o700)
+        take_inodes(data)
+        for n in range(3):  # room for the lock and the reserve, not for the records
+            os.unlink(data / f"inode-{n}")
+        standin.write_device_config(CERT_DIR=str(cert_dir))
+        state, proc, errors = run_boot_as_service(standin)
+    assert proc.returncode == 73, proc.stderr
+    assert standin.events("create-request") == []
+    assert len(errors) == 1 and str(cert_dir) in errors[0] and "inodes" in errors[0], errors

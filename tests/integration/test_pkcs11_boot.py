@@ -112,6 +112,47 @@ def test_a_missing_module_is_75(device, token, tmp_path):
     assert result.code == 75, result.stderr
 
 
+def stalled(token) -> None:
+    """The token's store hangs on its next read (a card or a TPM that stops answering):
+    SoftHSM opens its token.object, here a FIFO nobody writes, without a time limit."""
+    import os
+    path = token.token_file()
+    path.unlink()
+    os.mkfifo(path, 0o600)
+
+
+@pytest.mark.heavy  # waits out a 3 s time limit and its 2 s backstop
+def test_a_token_that_stops_answering_ends_the_run_at_its_time_limit_with_75(device, token):
+    stalled(token)
+    result = run_script("boot.py", device.config_path, "--timeout", "3", env=token.env,
+                        timeout=30)
+    assert result.code == 75, result.stderr
+    assert result.seconds < 3 + 5, result.seconds
+    assert len(result.errors) == 1 and "time limit (3 s)" in result.errors[0], result.stderr
+    assert [e for e in device.events() if e["event"].endswith("-request")] == []
+
+
+@pytest.mark.heavy  # waits out a 3 s time limit and its 2 s backstop
+def test_a_token_that_stops_answering_ends_the_check_at_its_time_limit_with_75(device, token):
+    import os
+    import subprocess
+    import sys
+    import time
+    from e2e import ROOT
+    stalled(token)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "boot.py"), "--config",
+                           str(device.config_path), "--check", "--timeout", "3"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **token.env})
+    assert proc.returncode == 75, proc.stdout + proc.stderr
+    assert time.monotonic() - started < 3 + 5
+    lines = proc.stdout.splitlines()
+    assert lines[-2].startswith("FAIL token       did not end within the check's time limit "
+                                "(3 s)"), proc.stdout
+    assert lines[-1].startswith("exit 75: transient"), proc.stdout
+
+
 def test_pkcs11_without_csr_mode_is_a_config_error(device, token):
     doc = json.loads(device.config_path.read_text())
     doc["device"]["PROVISIONING_API"] = "CreateKeysAndCertificate"

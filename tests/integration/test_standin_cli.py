@@ -145,6 +145,25 @@ def test_run_never_overwrites_a_device_already_in_its_folder(tmp_path):
     assert not (tmp_path / "claim").exists()
 
 
+def test_overwrite_makes_a_device_that_provisions_not_one_left_with_the_old_cas_pair(
+        tmp_path):
+    # Run again with --overwrite (a new CA, a new claim pair, a new config): the pair
+    # the old stand-in's CA signed would be taken as installed and never connect.
+    proc = start(tmp_path)
+    try:
+        assert run_script("boot.py", tmp_path / "ento.conf").code == 0
+    finally:
+        stop(proc)
+    old = (tmp_path / "cert" / "certificate.pem.crt").read_bytes()
+    proc = start(tmp_path, "--overwrite")
+    try:
+        result = run_script("boot.py", tmp_path / "ento.conf", "--timeout", "20")
+    finally:
+        stop(proc)
+    assert result.code == 0, result.stderr
+    assert (tmp_path / "cert" / "certificate.pem.crt").read_bytes() != old
+
+
 def test_sigterm_stops_the_stand_in_and_its_mosquitto(tmp_path):
     proc = start(tmp_path)
     port = json.loads((tmp_path / "ento.conf").read_text())["device"]["PORT"]
@@ -219,3 +238,26 @@ def test_a_stand_in_stopped_while_it_starts_never_reports_ready(tmp_path):
     port = json.loads((tmp_path / "ento.conf").read_text())["device"]["PORT"]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_a_folder_another_user_owns_is_refused_and_nothing_is_written_through_its_links(
+        tmp_path):
+    # README's `run --dir /tmp/device`: whoever makes /tmp/device first owns it, and
+    # a link planted in it would have the stand-in (root, often) write over any file.
+    if os.geteuid() != 0:
+        pytest.skip("handing a folder to another user needs root")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's own\n")
+    victim.chmod(0o600)
+    folder = tmp_path / "device"
+    (folder / "standin").mkdir(parents=True)
+    (folder / "standin" / "mosquitto.conf").symlink_to(victim)
+    for path in (folder, folder / "standin", folder / "standin" / "mosquitto.conf"):
+        os.lchown(path, 65534, 65534)
+    proc = subprocess.run([sys.executable, str(ROOT / "iot_standin.py"), "run", "--dir",
+                           str(folder)], stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == os.EX_CANTCREAT, proc.stderr
+    assert f"{folder}" in proc.stderr and "owned by uid 65534" in proc.stderr, proc.stderr
+    assert victim.read_bytes() == b"root's own\n"
+    assert sorted(p.name for p in folder.rglob("*")) == ["mosquitto.conf", "standin"]

@@ -172,6 +172,26 @@ def test_uninstall_removes_what_install_added_and_keeps_the_device_config(staged
     assert (copy / "etc" / "entomologist" / "ento.conf").read_text() == "{}"
 
 
+def test_uninstall_from_a_shared_prefix_removes_only_what_install_put_there(staged, tmp_path):
+    # PREFIX=/usr/local (as autotools' prefix) puts the scripts, the package and the venv
+    # beside other software: uninstall must take those away, not the whole folder.
+    copy = tmp_path / "rootfs"
+    shutil.copytree(staged, copy, symlinks=True)
+    prefix = copy / "usr" / "local"
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "bin" / "other-tool").write_text("#!/bin/sh\n")
+    (prefix / "share" / "other").mkdir(parents=True)
+    for entry in (copy / "opt" / "entomologist").iterdir():
+        entry.rename(prefix / entry.name)
+    (copy / "opt" / "entomologist").rmdir()
+    proc = subprocess.run(["make", "-C", str(ROOT), "uninstall", f"DESTDIR={copy}",
+                           "PREFIX=/usr/local"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.relative_to(prefix).as_posix() for p in prefix.rglob("*")) == [
+        "bin", "bin/other-tool", "share", "share/other"]
+    assert not (copy / "etc" / "systemd" / "system" / UNIT.name).exists()
+
+
 def make(*args, cwd_root=ROOT):
     return subprocess.run(["make", "-C", str(cwd_root), *args, f"INSTALL_PYTHON={sys.executable}"],
                           capture_output=True, text=True, timeout=600)

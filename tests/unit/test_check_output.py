@@ -8,7 +8,7 @@ import pytest
 import boot
 from entomologist import check, check_local, check_network, logs
 from entomologist.errors import ConfigError, StorageError, TransientError
-from disk import fill, tmpfs
+from disk import fill, take_inodes, tmpfs
 from fakes import CAM42_CLAIM
 
 
@@ -183,4 +183,21 @@ def test_a_full_disk_under_cert_dir_fails_the_storage_line_with_73(device, tmp_p
     assert lines["storage"]["status"] == "fail" and lines["storage"]["exit_code"] == 73
     assert lines["storage"]["detail"] == (f"the folder of CERT_DIR {data} has less than 128 KiB "
                                           f"free; the next boot must write there")
+    assert code == 73
+
+
+def test_a_disk_without_free_inodes_under_cert_dir_fails_the_storage_line_with_73(device,
+                                                                                  tmp_path):
+    # Free blocks but no free inodes (many small files on a card): the boot cannot
+    # create CERT_DIR, its lock or its records, and ends in 73.
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
+    with tmpfs(tmp_path / "data", "4m", 0o755, inodes=64) as data:
+        take_inodes(data)
+        assert os.statvfs(data).f_favail == 0 and os.statvfs(data).f_bavail > 32
+        device.update(CERT_DIR=str(data / "cert"))
+        code, lines = check_lines(device)
+    assert lines["storage"]["status"] == "fail" and lines["storage"]["exit_code"] == 73, lines
+    assert lines["storage"]["detail"].startswith(f"the folder of CERT_DIR {data} has fewer "
+                                                 f"than "), lines["storage"]
     assert code == 73

@@ -57,6 +57,24 @@ def test_a_provisioned_camera_on_a_read_only_root_reports_every_boot_and_writes_
                                                  "installed-for.json"}
 
 
+def test_a_leftover_of_a_refused_force_run_on_a_read_only_root_is_kept_and_the_boot_reported(
+        device, cloud, read_only, caplog):
+    # A --force run refused in CSR mode keeps its device-made key for the next run; an
+    # image made read-only after it still reports every boot, the key left where it is.
+    provisioned(device, cloud)
+    leftover = device.cert_dir / "private.pem.key.device-made"
+    leftover.write_bytes((device.cert_dir / "private.pem.key").read_bytes())
+    leftover.chmod(0o600)
+    folder = read_only(device.config_path.parent)
+    before = snapshot(folder)
+    boot.boot(device.config_path, retries.Deadline(10, clock=FakeClock()), build=cloud)
+    assert [topic for topic, _ in cloud.published()] == ["cameraDevice/CAM-42/booted"]
+    assert snapshot(folder) == before
+    assert oct(leftover.stat().st_mode & 0o777) == "0o600"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(leftover) in warnings[0], warnings
+
+
 def test_a_false_status_on_a_read_only_root_reports_the_boot_warns_once_and_exits_0(
         device, cloud, read_only, monkeypatch, capsys):
     provisioned(device, cloud)
@@ -143,3 +161,25 @@ def test_under_the_unit_a_file_system_mounted_read_only_is_not_blamed_on_the_san
     finally:
         subprocess.run(["umount", str(folder)], check=True)
     assert "Read-only file system" in line and "ProtectSystem" not in line
+
+
+def test_by_hand_a_read_only_cert_dir_without_its_lock_file_waits_for_the_units_run(
+        tmp_path, read_only, monkeypatch, clock):
+    # An image made before run.lock existed: the unit locks in its RuntimeDirectory;
+    # a run by hand must find that same lock, or both publish as THING_NAME at once
+    # (each connection dropping the other's) and the boot is reported twice.
+    from entomologist import lock
+    cert_dir = tmp_path / "cert"
+    cert_dir.mkdir(mode=0o700)
+    runtime = tmp_path / "run-entomologist"
+    runtime.mkdir(mode=0o700)
+    read_only(cert_dir)
+    monkeypatch.setattr(lock, "UNIT_RUNTIME_DIRECTORY", str(runtime), raising=False)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(runtime))
+    with lock.RunLock(cert_dir) as units:
+        units.acquire(retries.Deadline(1, clock=clock))
+        monkeypatch.delenv("RUNTIME_DIRECTORY")
+        with pytest.raises(errors.TransientError, match="still holds the lock"):
+            with lock.RunLock(cert_dir) as by_hand:
+                by_hand.acquire(retries.Deadline(0.5, clock=clock))
+    assert os.listdir(cert_dir) == []
