@@ -32,8 +32,10 @@ from .errors import STOPPED
 log = logging.getLogger("entomologist")
 
 GRACE_S = 5.0
-# How long after the run's time limit a call that never returned ends the run.
-LIMIT_GRACE_S = 2.0
+# How long after the run's time limit a call that never returned ends the run:
+# beyond the run's own bounded work once its limit is reached (a disconnect
+# waits up to 2 s for the broker), so only a call that never returns meets it.
+LIMIT_GRACE_S = 5.0
 EXIT_CODE = STOPPED
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _BEFORE_START: dict = {}

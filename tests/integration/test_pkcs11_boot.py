@@ -6,6 +6,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from entomologist import stop
 from e2e import HELD_BACK, changed, let_the_spend_wait_pass, run_and_kill, run_script
 from iot_standin import StandIn
 from softhsm import SOFTHSM_MODULE, make_token
@@ -121,18 +122,18 @@ def stalled(token) -> None:
     os.mkfifo(path, 0o600)
 
 
-@pytest.mark.heavy  # waits out a 3 s time limit and its 2 s backstop
+@pytest.mark.heavy  # waits out a 3 s time limit and its backstop's grace
 def test_a_token_that_stops_answering_ends_the_run_at_its_time_limit_with_75(device, token):
     stalled(token)
     result = run_script("boot.py", device.config_path, "--timeout", "3", env=token.env,
                         timeout=30)
     assert result.code == 75, result.stderr
-    assert result.seconds < 3 + 5, result.seconds
+    assert result.seconds < 3 + stop.LIMIT_GRACE_S + 4, result.seconds
     assert len(result.errors) == 1 and "time limit (3 s)" in result.errors[0], result.stderr
     assert [e for e in device.events() if e["event"].endswith("-request")] == []
 
 
-@pytest.mark.heavy  # waits out a 3 s time limit and its 2 s backstop
+@pytest.mark.heavy  # waits out a 3 s time limit and its backstop's grace
 def test_a_token_that_stops_answering_ends_the_check_at_its_time_limit_with_75(device, token):
     import os
     import subprocess
@@ -146,7 +147,7 @@ def test_a_token_that_stops_answering_ends_the_check_at_its_time_limit_with_75(d
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
                           env={**os.environ, **token.env})
     assert proc.returncode == 75, proc.stdout + proc.stderr
-    assert time.monotonic() - started < 3 + 5
+    assert time.monotonic() - started < 3 + stop.LIMIT_GRACE_S + 4
     lines = proc.stdout.splitlines()
     assert lines[-2].startswith("FAIL token       did not end within the check's time limit "
                                 "(3 s)"), proc.stdout
