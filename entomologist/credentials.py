@@ -47,7 +47,7 @@ A provisioning attempt moves EMPTY, STAGED or BROKEN to STAGED (its files
 written as soon as their content exists), to REGISTERED (the marker, when
 RegisterThing is accepted), then install() to SOUND; a failed attempt goes
 back to STAGED (``discard_unregistered``).  A credential file that is there but
-cannot be read (``read_credential``) puts CERT_DIR in no state: the run ends (73).
+cannot be read (``files.read_credential``) puts CERT_DIR in no state: the run ends (73).
 """
 from __future__ import annotations
 
@@ -58,8 +58,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import aside, certs, config as configuration, files, spend, token_pair
-from .errors import EntoError, ReadOnlyStorage, StorageError
+from . import aside, certs, config as configuration, files, records, spend, token_pair
+from .errors import EntoError, ReadOnlyStorage
+from .files import read_credential
+from .records import Registration
 
 log = logging.getLogger("entomologist")
 
@@ -68,29 +70,6 @@ RESERVE_BYTES = 64 * 1024
 # the staged key and certificate, a device-made key), with a margin.
 RESERVE_INODES = 8
 CERT_DIR_HINT = "CERT_DIR in the config"
-UNREADABLE_HINT = "the storage (a failing card?) and the file's owner and mode"
-
-
-def read_credential(path: Path, what: str, limit: int = files.MAX_FILE_BYTES) -> bytes:
-    """``files.read_bounded``, except that a file that is there but cannot be read (a
-    failing card's EIO, a mode the run cannot open) ends the run (73, retried): judged
-    absent or broken, it would be provisioned over, spending a registration on a pair
-    that may be sound and leaving its certificate active with no device to hold it."""
-    try:
-        return files.read_bounded(path, what, limit)
-    except files.FileProblem as exc:
-        if exc.unreadable:
-            raise StorageError(str(exc), hint=UNREADABLE_HINT) from None
-        raise
-
-
-@dataclass(frozen=True)
-class Registration:
-    thing_name: str
-    certificate_id: str
-    device_configuration: dict
-    serial_id: str | None = None  # the camera it was registered for (None: a record from
-                                  # before the field, taken as this camera's)
 
 
 class State(enum.Enum):
@@ -243,11 +222,8 @@ class CertDir:
         record that is there but cannot be read ends the run (StorageError)."""
         try:
             # Unreadable is not absent: the record may name another camera (73, retried).
-            doc = json.loads(read_credential(self.installed_for_file, "installed-for record",
-                                             4096))
-            serial = doc["serialId"]
-            if not isinstance(serial, str) or not configuration.SERIAL_RE.fullmatch(serial):
-                raise ValueError("invalid serialId")
+            serial = records.parse_installed_for(read_credential(
+                self.installed_for_file, "installed-for record", records.INSTALLED_FOR_LIMIT))
         except files.FileProblem as exc:
             if not exc.missing:
                 log.warning("ignoring %s: %s", self.installed_for_file, exc)
@@ -259,9 +235,8 @@ class CertDir:
         return serial
 
     def record_installed_for(self, serial_id: str, reg: Registration) -> None:
-        data = json.dumps({"serialId": serial_id, "thingName": reg.thing_name,
-                           "certificateId": reg.certificate_id}).encode()
-        files.write_file_atomic(self.installed_for_file, data, 0o644)
+        files.write_file_atomic(self.installed_for_file,
+                                records.encode_installed_for(serial_id, reg), 0o644)
 
     def ca_problem(self) -> str | None:
         """Why the CA copy installed with the pair cannot be used (a failing card
@@ -292,17 +267,8 @@ class CertDir:
     def _recorded_registration(self, warn: bool = False) -> Registration | None:
         """The registration record as it parses, whatever is staged beside it."""
         try:
-            raw = read_credential(self.registration_marker, "registration record", 256 * 1024)
-            doc = json.loads(raw)
-            reg = Registration(doc["thingName"], doc["certificateId"],
-                               doc.get("deviceConfiguration") or {}, doc.get("serialId"))
-            if not (configuration.THING_NAME_RE.fullmatch(reg.thing_name)
-                    and configuration.CERTIFICATE_ID_RE.fullmatch(reg.certificate_id)
-                    and isinstance(reg.device_configuration, dict)
-                    and (reg.serial_id is None or (isinstance(reg.serial_id, str) and
-                                                   configuration.SERIAL_RE.fullmatch(
-                                                       reg.serial_id)))):
-                raise ValueError("invalid fields")
+            reg = records.parse_registration(read_credential(
+                self.registration_marker, "registration record", records.REGISTRATION_LIMIT))
         except files.FileProblem as exc:
             if exc.missing:
                 return None
@@ -361,9 +327,7 @@ class CertDir:
         files.require_inodes(self.path, RESERVE_INODES)
 
     def record_registration(self, reg: Registration) -> None:
-        data = json.dumps({"thingName": reg.thing_name, "certificateId": reg.certificate_id,
-                           "deviceConfiguration": reg.device_configuration,
-                           "serialId": reg.serial_id}).encode()
+        data = records.encode_registration(reg)
         try:
             os.unlink(self.reserve_file)
         except FileNotFoundError:

@@ -76,6 +76,22 @@ def read_bounded(path: Path, what: str, limit: int = MAX_FILE_BYTES,
     return b"".join(chunks)
 
 
+UNREADABLE_HINT = "the storage (a failing card?) and the file's owner and mode"
+
+
+def read_credential(path: Path, what: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """``read_bounded``, except that a file that is there but cannot be read (a
+    failing card's EIO, a mode the run cannot open) ends the run (73, retried): judged
+    absent or broken, it would be provisioned over, spending a registration on a pair
+    that may be sound and leaving its certificate active with no device to hold it."""
+    try:
+        return read_bounded(path, what, limit)
+    except FileProblem as exc:
+        if exc.unreadable:
+            raise StorageError(str(exc), hint=UNREADABLE_HINT) from None
+        raise
+
+
 # ------------------------------------------------------------------ trust
 
 def _owner_ok(st: os.stat_result) -> bool:
