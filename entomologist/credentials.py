@@ -17,7 +17,8 @@ installed-for.json (0644): the SERIAL_ID, thing and certificate the installed
 pair was registered for, written with the pair.  An image copied from another
 camera after its first boot carries that camera's pair: its record names
 another serial, and the pair is moved aside into foreign-<serial>/ (0700),
-never used and never deleted.
+never used and never deleted.  So is a registration that waited to be installed
+when the image was copied: registration.json.staging names the serial too.
 
 provisioning-spend.json (0600): what attempts that installed nothing spent at
 the service (entomologist.spend); removed once a pair is installed.
@@ -27,9 +28,10 @@ first that holds, in this order); ``CertDir.recover()`` takes the local step
 that state calls for; provisioning (the network) is boot.py's.
 
   state           what holds                                  recover()            then
-  REGISTERED      registration.json.staging parses, and its   install()            SOUND
-                  certificate is staged with its key (or the
-                  pair it names is already installed)
+  REGISTERED      registration.json.staging parses, names no  install()            SOUND
+                  other SERIAL_ID, and its certificate is
+                  staged with its key (or the pair it names is
+                  already installed)
   FOREIGN         registration.json.staging or                aside.set_aside()    EMPTY/STAGED
                   installed-for.json names another SERIAL_ID
   EMPTY           no certificate installed, nothing staged    nothing: provision   REGISTERED
