@@ -116,13 +116,16 @@ def holder(cert_dir: Path, runtime_dir: str | None = None) -> Path | None:
     but without creating, writing or waiting for anything (a lock file that does
     not exist is held by nobody).  A shared lock taken for an instant is the probe:
     a run starting in that instant waits that instant.  Once ``run.lock`` exists
-    every run locks it, so nothing else is probed then: a lock on the folder (a
-    CERT_DIR others can read, which any of them can flock) is nobody's boot."""
-    candidates = [cert_dir / LOCK_NAME, cert_dir]
-    if os.path.lexists(candidates[0]):
-        del candidates[1:]
-    elif runtime_dir:
-        candidates.insert(1, Path(runtime_dir) / LOCK_NAME)
+    every run locks it, so nothing else is probed then; before, a run locks the
+    folder only where it cannot create the file (a read-only CERT_DIR): elsewhere a
+    lock on the folder (a CERT_DIR others can read, which any of them can flock) is
+    nobody's boot."""
+    candidates = [cert_dir / LOCK_NAME]
+    if not os.path.lexists(candidates[0]):
+        if runtime_dir:
+            candidates.append(Path(runtime_dir) / LOCK_NAME)
+        if not os.access(cert_dir, os.W_OK):
+            candidates.append(cert_dir)
     for path in candidates:
         try:
             flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK

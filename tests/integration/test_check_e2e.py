@@ -709,10 +709,13 @@ def test_a_secret_file_others_can_read_fails_the_secret_line_with_78(standin):
     assert "0644" in found["secret"] and "0123456789abcdef" not in proc.stdout
 
 
-def test_another_user_holding_a_readable_cert_dir_neither_fakes_a_running_boot_nor_skips_mqtt():
+@pytest.mark.parametrize("lock_file", [True, False], ids=["with run.lock", "before any run"])
+def test_another_user_holding_a_readable_cert_dir_neither_fakes_a_running_boot_nor_skips_mqtt(
+        lock_file):
     # CERT_DIR may be a folder the product did not make (0755): anyone can open it
     # and flock it.  Every run locks run.lock (0600) once it exists, so a lock held
-    # on the folder is nobody's boot, and must not spare the claim policy's check.
+    # on the folder is nobody's boot, and must not spare the claim policy's check;
+    # nor before run.lock exists, when a lock on a folder anyone can open proves nothing.
     if os.geteuid() != 0:
         pytest.skip("changing to another user needs root")
     import tempfile
@@ -729,7 +732,8 @@ def test_another_user_holding_a_readable_cert_dir_neither_fakes_a_running_boot_n
         with StandIn(folder, stack=stack) as standin:
             cert_dir = standin.workdir / "cert"
             cert_dir.mkdir(mode=0o755)
-            os.close(os.open(cert_dir / "run.lock", os.O_RDWR | os.O_CREAT, 0o600))
+            if lock_file:
+                os.close(os.open(cert_dir / "run.lock", os.O_RDWR | os.O_CREAT, 0o600))
             holder = os.fork()
             if holder == 0:  # another local user: holds the folder until killed
                 try:

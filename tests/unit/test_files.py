@@ -273,12 +273,24 @@ def test_the_lock_holder_is_found_in_the_runtime_directory_and_on_the_folder(tmp
         assert lock.holder(cert_dir) is None
     finally:
         os.close(fd)
-    fd = os.open(cert_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        assert lock.holder(cert_dir) == cert_dir
-    finally:
-        os.close(fd)
+
+
+def test_a_lock_on_the_folder_is_a_boots_only_where_the_folder_cannot_take_the_lock_file(
+        tmp_path, read_only):
+    # A run locks the folder itself only when it can neither create run.lock nor use
+    # a RuntimeDirectory (a read-only CERT_DIR from before the file existed); where it
+    # could create it, a lock on the folder (anyone may open a 0755 one) is nobody's boot.
+    cert_dir = tmp_path / "cert"
+    cert_dir.mkdir(mode=0o755)
+    for writable in (True, False):
+        if not writable:
+            read_only(cert_dir)
+        fd = os.open(cert_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            assert lock.holder(cert_dir) == (None if writable else cert_dir)
+        finally:
+            os.close(fd)
 
 
 @pytest.mark.parametrize("error,code", [
