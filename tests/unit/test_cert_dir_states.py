@@ -443,6 +443,43 @@ def test_the_boot_report_alone_promotes_a_token_key_left_under_the_staging_label
     assert device.device["PROVISION_STATUS"] == "True"
 
 
+def test_an_installed_for_record_is_read_up_to_4_kib_and_a_larger_one_is_ignored(
+        cert_dir, ca, caplog):
+    install_pair(cert_dir, ca)
+    record = json.dumps({"serialId": "CAM-7", "thingName": "t", "certificateId": "c"}).encode()
+    cert_dir.installed_for_file.write_bytes(record.ljust(4096))
+    assert cert_dir.installed_for() == "CAM-7"
+    cert_dir.installed_for_file.write_bytes(record.ljust(4097))
+    assert cert_dir.installed_for() is None
+    assert any("too large" in m for m in caplog.messages)
+
+
+def test_a_registration_record_that_does_not_parse_is_ignored_with_one_warning(
+        cert_dir, ca, caplog):
+    install_pair(cert_dir, ca)
+    write(cert_dir.registration_marker, b"{not json", 0o600)
+    with caplog.at_level(logging.WARNING):
+        assert cert_dir.state("CAM-42").state is State.SOUND
+    assert [m for m in caplog.messages if "registration.json.staging" in m] == [
+        f"ignoring {cert_dir.registration_marker}: it does not parse (JSONDecodeError)"]
+
+
+def test_a_registration_whose_staged_certificate_has_no_key_is_ignored_saying_so(
+        cert_dir, ca, caplog):
+    stage_registered(cert_dir, ca)
+    cert_dir.staged_key.unlink()
+    with caplog.at_level(logging.WARNING):
+        assert cert_dir.registration() is None
+    assert caplog.messages == [f"ignoring {cert_dir.registration_marker}: no staged key "
+                               f"belongs to its certificate"]
+
+
+def test_the_reserve_holds_64_kib_for_the_registration_record(cert_dir):
+    cert_dir.reserve()
+    assert cert_dir.reserve_file.stat().st_size == 64 * 1024
+    assert oct(cert_dir.reserve_file.stat().st_mode & 0o777) == "0o600"
+
+
 def test_a_registration_record_is_read_up_to_256_kib_and_a_larger_one_is_ignored(device,
                                                                                   cloud, caplog):
     import boot

@@ -3,8 +3,10 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import stat
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -372,3 +374,40 @@ def test_a_fifo_planted_as_the_lock_file_of_a_read_only_cert_dir_never_blocks_a_
             return f"refused: {exc}"
 
     assert ends_within(5, take) is not None
+
+
+def test_a_run_as_another_user_trusts_roots_files_and_its_own_and_no_one_elses(tmp_path):
+    # Every path on a root image is root's: a run as a service user must trust them,
+    # and its own, but not a third user's.
+    if os.geteuid() != 0:
+        pytest.skip("changing to another user needs root")
+    import tempfile
+    folder = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        os.chmod(folder, 0o755)
+        (folder / "roots").write_text("x")
+        for name, uid in (("mine", 65534), ("theirs", 65533)):
+            (folder / name).write_text("x")
+            os.chown(folder / name, uid, uid)
+        os.chmod(folder / "roots", 0o644)
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+                files.trusted_path(folder / "roots", "a file")
+                files.trusted_path(folder / "mine", "a file")
+                try:
+                    files.trusted_path(folder / "theirs", "a file")
+                except errors.ConfigError as exc:
+                    code = 0 if "owned by uid 65533" in str(exc) else 3
+                else:
+                    code = 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        shutil.rmtree(folder)

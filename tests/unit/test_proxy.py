@@ -208,3 +208,16 @@ def test_a_config_whose_secret_others_cannot_read_or_without_one_is_accepted(
     path.write_text(json.dumps({"device": {**GOOD, "HTTP_PROXY": value}}))
     os.chmod(path, mode)
     assert configuration.load_config(path).proxy.host == "proxy.example.com"
+
+
+def test_a_connect_through_the_proxy_that_never_completes_names_the_proxy_not_its_password(
+        device, cloud):
+    device.update(HTTP_PROXY=f"http://camera:{SECRET}@10.0.0.1:3128")
+    cloud.fail_with("connect", *["never"] * 50)
+    with pytest.raises(errors.TransientError) as err:
+        boot.boot(device.config_path, Deadline(10, clock=FakeClock(), step_limit=2),
+                  build=cloud)
+    assert str(err.value).startswith(
+        "connect to example-ats.iot.eu-west-1.amazonaws.com:8883 through the HTTP proxy "
+        "10.0.0.1:3128: no answer in 2 s"), str(err.value)
+    assert SECRET not in str(err.value)

@@ -1,6 +1,7 @@
 """The backstop for a run's time limit: a call that never returns (a PKCS#11 module
 whose token stopped answering) ends the run as SIGTERM would."""
 import threading
+import time
 
 import pytest
 
@@ -41,15 +42,19 @@ def test_the_backstop_ends_a_run_stuck_past_its_limit_naming_the_limit(ends):
     assert "time limit (0.02 s)" in lines[0]
 
 
-def test_the_backstop_waits_for_a_registrations_answer_like_a_signal(ends):
+def test_the_backstop_waits_for_a_registrations_answer_like_a_signal(ends, caplog):
     lines, ended = ends
-    with stop.Stop(grace=2).installed() as s:
+    with stop.Stop(grace=30).installed() as s:
         with pytest.raises(Ended):
             with s.answer_awaited("RegisterThing"):
                 s.time_limit(0.02)
                 # Past the limit inside the window: nothing ends the run until the
                 # answer is in and recorded.
-                assert not ended.wait(0.3)
+                waited = time.monotonic() + 10
+                while not any("RegisterThing is on its way" in m for m in caplog.messages):
+                    assert time.monotonic() < waited, "the backstop never fired"
+                    time.sleep(0.01)
+                assert not ended.is_set()
     assert lines == ["the run's time limit (0.02 s) passed in a call that did not return (a "
                      "PKCS#11 module whose token or device stopped answering?): stopping after "
                      "RegisterThing, its answer recorded"]
@@ -60,3 +65,15 @@ def test_the_backstop_never_fires_once_the_run_is_over(ends):
     with stop.Stop().installed() as s:
         s.time_limit(0.2)
     assert not ended.wait(0.5) and lines == []
+
+
+def test_a_run_ended_by_the_backstop_counts_its_outcome_then_exits_75(monkeypatch):
+    counted, exits = [], []
+
+    def exit_(code):
+        exits.append(code)
+        raise Ended(code)
+    monkeypatch.setattr(stop.os, "_exit", exit_)
+    with pytest.raises(Ended):
+        stop.Stop(on_exit=counted.append)._end("the run's time limit (3 s) passed")
+    assert counted == [75] and exits == [75]
