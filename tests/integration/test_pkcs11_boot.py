@@ -128,7 +128,8 @@ def test_a_token_that_stops_answering_ends_the_run_at_its_time_limit_with_75(dev
     result = run_script("boot.py", device.config_path, "--timeout", "3", env=token.env,
                         timeout=30)
     assert result.code == 75, result.stderr
-    assert result.seconds < 3 + stop.LIMIT_GRACE_S + 4, result.seconds
+    # The limit, the grace, and the interpreter's start on a loaded machine.
+    assert result.seconds < 3 + stop.LIMIT_GRACE_S + 7, result.seconds
     assert len(result.errors) == 1 and "time limit (3 s)" in result.errors[0], result.stderr
     assert [e for e in device.events() if e["event"].endswith("-request")] == []
 
@@ -147,7 +148,7 @@ def test_a_token_that_stops_answering_ends_the_check_at_its_time_limit_with_75(d
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
                           env={**os.environ, **token.env})
     assert proc.returncode == 75, proc.stdout + proc.stderr
-    assert time.monotonic() - started < 3 + stop.LIMIT_GRACE_S + 4
+    assert time.monotonic() - started < 3 + stop.LIMIT_GRACE_S + 7
     lines = proc.stdout.splitlines()
     assert lines[-2].startswith("FAIL token       did not end within the check's time limit "
                                 "(3 s)"), proc.stdout
