@@ -18,7 +18,6 @@ import errno
 import json
 import logging
 import os
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -318,13 +317,7 @@ def run(config_path: Path, timeout: float, as_json: bool, connect_as_thing: bool
         summarise(os.EX_TEMPFAIL)
         os._exit(os.EX_TEMPFAIL)
 
-    watchdog = threading.Timer(min(timeout + stop.LIMIT_GRACE_S, threading.TIMEOUT_MAX),
-                               overdue)
-    watchdog.daemon = True
-    try:
-        watchdog.start()
-    except RuntimeError as exc:  # no thread to be had: the checks go on without it
-        log.warning("no backstop for the check's time limit: %s", exc)
+    watchdog = stop.backstop(timeout, overdue, "the check")
     try:
         code = run_checks(config_path, Deadline(timeout), emit, connect_as_thing, build, now,
                           checks)
@@ -332,6 +325,7 @@ def run(config_path: Path, timeout: float, as_json: bool, connect_as_thing: bool
         write("interrupted")
         return os.EX_TEMPFAIL
     finally:
-        watchdog.cancel()
+        if watchdog is not None:
+            watchdog.cancel()
     summarise(code)
     return code

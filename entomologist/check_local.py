@@ -206,8 +206,7 @@ def _unwritable(directory: Path, writable: list[Path] | None,
         return "is not writable by this user", False
     if vfs.f_bavail * vfs.f_frsize < ROOM_NEEDED:
         return f"has less than {ROOM_NEEDED // 1024} KiB free", False
-    # A file system that counts no inodes (f_files 0: btrfs) never runs out of them.
-    if vfs.f_files and vfs.f_favail < inodes:
+    if files.too_few_inodes(vfs, inodes):
         return (f"has fewer than {inodes} free inodes ({vfs.f_favail}): no room for "
                 "new files"), False
     return None

@@ -144,7 +144,7 @@ class CertDir:
         if recorded is not None and recorded.serial_id not in (None, serial_id):
             # An image copied while that camera's registration waited to be installed.
             return Look(State.FOREIGN, owner=recorded.serial_id)
-        registration = self.registration()
+        registration = self._still_installable(recorded)
         if registration is not None:
             return Look(State.REGISTERED, registration=registration)
         owner = self.installed_for()
@@ -266,27 +266,29 @@ class CertDir:
 
     # -- what is staged
 
-    def _recorded_registration(self, warn: bool = False) -> Registration | None:
-        """The registration record as it parses, whatever is staged beside it."""
+    def _recorded_registration(self) -> Registration | None:
+        """The registration record as it parses, whatever is staged beside it (one
+        that does not parse is ignored with a warning)."""
         try:
             reg = records.parse_registration(read_credential(
                 self.registration_marker, "registration record", records.REGISTRATION_LIMIT))
         except files.FileProblem as exc:
             if exc.missing:
                 return None
-            if warn:
-                log.warning("ignoring %s: %s", self.registration_marker, exc)
+            log.warning("ignoring %s: %s", self.registration_marker, exc)
             return None
         except (ValueError, KeyError, TypeError) as exc:
-            if warn:
-                log.warning("ignoring %s: it does not parse (%s)", self.registration_marker,
-                            type(exc).__name__)
+            log.warning("ignoring %s: it does not parse (%s)", self.registration_marker,
+                        type(exc).__name__)
             return None
         return reg
 
     def registration(self) -> Registration | None:
         """The registration an earlier run recorded and has not finished installing."""
-        reg = self._recorded_registration(warn=True)
+        return self._still_installable(self._recorded_registration())
+
+    def _still_installable(self, reg: Registration | None) -> Registration | None:
+        """``reg`` if its pair is still staged with its key, or already installed."""
         if reg is None:
             return None
         if self.staged_cert.exists():

@@ -73,6 +73,9 @@ EXIT_CODES: tuple[tuple[type[EntoError], int], ...] = (
 # A run stopped by a signal or Ctrl-C did not finish: transient.  systemd never
 # restarts a unit it stopped itself, whatever the code (see entomologist.stop).
 STOPPED = os.EX_TEMPFAIL
+# A host short of threads or memory: nothing the config names is wrong, and a
+# later run may have them.
+SHORTAGE_HINT = "the processes and memory of this host: another program may hold them"
 
 
 def exit_code(exc: EntoError) -> int:

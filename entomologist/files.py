@@ -312,14 +312,19 @@ def write_file_atomic(path: Path, data: bytes, mode: int,
         raise _storage_error(path, exc) from None
 
 
+def too_few_inodes(vfs: os.statvfs_result, count: int) -> bool:
+    """Whether a file system has fewer than ``count`` free inodes for this user (one
+    that counts none, f_files 0 as on btrfs, never runs out)."""
+    return bool(vfs.f_files) and vfs.f_favail < count
+
+
 def require_inodes(directory: Path, count: int) -> None:
-    """StorageError unless the file system under ``directory`` has ``count`` free inodes
-    for this user (one that counts none, f_files 0 as on btrfs, never runs out)."""
+    """StorageError unless the file system under ``directory`` has ``count`` free inodes."""
     try:
         vfs = os.statvfs(directory)
     except OSError as exc:
         raise _storage_error(directory, exc) from None
-    if vfs.f_files and vfs.f_favail < count:
+    if too_few_inodes(vfs, count):
         raise StorageError(f"cannot write in {directory}: {vfs.f_favail} free inodes, fewer "
                            f"than the {count} new files need",
                            hint=f"that the disk of {directory} is not full (df -i)")

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 
-from .errors import TransientError
+from .errors import SHORTAGE_HINT, TransientError
 
 
 def _timed_out(host: str, timeout: float) -> TimeoutError:
@@ -36,8 +36,7 @@ def getaddrinfo(host: str, port: int, timeout: float) -> list:
         threading.Thread(target=target, name="getaddrinfo", daemon=True).start()
     except RuntimeError as exc:  # a host out of threads: a later run may have one
         raise TransientError(f"no thread to be had for the name lookup of {host} ({exc})",
-                             hint="the processes and memory of this host: another program "
-                                  "may hold them") from None
+                             hint=SHORTAGE_HINT) from None
     if not done.wait(max(timeout, 0.0)):
         raise _timed_out(host, timeout)
     ok, value = box[0]

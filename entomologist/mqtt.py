@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 from . import proxy as http_proxy
 from . import proxy_probe
 from .clock import REAL, Clock, utc
-from .errors import ConfigError, SubscriptionRefused, TransientError
+from .errors import SHORTAGE_HINT, ConfigError, SubscriptionRefused, TransientError
 from .files import read_bounded
 from .proxy import Proxy
 
@@ -80,8 +80,6 @@ def host_shortage(exc: BaseException) -> bool:
     return (isinstance(exc, MemoryError) or crt_error_name(exc) in SHORTAGES
             or (isinstance(exc, RuntimeError) and "can't start new thread" in str(exc)))
 
-
-SHORTAGE_HINT = "the processes and memory of this host: another program may hold them"
 
 
 def crt_failure(what: str, exc: BaseException, hint: str = NETWORK_HINT) -> TransientError:

@@ -76,15 +76,7 @@ class Stop:
         ``installed`` block ends)."""
         why = (f"the run's time limit ({seconds:g} s) passed in a call that did not return "
                f"(a PKCS#11 module whose token or device stopped answering?)")
-        # A lock's wait cannot be longer than TIMEOUT_MAX (--timeout may be 1e300).
-        after = min(seconds + LIMIT_GRACE_S, threading.TIMEOUT_MAX)
-        self._limit = timer = threading.Timer(after, self._stop_requested, [why])
-        timer.daemon = True
-        try:
-            timer.start()
-        except RuntimeError as exc:  # no thread to be had: the run goes on without it
-            self._limit = None
-            log.warning("no backstop for the run's time limit: %s", exc)
+        self._limit = backstop(seconds, lambda: self._stop_requested(why), "the run")
 
     def _handle(self, signo: int, frame) -> None:
         self._stop_requested(signal.Signals(signo).name)
@@ -132,6 +124,21 @@ class Stop:
                 except Exception:
                     pass
             os._exit(EXIT_CODE)
+
+
+def backstop(seconds: float, act: Callable[[], None], whose: str) -> threading.Timer | None:
+    """``act()`` from a timer's thread LIMIT_GRACE_S after a time limit of ``seconds``
+    (cancel the timer returned once the work is over); None, with one warning, on a
+    host with no thread to give: the work goes on without it."""
+    # A lock's wait cannot be longer than TIMEOUT_MAX (--timeout may be 1e300).
+    timer = threading.Timer(min(seconds + LIMIT_GRACE_S, threading.TIMEOUT_MAX), act)
+    timer.daemon = True
+    try:
+        timer.start()
+    except RuntimeError as exc:
+        log.warning("no backstop for %s's time limit: %s", whose, exc)
+        return None
+    return timer
 
 
 def stop_while_starting() -> None:
